@@ -1,0 +1,225 @@
+"""The paper's two proxies of how signal reaches the sink (Appendix E), exact and batched.
+
+Input: one layer's attention (H, T, T) or a batch (..., H, T, T), NumPy or torch (any device); rows are queries,
+so every matrix is row-stochastic. A (T, T) matrix is read as one head. The heads are combined as
+C = sum_h w_h A_h with w the head weights normalised to sum 1 (uniform when None); weights are (H,) or (..., H).
+Each function returns a float for one layer, else a float64 NumPy array of the batch shape. Maths runs in float64
+on the input's device.
+
+    import proxies
+    w = proxies.head_weights(model.layers[0].attn)        # learned weights: norms of the output projection
+    proxies.minimax_fidelity(attn, w)                      # percent
+    proxies.mixing_time(attn, w)                           # exact expectation of the authors' Monte Carlo walk
+    proxies.mixing_time_mc(attn, w, num_simulations=500)   # the authors' Monte Carlo procedure, vectorised
+    proxies.mixing_time_normalized(attn, w)                # principled walk: columns renormalised, no quirks
+
+The authors' walk (facts file section 2): from position c the walk reads column c of C (how much each later query
+attends to c) as a cumulative distribution, clipped at 1, and sends any deficit to the sink. Two quirks follow and
+are reproduced by default because the published numbers depend on them: a column's mass above 1 is cut off, and since
+A[0, 0] = 1 in every causal head, a walk started at position 0 never moves and scores max_steps.
+"""
+import numpy as np
+import torch
+
+ROW_SUM_TOLERANCE = 1e-4  # float32 softmax rows sum to 1 within ~1e-6 at T = 100
+CPU_CHUNK = 16  # matrices per chunk on the CPU: keeps a chunk in cache through all the steps (see bench.py)
+
+
+def head_weights(attn_module):
+    """Learned head weights: L2 norm of each head's (E, d) block of the output projection, normalised to sum 1."""
+    weight = attn_module.out_proj.weight.detach().double()  # (E_out, E_in), input features grouped by head
+    E, H = weight.shape[0], attn_module.num_heads
+    norms = weight.reshape(E, H, -1).square().sum(dim=(0, 2)).sqrt()
+    return (norms / norms.sum()).cpu().numpy()
+
+
+def model_head_weights(model):
+    """head_weights of every layer of a Transformer: (L, H)."""
+    return np.stack([head_weights(layer.attn) for layer in model.layers])
+
+
+def _check_layer(attn):
+    """The attention as a float64 tensor (..., H, T, T), or a ValueError that says what is wrong."""
+    if isinstance(attn, np.ndarray):
+        attn = torch.from_numpy(attn)
+    elif not isinstance(attn, torch.Tensor):
+        raise ValueError(f"attention must be a NumPy array or a torch tensor, got {type(attn).__name__}")
+    attn = attn.detach()
+    if not (attn.is_floating_point() and attn.ndim >= 2 and attn.shape[-1] == attn.shape[-2]):
+        raise ValueError(f"attention must be a float array (..., H, T, T) of square T x T matrices, "
+                         f"got shape {tuple(attn.shape)} of {attn.dtype}")
+    if attn.ndim == 2:
+        attn = attn[None]
+    attn = attn.to(torch.float64)
+    row_sums = attn.sum(-1)  # any NaN or inf shows in its row's sum
+    if not torch.isfinite(row_sums).all():
+        raise ValueError("attention contains NaN or infinite entries")
+    if attn.numel() and attn.amin().item() < -ROW_SUM_TOLERANCE:
+        raise ValueError(f"attention has negative entries (min {attn.amin().item():.3g})")
+    worst = (row_sums - 1).abs().max().item() if row_sums.numel() else 0.0
+    if worst > ROW_SUM_TOLERANCE:
+        raise ValueError(f"attention rows must sum to 1 (row-stochastic, rows = queries); "
+                         f"worst row is off by {worst:.3g} (tolerance {ROW_SUM_TOLERANCE})")
+    return attn
+
+
+def _check_weights(head_weights, attn):
+    """Head weights as a float64 tensor broadcastable to attn's (..., H), normalised to sum 1."""
+    H = attn.shape[-3]
+    if head_weights is None:
+        return torch.full((H,), 1.0 / H, dtype=torch.float64, device=attn.device)
+    w = torch.as_tensor(np.asarray(head_weights) if not isinstance(head_weights, torch.Tensor) else head_weights)
+    w = w.detach().to(device=attn.device, dtype=torch.float64)
+    if w.ndim == 0 or w.shape[-1] != H:
+        raise ValueError(f"head_weights must have one weight per head: expected last dimension {H}, "
+                         f"got shape {tuple(w.shape)}")
+    try:
+        torch.broadcast_shapes(w.shape, attn.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"head_weights of shape {tuple(w.shape)} do not broadcast to the batch of heads "
+                         f"{tuple(attn.shape[:-2])}") from None
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"head_weights must be finite and non-negative, got {w.cpu().numpy()}")
+    total = w.sum(-1, keepdim=True)
+    if (total <= 0).any():
+        raise ValueError("head_weights must not all be zero")
+    return w / total
+
+
+def combine_heads(attn, head_weights=None):
+    """The multi-head diffusion matrix C = sum_h w_h A_h, float64 (..., T, T); validates both inputs."""
+    attn = _check_layer(attn)
+    w = _check_weights(head_weights, attn)
+    if attn.shape[-3] == 1:
+        return attn[..., 0, :, :]
+    T = attn.shape[-1]
+    w = w.expand(*attn.shape[:-2])[..., None, :]  # (..., 1, H)
+    return (w @ attn.flatten(-2)).reshape(*attn.shape[:-3], T, T)  # one matmul, no (..., H, T, T) temporary
+
+
+def _over_chunks(fn, C):
+    """fn applied to (N, T, T) chunks of a batch (..., T, T); results reshaped back to the batch shape."""
+    batch_shape, T = C.shape[:-2], C.shape[-1]
+    flat = C.reshape(-1, T, T)
+    size = len(flat) if flat.is_cuda else CPU_CHUNK
+    out = torch.cat([fn(flat[i:i + size]) for i in range(0, len(flat), size)]) if len(flat) else fn(flat)
+    return out.reshape(*batch_shape, *out.shape[1:])
+
+
+def _to_numpy(x):
+    x = x.cpu().numpy()
+    return float(x) if x.ndim == 0 else x
+
+
+def _sink_rows(C, horizon):
+    """Row tau of C^t for t = 1..horizon: (N, horizon, T); entry j = share of source j's signal at the sink."""
+    row = C[:, -1:, :]
+    rows = [row]
+    for _ in range(horizon - 1):
+        row = row @ C
+        rows.append(row)
+    return torch.cat(rows, dim=1)
+
+
+def _check_steps(name, value):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def sink_signal(attn, head_weights=None, horizon=20):
+    """(C^t)[tau, j] for t = 1..horizon: array (..., horizon, T), the curves of Figure 3."""
+    _check_steps("horizon", horizon)
+    return _to_numpy(_over_chunks(lambda c: _sink_rows(c, horizon), combine_heads(attn, head_weights)))
+
+
+def per_node_fidelity(attn, head_weights=None, horizon=100):
+    """phi_j = max over t = 1..horizon of (C^t)[tau, j], as a fraction: array (..., T)."""
+    _check_steps("horizon", horizon)
+    C = combine_heads(attn, head_weights)
+    return _to_numpy(_over_chunks(lambda c: _sink_rows(c, horizon).amax(dim=1), C))
+
+
+def minimax_fidelity(attn, head_weights=None, horizon=100):
+    """min over all positions j (the sink included) of phi_j, in percent, as the authors compute it."""
+    return 100 * np.min(per_node_fidelity(attn, head_weights, horizon), axis=-1)
+
+
+def walk_transition(C, walk="authors"):
+    """Row-stochastic transition matrix P[c, k] of the walk on C (..., T, T); the sink row is absorbing.
+
+    walk="authors": S_k = min(C[0, c] + ... + C[k, c], 1); P[c, k] = S_k - S_{k-1} for k < T-1, and the sink gets
+    all the rest, so mass above 1 is cut off and a deficit goes to the sink (the quirks named in the module doc).
+    walk="normalized": the principled variant, P[c, k] = C[k, c] / sum_i C[i, c], a proper forward distribution.
+    """
+    columns = C.transpose(-1, -2)  # columns[c, i] = C[i, c]
+    if walk == "authors":
+        S = columns.cumsum(dim=-1).clamp(max=1.0)
+        P = torch.diff(S, dim=-1, prepend=torch.zeros_like(S[..., :1]))
+        P[..., -1] = 1.0 - S[..., -2] if C.shape[-1] > 1 else 1.0
+    elif walk == "normalized":
+        mass = columns.sum(dim=-1, keepdim=True)
+        if (mass <= 0).any():
+            raise ValueError("walk='normalized' needs every position to receive some attention (a zero column)")
+        P = columns / mass
+    else:
+        raise ValueError(f"walk must be 'authors' or 'normalized', got {walk!r}")
+    P[..., -1, :] = 0.0
+    P[..., -1, -1] = 1.0
+    return P
+
+
+def _expected_capped_steps(P, max_steps):
+    """E[min(hitting time of the sink, max_steps)] from every start: sum_{t<max_steps} P(not yet at the sink).
+
+    With Q the transitions among the non-sink positions, P(H > t | start s) = (Q^t 1)_s; the sink scores 0.
+    """
+    Q = P[:, :-1, :-1].contiguous()  # a strided Q would be copied by every matmul
+    alive = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
+    total = torch.zeros_like(alive)
+    for _ in range(max_steps):
+        total += alive
+        alive = Q @ alive
+    return torch.cat([total[..., 0], torch.zeros_like(total[:, :1, 0])], dim=-1)
+
+
+def expected_walk_steps(attn, head_weights=None, max_steps=100, walk="authors"):
+    """Exact expected capped steps to the sink from each start position: array (..., T); the sink scores 0."""
+    _check_steps("max_steps", max_steps)
+    P = walk_transition(combine_heads(attn, head_weights), walk)
+    return _to_numpy(_over_chunks(lambda p: _expected_capped_steps(p, max_steps), P))
+
+
+def mixing_time(attn, head_weights=None, max_steps=100):
+    """The exact value the authors' Monte Carlo mixing time estimates: mean over all T starts of the expected
+    capped hitting time of their walk (start 0 is trapped and scores max_steps)."""
+    return np.mean(expected_walk_steps(attn, head_weights, max_steps, "authors"), axis=-1)
+
+
+def mixing_time_normalized(attn, head_weights=None, max_steps=100):
+    """Principled variant of mixing_time: each column renormalised into a forward distribution (no cut-off mass,
+    no deficit sent to the sink, no trap at position 0); same cap and same average over starts."""
+    return np.mean(expected_walk_steps(attn, head_weights, max_steps, "normalized"), axis=-1)
+
+
+def mixing_time_mc(attn, head_weights=None, num_simulations=500, max_steps=100, seed=0):
+    """The authors' Monte Carlo estimate: num_simulations walks from every start, each scored by its steps to the
+    sink capped at max_steps; mean over walks, then over starts. Vectorised over walkers and starts, seeded."""
+    _check_steps("num_simulations", num_simulations)
+    _check_steps("max_steps", max_steps)
+    C = combine_heads(attn, head_weights)
+    batch_shape, T = C.shape[:-2], C.shape[-1]
+    generator = torch.Generator(device=C.device).manual_seed(seed)
+    estimates = []
+    for c in C.reshape(-1, T, T):  # one layer at a time: the walkers of a layer already fill the vector units
+        cdf = c.T.cumsum(dim=-1).clamp(max=1.0)  # cdf[pos, k] = S_k of the walk's step from pos
+        pos = torch.arange(T, device=C.device).repeat_interleave(num_simulations)
+        steps = torch.zeros_like(pos)
+        for _ in range(max_steps):
+            moving = pos != T - 1
+            steps += moving
+            r = torch.rand(pos.shape, generator=generator, dtype=torch.float64, device=C.device)
+            # first k with S_k >= r; none before the sink means the sink
+            nxt = torch.searchsorted(cdf[pos], r[:, None]).squeeze(-1).clamp(max=T - 1)
+            pos = torch.where(moving, nxt, pos)
+        estimates.append(steps.double().mean())
+    return _to_numpy(torch.stack(estimates).reshape(batch_shape)) if estimates else np.zeros(batch_shape)

@@ -1,0 +1,120 @@
+"""The Transformer and the data: invariants, both attention paths, and the authors' checkpoints."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import OFFICIAL, needs_official
+
+from sequence_datasets import CopyDataset, CycleDataset, make_dataset
+from train import HEADS, PAPER, QUICK, build_model, load_checkpoint, save_checkpoint, train_cell
+
+
+def quick_model(heads=4, dropout=QUICK.dropout):
+    torch.manual_seed(0)
+    return build_model(dataclasses.replace(QUICK, dropout=dropout), heads)
+
+
+def tokens(n=5, cfg=QUICK, seed=0):
+    return torch.randint(0, cfg.vocab_size, (n, cfg.seq_length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_parameter_count_is_equal_across_head_counts():
+    counts = {h: sum(p.numel() for p in build_model(PAPER, h).parameters()) for h in HEADS}
+    assert set(counts.values()) == {172_800}
+
+
+@pytest.mark.parametrize("heads", [1, 4, 16])
+def test_attention_rows_sum_to_one_and_are_causal(heads):
+    attn = quick_model(heads).attention(tokens())
+    assert attn.shape == (5, QUICK.num_layers, heads, QUICK.seq_length, QUICK.seq_length)
+    assert torch.allclose(attn.sum(-1), torch.ones(()), atol=1e-6)
+    assert torch.all(attn.triu(diagonal=1) == 0)
+    assert torch.all(attn[..., 0, 0] == 1)  # the first token sees only itself
+
+
+def test_logits_are_causal():
+    model, x = quick_model().eval(), tokens()
+    y = x.clone()
+    y[:, 7:] = (y[:, 7:] + 1) % QUICK.vocab_size
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:, :7], model(y)[:, :7], atol=1e-6)
+        assert not torch.allclose(model(x)[:, 7:], model(y)[:, 7:])
+
+
+def test_fused_and_explicit_attention_agree():
+    model, x = quick_model().eval(), tokens()
+    with torch.no_grad():
+        fused, (explicit, _) = model(x), model(x, return_attn=True)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    # Training mode with dropout disabled: same loss and gradients through both paths.
+    model = quick_model(dropout=0.0).train()
+    target = tokens(seed=1)
+    losses, grads = [], []
+    for explicit_path in (False, True):
+        model.zero_grad()
+        out = model(x, return_attn=explicit_path)
+        logits = out[0] if explicit_path else out
+        loss = F.cross_entropy(logits.reshape(-1, QUICK.vocab_size), target.reshape(-1))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_datasets():
+    copy, cycle = CopyDataset(10, 6, 8, seed=3), CycleDataset(10, 6, 8, seed=3)
+    assert torch.equal(copy.targets, copy.inputs) and torch.equal(copy.inputs, cycle.inputs)
+    assert torch.equal(cycle.targets[:, 1:], cycle.inputs[:, :-1]) and torch.equal(cycle.targets[:, 0], cycle.inputs[:, -1])
+    assert torch.equal(make_dataset("copy", 10, 6, 8, 3).inputs, copy.inputs)
+    assert not torch.equal(make_dataset("copy", 10, 6, 8, 4).inputs, copy.inputs)
+    assert int(copy.inputs.max()) < 8 and len(copy) == 10 and copy[2][0].shape == (6,)
+    with pytest.raises(ValueError, match="unknown task"):
+        make_dataset("reverse", 10, 6, 8, 3)
+
+
+@needs_official
+@pytest.mark.parametrize("heads", HEADS)
+def test_official_checkpoints_load_and_solve_both_tasks(heads):
+    for task in ("copy", "cycle"):
+        model = build_model(PAPER, heads)
+        load_checkpoint(model, OFFICIAL / f"{heads}_heads_{task}.pt")
+        data = make_dataset(task, 200, PAPER.seq_length, PAPER.vocab_size, seed=123)
+        with torch.no_grad():
+            predictions = model.eval()(data.inputs).argmax(-1)
+        accuracy = (predictions == data.targets)[:, 1:].float().mean().item()
+        assert accuracy >= 0.999, f"{heads} heads, {task}: accuracy {accuracy:.4f}"
+
+
+@needs_official
+def test_official_head_count_mismatch_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="4-head model but the model expects 8"):
+        load_checkpoint(build_model(PAPER, 8), OFFICIAL / "4_heads_copy.pt")
+    renamed = tmp_path / "my_model.pt"
+    renamed.write_bytes((OFFICIAL / "4_heads_copy.pt").read_bytes())
+    with pytest.raises(ValueError, match="head count can only be read"):
+        load_checkpoint(build_model(PAPER, 4), renamed)
+
+
+def test_own_checkpoint_mismatch_and_broken_files_are_refused(tmp_path):
+    path = train_cell(dataclasses.replace(QUICK, epochs=1), 4, "copy", ckpt_dir=tmp_path,
+                      progress=False, log=lambda *_: None)
+    load_checkpoint(build_model(QUICK, 4), path)  # the right model loads
+    with pytest.raises(ValueError, match="num_heads=4 in the file but num_heads=8 expected"):
+        load_checkpoint(build_model(QUICK, 8), path)
+    with pytest.raises(ValueError, match="embed_dim"):
+        load_checkpoint(build_model(PAPER, 4), path)
+    truncated = tmp_path / "4_heads_cycle.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="4_heads_cycle.pt could not be read"):
+        load_checkpoint(build_model(QUICK, 4), truncated)
+    with pytest.raises(FileNotFoundError, match="missing.pt not found"):
+        load_checkpoint(build_model(QUICK, 4), tmp_path / "missing.pt")
+    foreign = tmp_path / "4_heads_x.pt"
+    save_checkpoint(foreign, {"epoch": 3})
+    with pytest.raises(ValueError, match="neither a checkpoint of this repo .* nor a plain state_dict"):
+        load_checkpoint(build_model(QUICK, 4), foreign)
+    save_checkpoint(foreign, {"token_emb.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_checkpoint(build_model(QUICK, 4), foreign)

@@ -1,0 +1,168 @@
+"""The proxies against values worked out by hand and against an independent brute-force implementation."""
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT  # noqa: F401  (puts the repo on sys.path)
+
+import proxies
+from transformer import MultiHeadAttention
+
+# A 3-node chain 0 <- 1 <- 2 (rows = receivers): C[1] = [.5, .5, 0], C[2] = [0, .5, .5].
+CHAIN = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])
+
+
+def random_causal(shape, T, rng):
+    """Random row-stochastic lower-triangular matrices of shape (*shape, T, T)."""
+    A = np.tril(rng.random((*shape, T, T)) + 1e-3)
+    return A / A.sum(-1, keepdims=True)
+
+
+def brute_force_walk(C, max_steps):
+    """Independent reading of the facts file: transition matrix built entry by entry, then the distribution of the
+    capped hitting time by propagating the full chain; returns per-start (mean, variance) of min(H, max_steps)."""
+    T = len(C)
+    P = np.zeros((T, T))
+    for c in range(T - 1):
+        cumulative = 0.0
+        for k in range(T - 1):
+            new = min(cumulative + C[k, c], 1.0)
+            P[c, k] = new - cumulative
+            cumulative = new
+        P[c, T - 1] = 1.0 - cumulative
+    P[T - 1, T - 1] = 1.0
+    means, variances = np.zeros(T), np.zeros(T)
+    for s in range(T - 1):
+        dist = np.eye(T)[s]
+        first, second = 0.0, 0.0
+        for t in range(max_steps):
+            survive = 1.0 - dist[T - 1]  # P(H > t)
+            first += survive
+            second += (2 * t + 1) * survive
+            dist = dist @ P
+        means[s], variances[s] = first, second - first ** 2
+    return means, variances
+
+
+def test_chain_fidelity_by_hand():
+    # Row 2 of C^t: t=1 [0, .5, .5], t=2 [.25, .5, .25], t=3 [.5, .375, .125]; node 0 absorbs the signal over time.
+    assert np.allclose(proxies.sink_signal(CHAIN, horizon=3), [[0, .5, .5], [.25, .5, .25], [.5, .375, .125]])
+    assert np.allclose(proxies.per_node_fidelity(CHAIN, horizon=3), [0.5, 0.5, 0.5])
+    assert proxies.minimax_fidelity(CHAIN) == pytest.approx(50.0)
+    assert proxies.minimax_fidelity(CHAIN, horizon=1) == pytest.approx(0.0)  # node 0 is 2 hops away
+
+
+def test_chain_walk_by_hand():
+    # Column 0 = [1, .5, 0]: S_0 = 1, the start-0 trap. Column 1 = [0, .5, .5]: stay .5, sink .5 -> geometric.
+    steps = proxies.expected_walk_steps(CHAIN, max_steps=100)
+    assert np.allclose(steps, [100, 2 * (1 - 0.5 ** 100), 0])
+    assert proxies.mixing_time(CHAIN) == pytest.approx((100 + 2) / 3)
+    assert proxies.mixing_time(CHAIN, max_steps=4) == pytest.approx((4 + 2 * (1 - 1 / 16)) / 3)
+    # Normalized walk: from 0, stay 2/3 and move to 1 w.p. 1/3: 3 steps to leave, then 2 more.
+    assert proxies.mixing_time_normalized(CHAIN) == pytest.approx((5 + 2) / 3, abs=1e-9)
+
+
+def test_walk_cuts_mass_above_one_and_sends_deficit_to_sink():
+    C = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, .9, .1, 0], [0, .9, 0, .1]])
+    # Column 1 sums to 2.8: S_1 = 1 already, so position 1 is a trap too. Column 2 = [0, 0, .1, 0]: deficit .9 -> sink.
+    P = proxies.walk_transition(torch.tensor(C))
+    assert np.allclose(P[1].numpy(), [0, 1, 0, 0]) and np.allclose(P[2].numpy(), [0, 0, .1, .9])
+    assert np.allclose(proxies.expected_walk_steps(C, max_steps=100), [100, 100, (1 - .1 ** 100) / .9, 0])
+
+
+def test_start_zero_trap_in_every_causal_head():
+    rng = np.random.default_rng(1)
+    A = random_causal((5, 3), 7, rng)
+    assert np.all(proxies.expected_walk_steps(A[..., None, :, :], max_steps=37)[..., 0] == 37)
+    assert np.all(proxies.mixing_time(A) >= 37 / 7)
+
+
+def test_exact_walk_equals_brute_force():
+    rng = np.random.default_rng(2)
+    A, w = random_causal((3,), 6, rng), np.array([0.2, 0.5, 0.3])
+    C = np.tensordot(w, A, axes=1)
+    means, _ = brute_force_walk(C, 25)
+    assert np.allclose(proxies.expected_walk_steps(A, w, max_steps=25), means, atol=1e-12)
+    assert proxies.mixing_time(A, w, max_steps=25) == pytest.approx(means.mean(), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_monte_carlo_within_four_standard_errors(seed):
+    rng = np.random.default_rng(seed)
+    T, n = 6, 2000
+    A = random_causal((2,), T, rng)
+    A[..., 1:, 1:] *= 3  # heavier columns, so some columns exceed 1 and get cut
+    A = A / A.sum(-1, keepdims=True)
+    _, variances = brute_force_walk(A.mean(0), 100)
+    standard_error = np.sqrt(variances.sum() / n) / T
+    exact = proxies.mixing_time(A)
+    estimate = proxies.mixing_time_mc(A, num_simulations=n, seed=seed)
+    assert abs(estimate - exact) < 4 * standard_error
+    assert proxies.mixing_time_mc(A, num_simulations=n, seed=seed) == estimate  # seeded
+
+
+def test_batch_equals_per_layer_and_backends_agree():
+    rng = np.random.default_rng(6)
+    A = random_causal((2, 3, 4), 8, rng)  # (S, L, H, T, T)
+    w = rng.random((3, 4))  # per-layer weights (L, H)
+    for fn in (proxies.minimax_fidelity, proxies.mixing_time, proxies.mixing_time_normalized):
+        batch = fn(A, w)
+        assert batch.shape == (2, 3)
+        for s in range(2):
+            for l in range(3):
+                assert batch[s, l] == pytest.approx(fn(A[s, l], w[l]), rel=1e-12)
+        assert np.allclose(fn(torch.tensor(A, dtype=torch.float32), torch.tensor(w)), batch, rtol=1e-5)
+    assert isinstance(proxies.minimax_fidelity(A[0, 0]), float)
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    A = random_causal((40, 2), 9, np.random.default_rng(7))
+    whole = proxies.mixing_time(A), proxies.minimax_fidelity(A)
+    monkeypatch.setattr(proxies, "CPU_CHUNK", 3)
+    assert np.array_equal(proxies.mixing_time(A), whole[0]) and np.array_equal(proxies.minimax_fidelity(A), whole[1])
+
+
+def test_weights_are_normalised_and_default_uniform():
+    A = random_causal((3,), 6, np.random.default_rng(8))
+    w = np.array([1.0, 2.0, 5.0])
+    assert proxies.minimax_fidelity(A, w) == pytest.approx(proxies.minimax_fidelity(A, 7 * w))
+    assert proxies.mixing_time(A) == pytest.approx(proxies.mixing_time(A, [1, 1, 1]))
+    C = proxies.combine_heads(A, w).numpy()
+    assert np.allclose(C, np.tensordot(w / w.sum(), A, axes=1))
+    assert proxies.mixing_time(A, w) == pytest.approx(proxies.mixing_time(C))
+
+
+def test_head_weights_are_normalised_block_norms():
+    attn = MultiHeadAttention(embed_dim=4, num_heads=2, dropout=0.0, causal=True)
+    with torch.no_grad():
+        attn.out_proj.weight[:, :2] = 1.0  # head 0's input features: norm sqrt(8)
+        attn.out_proj.weight[:, 2:] = 2.0  # head 1's: norm 2 sqrt(8)
+    assert np.allclose(proxies.head_weights(attn), [1 / 3, 2 / 3])
+
+
+GOOD = np.array([[1.0, 0.0], [0.5, 0.5]])
+
+
+@pytest.mark.parametrize("attn, weights, message", [
+    (np.ones((2, 3)), None, "square"),
+    (GOOD.tolist(), None, "NumPy array or a torch tensor"),
+    (np.array([[1, 0], [1, 1]]), None, "float"),
+    (np.array([[np.nan, 1.0], [0.5, 0.5]]), None, "NaN"),
+    (np.array([[1.0, 0.0], [0.7, 0.5]]), None, "sum to 1"),
+    (np.array([[1.0, 0.0], [-0.5, 1.5]]), None, "negative"),
+    (np.stack([GOOD, GOOD]), [1.0], "one weight per head"),
+    (np.stack([GOOD, GOOD]), [1.0, -1.0], "non-negative"),
+    (np.stack([GOOD, GOOD]), [0.0, 0.0], "all be zero"),
+    (np.stack([GOOD, GOOD])[None].repeat(3, 0), np.ones((4, 2)), "broadcast"),
+])
+def test_bad_input_is_refused_with_a_clear_error(attn, weights, message):
+    with pytest.raises(ValueError, match=message):
+        proxies.minimax_fidelity(attn, weights)
+
+
+def test_bad_step_counts_are_refused():
+    with pytest.raises(ValueError, match="horizon"):
+        proxies.minimax_fidelity(GOOD, horizon=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        proxies.mixing_time(GOOD, max_steps=2.5)
+    with pytest.raises(ValueError, match="num_simulations"):
+        proxies.mixing_time_mc(GOOD, num_simulations=0)

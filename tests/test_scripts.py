@@ -1,0 +1,78 @@
+"""Every script end to end in its quick mode, into a temporary folder; and main.py on the authors' models."""
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import OFFICIAL, ROOT, needs_official
+
+import example2
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_figure3_values():
+    result = example2.analyse()
+    assert result["head1"]["phi_min"] == pytest.approx(0.375, abs=1e-4) and result["head1"]["set_by"] == "v"
+    assert result["head2"]["phi_min"] == pytest.approx(0.25, abs=1e-4) and result["head2"]["set_by"] == "u"
+    assert result["multi"]["phi_min"] == pytest.approx(5 / 12, abs=1e-4) and result["multi"]["set_by"] == "w"
+    # By hand: the sink's row at t = 1 is head1 [0, 0, 1/2, 1/2], head2 [0, 1/3, 1/3, 1/3], their mean for multi;
+    # head 1 at t = 3 carries 3/8 of v's signal.
+    assert np.allclose(result["head1"]["signal"][0], [0, 0, 1 / 2, 1 / 2])
+    assert np.allclose(result["head2"]["signal"][0], [0, 1 / 3, 1 / 3, 1 / 3])
+    assert np.allclose(result["multi"]["signal"][0], [0, 1 / 6, 5 / 12, 5 / 12])
+    assert result["head1"]["signal"][2, 1] == pytest.approx(3 / 8)
+
+
+def test_example2_script(tmp_path):
+    out = run("example2.py", "--out", tmp_path)
+    assert "multi: phi_min = 0.4167" in out
+    for name in ("head1", "head2", "multi"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and (tmp_path / f"{name}.pdf").is_file()
+    table = pd.read_csv(tmp_path / "signal_at_sink.csv")
+    assert len(table) == 20 and table["multi_w_%"][0] == pytest.approx(100 * 5 / 12, abs=1e-3)
+
+
+def test_train_script_quick(tmp_path):
+    out = run("train.py", "--heads", 4, "--task", "cycle", "--quick", "--ckpt-dir", tmp_path, "--epochs", 2)
+    assert "Epoch 2/2, Loss:" in out and (tmp_path / "4_heads_cycle.pt").is_file()
+
+
+def test_main_and_amplification_quick_are_deterministic(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    out = run("main.py", "--quick", "--ckpt-dir", ckpt, "--out", tmp_path / "a", "--jobs", 2)
+    assert "Layer 2 — mixing time:" in out
+    run("main.py", "--quick", "--ckpt-dir", ckpt, "--out", tmp_path / "b")
+    a, b = (tmp_path / "a" / "section4.csv").read_text(), (tmp_path / "b" / "section4.csv").read_text()
+    assert a == b
+    table = pd.read_csv(tmp_path / "a" / "section4.csv")
+    assert len(table) == 2 * 4 * 2 and table.fidelity_mean.between(0, 100).all()
+    assert (table.mixing_time_mean >= 12 / 12).all()  # the start-0 trap alone scores max_steps / T
+    for ext in ("md", "png", "pdf"):
+        assert (tmp_path / "a" / f"section4.{ext}").is_file()
+    out = run("test_amplification.py", "--quick", "--ckpt-dir", ckpt, "--out", tmp_path / "a", "--samples", 4)
+    assert "Best individual fidelity" in out
+    for name in ("table5_copy", "table6_cycle"):
+        t = pd.read_csv(tmp_path / "a" / f"{name}.csv")
+        assert len(t) == 3 * 2 and (t.wins <= 4).all() and (tmp_path / "a" / f"{name}.md").is_file()
+        assert (t.amplification == (t["combined_%"] > t["best_individual_%"])).all()
+    mc = run("main.py", "--quick", "--ckpt-dir", ckpt, "--out", tmp_path / "mc", "--estimator", "mc",
+             "--heads", 4, "--tasks", "copy")
+    assert "(mc mixing time)" in mc
+
+
+@needs_official
+def test_main_on_the_authors_checkpoints(tmp_path):
+    run("main.py", "--ckpt-dir", OFFICIAL, "--out", tmp_path, "--heads", 1, 16)
+    t = pd.read_csv(tmp_path / "section4.csv").set_index(["task", "heads", "layer"])
+    # The paper's qualitative findings: one head mixes far slower and keeps almost no fidelity in deep layers.
+    for task in ("copy", "cycle"):
+        for layer in (2, 3):
+            assert t.loc[(task, 1, layer), "mixing_time_mean"] > 5 * t.loc[(task, 16, layer), "mixing_time_mean"]
+            assert t.loc[(task, 1, layer), "fidelity_mean"] < t.loc[(task, 16, layer), "fidelity_mean"]
+    assert not list(OFFICIAL.glob("*.resume"))

@@ -1,0 +1,64 @@
+"""Training is deterministic per cell, resumable, and the same in worker processes as in one process."""
+import dataclasses
+
+import pytest
+import torch
+from conftest import ROOT  # noqa: F401
+
+from train import QUICK, build_model, cell_seed, load_checkpoint, train_cell, train_cells
+
+CFG = dataclasses.replace(QUICK, epochs=3)
+quiet = dict(progress=False, log=lambda *_: None)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_checkpoint_and_facts_recorded(tmp_path):
+    a = train_cell(CFG, 4, "cycle", seed=7, ckpt_dir=tmp_path / "a", **quiet)
+    b = train_cell(CFG, 4, "cycle", seed=7, ckpt_dir=tmp_path / "b", **quiet)
+    c = train_cell(CFG, 4, "cycle", seed=8, ckpt_dir=tmp_path / "c", **quiet)
+    assert same_weights(weights(a), weights(b)) and not same_weights(weights(a), weights(c))
+    facts = torch.load(a, weights_only=True)["training"]
+    assert facts["epochs"] == 3 and facts["seed"] == 7 and facts["task"] == "cycle" and len(facts["losses"]) == 3
+    assert facts["device"] == "cpu" and facts["torch_version"] == str(torch.__version__)
+    assert facts["final_loss"] == facts["losses"][-1] and facts["losses"][-1] < facts["losses"][0]
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.resume"))
+
+
+def test_cell_seed_depends_on_every_part():
+    seeds = {cell_seed(s, h, t) for s in (1, 2) for h in (1, 4) for t in ("copy", "cycle")}
+    assert len(seeds) == 8 and cell_seed(42, 4, "copy") == cell_seed(42, 4, "copy")
+
+
+def test_resume_gives_the_uninterrupted_model(tmp_path):
+    full = train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "full", **quiet)
+
+    def interrupt_in_epoch_3(message):
+        if message.startswith("Epoch 3/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", save_every=1, progress=True, log=interrupt_in_epoch_3)
+    assert (tmp_path / "cut" / "4_heads_copy.pt.resume").is_file() and not (tmp_path / "cut" / "4_heads_copy.pt").exists()
+    messages = []
+    resumed = train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", resume=True, progress=False, log=messages.append)
+    assert "resuming after epoch 2/3" in messages[0]
+    assert same_weights(weights(full), weights(resumed))
+    assert torch.load(full, weights_only=True)["training"]["losses"] == \
+        torch.load(resumed, weights_only=True)["training"]["losses"]
+
+
+def test_parallel_jobs_give_the_same_checkpoints(tmp_path):
+    cells = [(1, "copy"), (4, "cycle")]
+    one = train_cells(cells, jobs=1, cfg=CFG, ckpt_dir=tmp_path / "one", **quiet)
+    two = train_cells(cells, jobs=2, cfg=CFG, ckpt_dir=tmp_path / "two", log=print)
+    for a, b in zip(one, two):
+        wa, wb = weights(a), weights(b)
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    load_checkpoint(build_model(CFG, 4), two[1])

@@ -1,0 +1,309 @@
+"""Train one (heads, task) cell of Section 4 and save its checkpoint; also the one config and the checkpoint I/O.
+
+    python train.py --heads 4 --task copy [--epochs 200] [--device auto] [--seed 42] [--resume] [--quick]
+
+writes checkpoints/4_heads_copy.pt (checkpoints/quick/ with --quick). The task's data depends only on (seed, task);
+initialisation, dropout and shuffling are seeded from (seed, heads, task), so a cell gives the same model whether it
+is trained alone, in any order, or in parallel with others.
+"""
+import argparse
+import dataclasses
+import os
+import re
+import tempfile
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sequence_datasets import make_dataset
+from transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every hyperparameter of the experiments; the defaults are the paper's (facts file, section 4)."""
+    vocab_size: int = 256
+    embed_dim: int = 64
+    num_layers: int = 4
+    mlp_hidden_dim: int = 128
+    seq_length: int = 100
+    dropout: float = 0.1
+    num_sequences: int = 5000
+    batch_size: int = 50
+    epochs: int = 200
+    lr: float = 1e-3
+    eval_sequences: int = 50  # sequences per layer for the proxies' mean +- std
+    horizon: int = 100  # fidelity: diffusion steps
+    max_steps: int = 100  # mixing time: cap on a walk's steps
+    num_simulations: int = 500  # mixing time: Monte Carlo walks per start (--estimator mc)
+
+
+PAPER = Config()
+QUICK = Config(vocab_size=16, embed_dim=16, num_layers=2, mlp_hidden_dim=32, seq_length=12, num_sequences=120,
+               batch_size=20, epochs=3, eval_sequences=6, num_simulations=50)
+HEADS = (1, 4, 8, 16)
+TASKS = ("copy", "cycle")
+SEED = 42
+CKPT_DIR = Path("checkpoints")
+FORMAT = "beyondparallelism-checkpoint-v1"
+
+
+def build_model(cfg, heads):
+    return Transformer(cfg.vocab_size, cfg.embed_dim, heads, cfg.num_layers, cfg.mlp_hidden_dim, cfg.seq_length,
+                       dropout=cfg.dropout)
+
+
+def resolve_device(name):
+    """'auto' -> CUDA when present, else the CPU; 'cpu', 'cuda' or 'cuda:N' as given, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for CUDA, but this torch ({torch.__version__}) sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def cell_seed(seed, heads, task):
+    """A stable per-cell seed (Python's hash() of a string changes between runs; CRC-32 does not)."""
+    return zlib.crc32(f"{seed}/{heads}/{task}".encode())
+
+
+def checkpoint_path(ckpt_dir, heads, task):
+    return Path(ckpt_dir) / f"{heads}_heads_{task}.pt"
+
+
+def write_atomic(path, write):
+    """Call write(tmp_path) on a temporary file beside path, then rename it over path: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results and checkpoints are for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_table(df, stem, view=None):
+    """A results table as stem.csv (full precision) and stem.md (the formatted view, when given, else df)."""
+    write_atomic(f"{stem}.csv", lambda tmp: df.to_csv(tmp, index=False))
+    markdown = (df if view is None else view).to_markdown(index=False)
+    write_atomic(f"{stem}.md", lambda tmp: Path(tmp).write_text(markdown + "\n"))
+
+
+def save_figure(fig, stem, dpi=300):
+    """A figure as PNG (dpi) and PDF: stem.png, stem.pdf."""
+    for ext in ("png", "pdf"):
+        write_atomic(f"{stem}.{ext}", lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight"))
+
+
+def save_checkpoint(path, obj):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _read(path, device):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found: expected a file written by train.py "
+                                f"or one of the authors' {{H}}_heads_{{task}}.pt state_dicts")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} could not be read as a PyTorch checkpoint (truncated or foreign file?): "
+                         f"{type(error).__name__}: {str(error)[:200]}") from error
+
+
+def load_checkpoint(model, path, device="cpu"):
+    """Load weights from this repo's format or the authors' plain state_dict; returns the stored training facts.
+
+    Every head count has the same weight shapes, so the head count is checked: against the stored config, or for
+    the authors' files against the {H}_heads_{task}.pt name.
+    """
+    path = Path(path)
+    obj = _read(path, device)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        state, facts = obj["state_dict"], obj.get("training", {})
+        differ = {k: (obj["config"].get(k), v) for k, v in model.config.items() if obj["config"].get(k) != v}
+        if differ:
+            raise ValueError(f"{path} holds a different model: " + ", ".join(
+                f"{k}={stored} in the file but {k}={wanted} expected" for k, (stored, wanted) in differ.items()))
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, facts = obj, {"source": "plain state_dict (the authors' format)"}
+        name = re.fullmatch(r"(\d+)_heads_\w+\.pt", path.name)
+        if name is None:
+            raise ValueError(f"{path} is a plain state_dict, whose head count can only be read from a file name of "
+                             f"the form {{H}}_heads_{{task}}.pt; rename it so")
+        if int(name[1]) != model.config["num_heads"]:
+            raise ValueError(f"{path} holds a {name[1]}-head model but the model expects "
+                             f"{model.config['num_heads']} heads")
+    else:
+        raise ValueError(f"{path} is neither a checkpoint of this repo (format {FORMAT!r}) nor a plain state_dict")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not fit the model: missing keys {missing[:5]}, unexpected keys "
+                         f"{unexpected[:5]}, wrong shapes {wrong[:5]}")
+    model.load_state_dict(state)
+    return facts
+
+
+def _rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, resume=False, save_every=10,
+               tf32=False, compile=False, progress=True, log=print):
+    """Train one cell and write its checkpoint atomically; with resume, continue from its last saved epoch."""
+    device = torch.device(device)
+    path = checkpoint_path(ckpt_dir, heads, task)
+    resume_path = path.with_name(path.name + ".resume")
+    if device.type == "cuda":  # the paper is float32: TF32 only on request
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    data = make_dataset(task, cfg.num_sequences, cfg.seq_length, cfg.vocab_size, seed)
+    inputs, targets = data.inputs.to(device), data.targets.to(device)
+    cseed = cell_seed(seed, heads, task)
+    torch.manual_seed(cseed)  # initialisation and dropout
+    model = build_model(cfg, heads).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    shuffle = torch.Generator().manual_seed(cseed)
+    losses, start = [], 0
+    if resume and resume_path.is_file():
+        state = _read(resume_path, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        shuffle.set_state(state["shuffle"].cpu())
+        _set_rng_state(state["rng"], device)
+        losses, start = state["losses"], state["epoch"]
+        log(f"{path.name}: resuming after epoch {start}/{cfg.epochs}")
+    step_model = torch.compile(model) if compile else model
+    n, bs = len(inputs), cfg.batch_size
+    began = time.perf_counter()
+    bar = tqdm(range(start, cfg.epochs), desc=path.stem, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=shuffle).to(device)
+        total = torch.zeros((), device=device)  # summed on the device: one host sync per epoch
+        for first in range(0, n, bs):
+            batch = order[first:first + bs]
+            logits = step_model(inputs[batch])
+            loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets[batch].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        losses.append((total / -(-n // bs)).item())
+        message = f"Epoch {epoch + 1}/{cfg.epochs}, Loss: {losses[-1]:.4f}"
+        bar.set_postfix_str(f"loss {losses[-1]:.4f}")
+        log(message if progress else f"{path.stem}: {message}")
+        if save_every and (epoch + 1) % save_every == 0 and epoch + 1 < cfg.epochs:
+            save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "shuffle": shuffle.get_state(), "rng": _rng_state(device),
+                                          "losses": losses, "epoch": epoch + 1})
+    bar.close()
+    facts = dict(task=task, epochs=cfg.epochs, seed=seed, cell_seed=cseed, final_loss=losses[-1] if losses else None,
+                 losses=losses, torch_version=str(torch.__version__), device=str(device), tf32=tf32,
+                 train_seconds=round(time.perf_counter() - began, 1), hyperparameters=dataclasses.asdict(cfg))
+    save_checkpoint(path, {"format": FORMAT, "state_dict": model.state_dict(), "config": model.config,
+                           "training": facts})
+    resume_path.unlink(missing_ok=True)
+    return path
+
+
+def _train_cell_in_worker(kwargs, threads):
+    torch.set_num_threads(threads)
+    return train_cell(**kwargs, progress=False)
+
+
+def train_cells(cells, jobs=1, **kwargs):
+    """Train the (heads, task) cells, in `jobs` worker processes at once; each writes only its own checkpoint."""
+    if jobs <= 1 or len(cells) <= 1:
+        return [train_cell(heads=h, task=t, **kwargs) for h, t in cells]
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_train_cell_in_worker, dict(kwargs, heads=h, task=t), threads) for h, t in cells]
+        return [f.result() for f in futures]
+
+
+def load_model(cfg, heads, path, device):
+    """A model of the config's architecture with the checkpoint's weights, in eval mode, and its training facts."""
+    model = build_model(cfg, heads).to(device)
+    facts = load_checkpoint(model, path, device)
+    return model.eval(), facts
+
+
+def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=1):
+    """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first."""
+    todo = [(h, t) for h, t in cells if retrain or not checkpoint_path(ckpt_dir, h, t).is_file()]
+    if todo:
+        print(f"training {len(todo)} cell(s) on {device} ({cfg.epochs} epochs each): "
+              + ", ".join(f"{h}_heads_{t}" for h, t in todo))
+        train_cells(todo, jobs, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir, log=tqdm.write)
+    return {(h, t): load_model(cfg, h, checkpoint_path(ckpt_dir, h, t), device) for h, t in cells}
+
+
+def add_common_args(parser, out_help=None):
+    """The flags every experiment script shares."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed (default {SEED}, the paper's)")
+    parser.add_argument("--quick", action="store_true", help="tiny configuration, seconds on a CPU")
+    parser.add_argument("--ckpt-dir", type=Path, default=None,
+                        help=f"checkpoint folder (default {CKPT_DIR}, {CKPT_DIR}/quick with --quick)")
+    if out_help:
+        parser.add_argument("--out", type=Path, default=None, help=out_help)
+
+
+def resolve_common(args, default_out=None):
+    """(config, device, ckpt_dir, out) from the common flags; --quick changes the defaults, not explicit paths."""
+    cfg = QUICK if args.quick else PAPER
+    if getattr(args, "epochs", None) is not None:
+        cfg = dataclasses.replace(cfg, epochs=args.epochs)
+    ckpt_dir = args.ckpt_dir or (CKPT_DIR / "quick" if args.quick else CKPT_DIR)
+    out = getattr(args, "out", None) or (default_out and (Path("results/quick") if args.quick else Path(default_out)))
+    return cfg, resolve_device(args.device), ckpt_dir, out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, required=True, help="number of attention heads (1, 4, 8, 16 in the paper)")
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {PAPER.epochs} ({QUICK.epochs} with --quick)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved epoch")
+    parser.add_argument("--save-every", type=int, default=10, help="epochs between resume states (0: never)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (the paper is float32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    add_common_args(parser)
+    args = parser.parse_args()
+    cfg, device, ckpt_dir, _ = resolve_common(args)
+    if args.heads < 1 or cfg.embed_dim % args.heads:
+        parser.error(f"--heads must divide embed_dim={cfg.embed_dim}, got {args.heads}")
+    path = train_cell(cfg, args.heads, args.task, args.seed, device, ckpt_dir, resume=args.resume,
+                      save_every=args.save_every, tf32=args.tf32, compile=args.compile, log=tqdm.write)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
