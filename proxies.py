@@ -171,14 +171,20 @@ def walk_transition(C, walk="authors"):
 def _expected_capped_steps(P, max_steps):
     """E[min(hitting time of the sink, max_steps)] from every start: sum_{t<max_steps} P(not yet at the sink).
 
-    With Q the transitions among the non-sink positions, P(H > t | start s) = (Q^t 1)_s; the sink scores 0.
+    With Q the transitions among the non-sink positions, P(H > t | start s) = (Q^t 1)_s, so the answer is
+    s_M = sum_{t<M} Q^t 1. Binary doubling over the bits of M (s_2n = s_n + Q^n s_n; s_n+1 = s_n + Q^n 1) needs
+    O(log M) matrix products instead of M dependent mat-vec steps. The sink scores 0.
     """
-    Q = P[:, :-1, :-1].contiguous()  # a strided Q would be copied by every matmul
-    alive = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
-    total = torch.zeros_like(alive)
-    for _ in range(max_steps):
-        total += alive
-        alive = Q @ alive
+    Q = P[:, :-1, :-1].contiguous()
+    ones = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
+    total, power = torch.zeros_like(ones), None  # total = s_n, power = Q^n (None for n = 0)
+    for bit in bin(max_steps)[2:]:
+        if power is not None:  # n -> 2n
+            total = total + power @ total
+            power = power @ power
+        if bit == "1":  # n -> n + 1
+            total = total + (ones if power is None else power @ ones)
+            power = Q if power is None else power @ Q
     return torch.cat([total[..., 0], torch.zeros_like(total[:, :1, 0])], dim=-1)
 
 

@@ -15,6 +15,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def dropout_keep_mask(shape, p, device=None):
+    """Boolean mask keeping each entry with probability 1 - p (to 2^-31): one 32-bit random integer per entry.
+
+    Dropout's semantics at a quarter of the cost of torch.bernoulli_ on the CPU, where the attention-weight masks
+    of a 16-head layer dominate a training step (bench.py)."""
+    return torch.empty(shape, dtype=torch.int32, device=device).random_() >= round(p * 2 ** 31)
+
+
+def _attention_cpu_dropout(q, k, v, dropout_p, causal):
+    """softmax(q k^T / sqrt(d) + causal mask) with dropout, @ v: the training path on the CPU, where the fused
+    kernel has no dropout and falls back to slow generic code. One baddbmm makes the masked, scaled scores; the
+    1 / (1 - p) rescaling is applied to v (T x d) rather than to the T x T weights."""
+    B, H, T, d = q.shape
+    bias = torch.zeros(T, T, dtype=q.dtype, device=q.device)
+    if causal:
+        bias.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2),
+                           alpha=1.0 / math.sqrt(d))
+    attn = scores.softmax(dim=-1)
+    attn = attn * dropout_keep_mask(attn.shape, dropout_p, q.device).to(attn.dtype)  # cheaper than where()
+    return (attn @ (v.reshape(B * H, T, d) * (1.0 / (1.0 - dropout_p)))).view(B, H, T, d)
+
+
 class MultiHeadAttention(nn.Module):
     """Separate Q, K, V and output projections (each E x E with bias), scaled dot product, dropout on the weights."""
 
@@ -43,6 +66,8 @@ class MultiHeadAttention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             attn = scores.softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v
+        elif dropout_p and not q.is_cuda:
+            attn, out = None, _attention_cpu_dropout(q, k, v, dropout_p, self.causal)
         else:  # same maths through the fused kernel
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)

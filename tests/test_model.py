@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from conftest import OFFICIAL, needs_official
 
+import transformer
 from sequence_datasets import CopyDataset, CycleDataset, make_dataset
 from train import HEADS, PAPER, QUICK, build_model, load_checkpoint, save_checkpoint, train_cell
+from transformer import dropout_keep_mask
 
 
 def quick_model(heads=4, dropout=QUICK.dropout):
@@ -118,3 +120,20 @@ def test_own_checkpoint_mismatch_and_broken_files_are_refused(tmp_path):
     save_checkpoint(foreign, {"token_emb.weight": torch.zeros(3, 3)})
     with pytest.raises(ValueError, match="does not fit the model"):
         load_checkpoint(build_model(QUICK, 4), foreign)
+
+
+def test_cpu_training_attention_is_dropout_of_the_explicit_weights(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    keep = torch.rand(2 * 3, 5, 5) > 0.3
+    monkeypatch.setattr(transformer, "dropout_keep_mask", lambda shape, p, device=None: keep)
+    out = transformer._attention_cpu_dropout(q, k, v, 0.3, causal=True)
+    scores = (q @ k.transpose(-2, -1) / 2.0).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (scores.softmax(-1) * keep.view(2, 3, 5, 5) / 0.7) @ v
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_dropout_keep_mask_keeps_one_minus_p():
+    torch.manual_seed(0)
+    kept = dropout_keep_mask((1000, 1000), 0.1).float().mean().item()
+    assert abs(kept - 0.9) < 4 * (0.9 * 0.1 / 1e6) ** 0.5

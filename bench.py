@@ -1,0 +1,177 @@
+"""Speed of training and evaluation, measured on this machine; prints a table and writes results/bench_<device>.md.
+
+    python bench.py [--device auto|cpu|cuda] [--quick] [--ckpt-dir ../shared/official_checkpoints]
+
+Training: ms per step and tokens/s for H = 1, 4, 8, 16 on the fast path (fused attention; on the CPU the
+dropout-aware path of transformer.py) and on the explicit-attention path the authors' code takes; warm-up excluded,
+median of several timings. Evaluation: the whole Section 4 evaluation (8 models x 50 sequences x all layers) and the
+Tables 5-6 evaluation, with the exact estimator; the exact mixing time of one layer against the authors' 500-walk
+Monte Carlo. Uses the checkpoints in --ckpt-dir where present, else randomly initialised models of the same size
+(the cost is the same). Under 3 minutes on a 2-core CPU.
+"""
+import argparse
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+import proxies
+from main import evaluate, evaluation_sequences
+from test_amplification import AMPLIFICATION_HEADS, amplification, fresh_sequences
+from train import HEADS, TASKS, add_common_args, build_model, checkpoint_path, load_model, resolve_common, write_atomic
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats, inner=1, warmup=2):
+    """Median seconds per call of fn over `repeats` timings of `inner` calls each, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - began) / inner)
+    return statistics.median(times)
+
+
+def train_steps(cfg, heads, device):
+    """One training step (forward, backward, Adam) per attention path: {explicit: step function}."""
+    steps = {}
+    for explicit in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, heads).to(device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                     **({"fused": True} if device.type == "cuda" else {}))
+        x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
+
+        def step(model=model, optimizer=optimizer, x=x, explicit=explicit):
+            out = model(x, return_attn=explicit)
+            logits = out[0] if explicit else out
+            loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), x.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        steps[explicit] = step
+    return steps
+
+
+def paired_step_ms(steps, device, repeats, inner):
+    """Median ms per step of each path, timing the two paths in alternation so that drift hits both alike."""
+    times = {explicit: [] for explicit in steps}
+    for explicit, step in steps.items():
+        timed(step, device, 1, warmup=2)
+    for _ in range(repeats):
+        for explicit, step in steps.items():
+            times[explicit].append(timed(step, device, 1, inner, warmup=0))
+    return {explicit: 1000 * statistics.median(t) for explicit, t in times.items()}
+
+
+def models_for(cfg, cells, device, ckpt_dir):
+    """Checkpointed models where present, else random initialisations: same shapes, same evaluation cost."""
+    models, sources = {}, set()
+    for heads, task in cells:
+        path = checkpoint_path(ckpt_dir, heads, task)
+        if path.is_file():
+            models[heads, task], sources = load_model(cfg, heads, path, device)[0], sources | {str(ckpt_dir)}
+        else:
+            torch.manual_seed(heads)
+            models[heads, task], sources = build_model(cfg, heads).to(device).eval(), sources | {"random init"}
+    return models, " + ".join(sorted(sources))
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"CPU ({torch.get_num_threads()} threads) {model}".strip()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
+    args = parser.parse_args()
+    cfg, device, ckpt_dir, out = resolve_common(args, default_out="results")
+    repeats, inner = (3, 1) if args.quick else (7, 2)
+    torch.manual_seed(args.seed)
+    lines = [f"# Benchmark on {device_name(device)}", "",
+             f"torch {torch.__version__}, {'quick' if args.quick else 'paper'} configuration "
+             f"(batch {cfg.batch_size} x {cfg.seq_length} tokens, embed {cfg.embed_dim}, {cfg.num_layers} layers), "
+             f"`python bench.py --device {args.device}{' --quick' if args.quick else ''}`", ""]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    rows = []
+    for heads in HEADS:
+        ms = paired_step_ms(train_steps(cfg, heads, device), device, repeats, inner)
+        fast, explicit = ms[False], ms[True]
+        tokens = cfg.batch_size * cfg.seq_length
+        rows.append({"heads": heads, "fast ms/step": round(fast, 2), "explicit ms/step": round(explicit, 2),
+                     "speed-up": round(explicit / fast, 2), "fast tokens/s": round(1000 * tokens / fast),
+                     "explicit tokens/s": round(1000 * tokens / explicit)})
+        print(rows[-1])
+    lines += ["## Training step (Adam, dropout on, float32)", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+
+    cells = [(h, t) for t in TASKS for h in HEADS]
+    models, source = models_for(cfg, cells, device, ckpt_dir)
+    tokens = {t: evaluation_sequences(cfg, t, args.seed) for t in TASKS}
+    section4 = timed(lambda: [evaluate(models[h, t], tokens[t], cfg) for h, t in cells], device, repeats, warmup=1)
+    fresh = fresh_sequences(cfg, cfg.eval_sequences, args.seed)
+    tables = timed(lambda: [amplification(models[h, t], fresh, cfg.horizon) for t in TASKS
+                            for h in AMPLIFICATION_HEADS], device, repeats, warmup=1)
+
+    model = models[HEADS[-1], "cycle"]
+    attn = model.attention(tokens["cycle"][:1].to(device))[0, -1]  # one layer: (H, T, T)
+    weights = proxies.head_weights(model.layers[-1].attn)
+    exact = timed(lambda: proxies.mixing_time(attn, weights, cfg.max_steps), device, 20, warmup=2)
+    layers = model.attention(tokens["cycle"].to(device))  # every sequence and layer: (S, L, H, T, T)
+    combined = proxies.combine_heads(layers, proxies.model_head_weights(model))[..., None, :, :]  # as main.py does
+    batched = timed(lambda: proxies.mixing_time(combined, max_steps=cfg.max_steps), device, repeats) / (
+        layers.shape[0] * layers.shape[1])
+    exact_value = proxies.mixing_time(attn, weights, cfg.max_steps)
+    began = time.perf_counter()
+    mc_value = proxies.mixing_time_mc(attn, weights, cfg.num_simulations, cfg.max_steps, seed=args.seed)
+    sync(device)
+    mc = time.perf_counter() - began
+    evaluation = [
+        {"what": f"Section 4 evaluation: {len(cells)} models x {cfg.eval_sequences} sequences x {cfg.num_layers} "
+                 f"layers, both proxies + normalized walk (exact)", "seconds": round(section4, 3), "value": ""},
+        {"what": f"Tables 5-6 evaluation: {len(AMPLIFICATION_HEADS) * len(TASKS)} models x {cfg.eval_sequences} "
+                 f"sequences, every head + combination", "seconds": round(tables, 3), "value": ""},
+        {"what": f"mixing_time (exact), one layer, {HEADS[-1]} heads", "seconds": round(exact, 5),
+         "value": f"{exact_value:.4f}"},
+        {"what": f"mixing_time (exact), per layer, in one call on the combined matrices of all {layers.shape[0]} x "
+                 f"{layers.shape[1]} layers of that model (as main.py)", "seconds": round(batched, 6), "value": ""},
+        {"what": f"mixing_time_mc ({cfg.num_simulations} walks per start), same layer", "seconds": round(mc, 3),
+         "value": f"{mc_value:.4f}"},
+    ]
+    for row in evaluation:
+        print(row)
+    peak = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB GPU (max allocated)" if device.type == "cuda"
+            else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:.0f} MiB host (max RSS)")
+    lines += [f"## Evaluation (models: {source})", "", pd.DataFrame(evaluation).to_markdown(index=False), "",
+              f"Exact mixing time against the {cfg.num_simulations}-walk Monte Carlo on the same layer: "
+              f"{mc / exact:.0f}x faster in a single-layer call, {mc / batched:.0f}x per layer in a batched call.", "",
+              f"Peak memory: {peak}", ""]
+    report = "\n".join(lines)
+    print("\n" + report)
+    path = out / f"bench_{device.type}.md"
+    write_atomic(path, lambda tmp: Path(tmp).write_text(report))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
