@@ -13,6 +13,7 @@ import argparse
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def main():
     lines = [f"# Benchmark on {device_name(device)}", "",
              f"torch {torch.__version__}, {'quick' if args.quick else 'paper'} configuration "
              f"(batch {cfg.batch_size} x {cfg.seq_length} tokens, embed {cfg.embed_dim}, {cfg.num_layers} layers), "
-             f"`python bench.py --device {args.device}{' --quick' if args.quick else ''}`", ""]
+             f"`python {' '.join(sys.argv)}`", ""]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

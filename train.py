@@ -191,8 +191,12 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
     shuffle = torch.Generator().manual_seed(cseed)
     losses, start = [], 0
+    run = dict(heads=heads, task=task, seed=seed, hyperparameters=dataclasses.asdict(cfg))
     if resume and resume_path.is_file():
         state = _read(resume_path, device)
+        if state.get("run") != run:
+            raise ValueError(f"{resume_path} belongs to another run ({state.get('run')}), not to {run}: "
+                             f"delete it to start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         shuffle.set_state(state["shuffle"].cpu())
@@ -222,11 +226,11 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
         if save_every and (epoch + 1) % save_every == 0 and epoch + 1 < cfg.epochs:
             save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "shuffle": shuffle.get_state(), "rng": _rng_state(device),
-                                          "losses": losses, "epoch": epoch + 1})
+                                          "losses": losses, "epoch": epoch + 1, "run": run})
     bar.close()
     facts = dict(task=task, epochs=cfg.epochs, seed=seed, cell_seed=cseed, final_loss=losses[-1] if losses else None,
                  losses=losses, torch_version=str(torch.__version__), device=str(device), tf32=tf32,
-                 train_seconds=round(time.perf_counter() - began, 1), hyperparameters=dataclasses.asdict(cfg))
+                 train_seconds=round(time.perf_counter() - began, 1), hyperparameters=run["hyperparameters"])
     save_checkpoint(path, {"format": FORMAT, "state_dict": model.state_dict(), "config": model.config,
                            "training": facts})
     resume_path.unlink(missing_ok=True)
@@ -261,7 +265,9 @@ def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=1):
     if todo:
         print(f"training {len(todo)} cell(s) on {device} ({cfg.epochs} epochs each): "
               + ", ".join(f"{h}_heads_{t}" for h, t in todo))
-        train_cells(todo, jobs, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir, log=tqdm.write)
+        # resume=True: a cell interrupted earlier continues from its last saved epoch (its run facts are checked)
+        train_cells(todo, jobs, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir, resume=not retrain,
+                    log=tqdm.write)
     return {(h, t): load_model(cfg, h, checkpoint_path(ckpt_dir, h, t), device) for h, t in cells}
 
 

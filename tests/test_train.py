@@ -36,15 +36,18 @@ def test_cell_seed_depends_on_every_part():
     assert len(seeds) == 8 and cell_seed(42, 4, "copy") == cell_seed(42, 4, "copy")
 
 
+def interrupt_at(epoch):
+    """A log function that stops training (as Ctrl-C would) when epoch `epoch` ends, before its state is saved."""
+    def log(message):
+        if message.startswith(f"Epoch {epoch}/"):
+            raise KeyboardInterrupt
+    return log
+
+
 def test_resume_gives_the_uninterrupted_model(tmp_path):
     full = train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "full", **quiet)
-
-    def interrupt_in_epoch_3(message):
-        if message.startswith("Epoch 3/"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", save_every=1, progress=True, log=interrupt_in_epoch_3)
+        train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", save_every=1, progress=True, log=interrupt_at(3))
     assert (tmp_path / "cut" / "4_heads_copy.pt.resume").is_file() and not (tmp_path / "cut" / "4_heads_copy.pt").exists()
     messages = []
     resumed = train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", resume=True, progress=False, log=messages.append)
@@ -52,6 +55,13 @@ def test_resume_gives_the_uninterrupted_model(tmp_path):
     assert same_weights(weights(full), weights(resumed))
     assert torch.load(full, weights_only=True)["training"]["losses"] == \
         torch.load(resumed, weights_only=True)["training"]["losses"]
+
+
+def test_resume_refuses_another_runs_state(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train_cell(CFG, 4, "copy", seed=1, ckpt_dir=tmp_path, save_every=1, progress=True, log=interrupt_at(2))
+    with pytest.raises(ValueError, match="belongs to another run"):
+        train_cell(CFG, 4, "copy", seed=2, ckpt_dir=tmp_path, resume=True, **quiet)
 
 
 def test_parallel_jobs_give_the_same_checkpoints(tmp_path):
