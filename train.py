@@ -106,8 +106,9 @@ def save_table(df, stem, view=None):
 
 def save_figure(fig, stem, dpi=300):
     """A figure as PNG (dpi) and PDF: stem.png, stem.pdf."""
-    for ext in ("png", "pdf"):
-        write_atomic(f"{stem}.{ext}", lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight"))
+    for ext, metadata in (("png", {}), ("pdf", {"CreationDate": None})):  # no date: the same run, the same bytes
+        write_atomic(f"{stem}.{ext}", lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight",
+                                                              metadata=metadata))
 
 
 def save_checkpoint(path, obj):
