@@ -269,7 +269,14 @@ def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=1):
         # resume=True: a cell interrupted earlier continues from its last saved epoch (its run facts are checked)
         train_cells(todo, jobs, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir, resume=not retrain,
                     log=tqdm.write)
-    return {(h, t): load_model(cfg, h, checkpoint_path(ckpt_dir, h, t), device) for h, t in cells}
+    models = {}
+    for h, t in cells:
+        path = checkpoint_path(ckpt_dir, h, t)
+        models[h, t] = load_model(cfg, h, path, device)
+        facts = models[h, t][1]
+        print(f"loaded {path}: " + (f"{facts['epochs']} epochs on {facts['device']}, seed {facts['seed']}, "
+                                    f"final loss {facts['final_loss']:.4f}" if "epochs" in facts else facts["source"]))
+    return models
 
 
 def add_common_args(parser, out_help=None):

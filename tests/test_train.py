@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import ROOT  # noqa: F401
 
-from train import QUICK, build_model, cell_seed, load_checkpoint, train_cell, train_cells
+from train import QUICK, build_model, cell_seed, load_checkpoint, resolve_device, train_cell, train_cells
 
 CFG = dataclasses.replace(QUICK, epochs=3)
 quiet = dict(progress=False, log=lambda *_: None)
@@ -72,3 +72,13 @@ def test_parallel_jobs_give_the_same_checkpoints(tmp_path):
         wa, wb = weights(a), weights(b)
         assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     load_checkpoint(build_model(CFG, 4), two[1])
+
+
+def test_device_flag_is_checked():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N, got 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            resolve_device("cuda:0")
