@@ -15,16 +15,17 @@ import resource
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 import proxies
 from main import evaluate, evaluation_sequences
 from test_amplification import AMPLIFICATION_HEADS, amplification, fresh_sequences
-from train import HEADS, TASKS, add_common_args, build_model, checkpoint_path, load_model, resolve_common, write_atomic
+from train import (HEADS, TASKS, add_common_args, build_model, checkpoint_path, load_model, make_optimizer,
+                   resolve_common, train_step, write_atomic)
 
 
 def sync(device):
@@ -53,19 +54,9 @@ def train_steps(cfg, heads, device):
     for explicit in (False, True):
         torch.manual_seed(0)
         model = build_model(cfg, heads).to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
-                                     **({"fused": True} if device.type == "cuda" else {}))
+        optimizer = make_optimizer(model, cfg, device)
         x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
-
-        def step(model=model, optimizer=optimizer, x=x, explicit=explicit):
-            out = model(x, return_attn=explicit)
-            logits = out[0] if explicit else out
-            loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), x.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        steps[explicit] = step
+        steps[explicit] = partial(train_step, model, optimizer, x, x, explicit_attention=explicit)
     return steps
 
 

@@ -176,6 +176,23 @@ def _set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def make_optimizer(model, cfg, device):
+    """Adam at the config's learning rate; the fused kernel on CUDA."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+
+
+def train_step(model, optimizer, inputs, targets, explicit_attention=False):
+    """One Adam step on a batch, cross-entropy over all positions; returns the loss as a device tensor (no host
+    sync). explicit_attention=True takes the authors' explicit attention path instead of the fused one."""
+    out = model(inputs, return_attn=explicit_attention)
+    logits = out[0] if explicit_attention else out
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, resume=False, save_every=10,
                tf32=False, compile=False, progress=True, log=print):
     """Train one cell and write its checkpoint atomically; with resume, continue from its last saved epoch."""
@@ -189,7 +206,7 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
     cseed = cell_seed(seed, heads, task)
     torch.manual_seed(cseed)  # initialisation and dropout
     model = build_model(cfg, heads).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = make_optimizer(model, cfg, device)
     shuffle = torch.Generator().manual_seed(cseed)
     losses, start = [], 0
     run = dict(heads=heads, task=task, seed=seed, hyperparameters=dataclasses.asdict(cfg))
@@ -214,12 +231,7 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
         total = torch.zeros((), device=device)  # summed on the device: one host sync per epoch
         for first in range(0, n, bs):
             batch = order[first:first + bs]
-            logits = step_model(inputs[batch])
-            loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets[batch].reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
+            total += train_step(step_model, optimizer, inputs[batch], targets[batch])
         losses.append((total / -(-n // bs)).item())
         message = f"Epoch {epoch + 1}/{cfg.epochs}, Loss: {losses[-1]:.4f}"
         bar.set_postfix_str(f"loss {losses[-1]:.4f}")
