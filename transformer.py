@@ -23,14 +23,17 @@ def dropout_keep_mask(shape, p, device=None):
     return torch.empty(shape, dtype=torch.int32, device=device).random_() >= round(p * 2 ** 31)
 
 
+def causal_bias(T, dtype, device):
+    """(T, T) additive mask: 0 where query i may attend to key j <= i, -inf above the diagonal."""
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu(1)
+
+
 def _attention_cpu_dropout(q, k, v, dropout_p, causal):
     """softmax(q k^T / sqrt(d) + causal mask) with dropout, @ v: the training path on the CPU, where the fused
     kernel has no dropout and falls back to slow generic code. One baddbmm makes the masked, scaled scores; the
     1 / (1 - p) rescaling is applied to v (T x d) rather than to the T x T weights."""
     B, H, T, d = q.shape
-    bias = torch.zeros(T, T, dtype=q.dtype, device=q.device)
-    if causal:
-        bias.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    bias = causal_bias(T, q.dtype, q.device) if causal else torch.zeros(T, T, dtype=q.dtype, device=q.device)
     scores = torch.baddbmm(bias, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2),
                            alpha=1.0 / math.sqrt(d))
     attn = scores.softmax(dim=-1)
@@ -62,8 +65,7 @@ class MultiHeadAttention(nn.Module):
         if return_attn:  # the explicit computation of the authors' code: the weights are needed by the proxies
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
             if self.causal:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                scores = scores.masked_fill(~mask, float("-inf"))
+                scores = scores + causal_bias(T, scores.dtype, x.device)
             attn = scores.softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v
         elif dropout_p and not q.is_cuda:
