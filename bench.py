@@ -96,7 +96,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
     args = parser.parse_args()
-    cfg, device, ckpt_dir, out = resolve_common(args, default_out="results")
+    cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     repeats, inner = (3, 1) if args.quick else (7, 2)
     torch.manual_seed(args.seed)
     lines = [f"# Benchmark on {device_name(device)}", "",

@@ -1,9 +1,9 @@
 """Example 2 / Figure 3: two heads whose combination reaches the sink better than either head alone.
 
-    python example2.py [--out results/figure3]
+    python example2.py [--out results/figure3] [--steps 20] [--quick]
 
 Prints the signal (%) of u, v, w at the sink after t = 1..20 diffusion steps for head 1, head 2 and their 50/50
-combination, and each graph's phi_min; writes head1/head2/multi .png (300 dpi) and .pdf, signal_at_sink.csv and
+combination, and each graph's phi_min; writes head1/head2/multi .png (300 dpi) and .pdf, signal_at_sink.{csv,md} and
 phi_min.{csv,md}. Deterministic: --seed is accepted for uniformity with the other scripts and changes nothing.
 """
 import argparse
@@ -70,10 +70,17 @@ def plot(name, signal):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("results/figure3"), help="output folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default results/figure3, results/quick/figure3 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="for uniformity with the other scripts: the example is already tiny; only the default "
+                             "output folder changes")
     parser.add_argument("--steps", type=int, default=STEPS, help="diffusion steps shown (the paper: 20)")
     parser.add_argument("--seed", type=int, default=0, help="unused: the example is deterministic")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be a positive integer, got {args.steps}")
+    args.out = args.out or Path("results/quick/figure3" if args.quick else "results/figure3")
     result = analyse(args.steps)
     table = pd.DataFrame({"step": np.arange(1, args.steps + 1)})
     for name, r in result.items():

@@ -103,10 +103,7 @@ def main():
                         help="mixing time: exact expectation (default) or the authors' 500-walk Monte Carlo")
     add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
     args = parser.parse_args()
-    cfg, device, ckpt_dir, out = resolve_common(args, default_out="results")
-    for h in args.heads:
-        if h < 1 or cfg.embed_dim % h:
-            parser.error(f"--heads: every head count must divide embed_dim={cfg.embed_dim}, got {h}")
+    cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     cells = [(h, t) for t in args.tasks for h in args.heads]
     models = ensure_models(cfg, cells, args.seed, device, ckpt_dir, args.retrain, args.jobs)
 

@@ -63,10 +63,7 @@ def main():
     args = parser.parse_args()
     if args.samples < 1:
         parser.error(f"--samples must be at least 1, got {args.samples}")
-    cfg, device, ckpt_dir, out = resolve_common(args, default_out="results")
-    for h in args.heads:
-        if h < 2 or cfg.embed_dim % h:
-            parser.error(f"--heads: every head count must be >= 2 and divide embed_dim={cfg.embed_dim}, got {h}")
+    cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     models = ensure_models(cfg, [(h, t) for t in args.tasks for h in args.heads], args.seed, device, ckpt_dir,
                            jobs=args.jobs)
     tokens = fresh_sequences(cfg, args.samples, args.seed)

@@ -302,14 +302,27 @@ def add_common_args(parser, out_help=None):
         parser.add_argument("--out", type=Path, default=None, help=out_help)
 
 
-def resolve_common(args, default_out=None):
-    """(config, device, ckpt_dir, out) from the common flags; --quick changes the defaults, not explicit paths."""
+def resolve_common(parser, args, default_out=None):
+    """(config, device, ckpt_dir, out) from the common flags, each checked (a usage error names the bad flag);
+    --quick changes the defaults, not explicit paths."""
     cfg = QUICK if args.quick else PAPER
     if getattr(args, "epochs", None) is not None:
+        if args.epochs < 1:
+            parser.error(f"--epochs must be at least 1, got {args.epochs}")
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
+    heads = getattr(args, "heads", None)
+    for h in [heads] if isinstance(heads, int) else heads or []:
+        if h < 1 or cfg.embed_dim % h:
+            parser.error(f"--heads: a head count must divide embed_dim={cfg.embed_dim}, got {h}")
+    if getattr(args, "jobs", 1) < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     ckpt_dir = args.ckpt_dir or (CKPT_DIR / "quick" if args.quick else CKPT_DIR)
     out = getattr(args, "out", None) or (default_out and (Path("results/quick") if args.quick else Path(default_out)))
-    return cfg, resolve_device(args.device), ckpt_dir, out
+    return cfg, device, ckpt_dir, out
 
 
 def main():
@@ -323,9 +336,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     add_common_args(parser)
     args = parser.parse_args()
-    cfg, device, ckpt_dir, _ = resolve_common(args)
-    if args.heads < 1 or cfg.embed_dim % args.heads:
-        parser.error(f"--heads must divide embed_dim={cfg.embed_dim}, got {args.heads}")
+    cfg, device, ckpt_dir, _ = resolve_common(parser, args)
     path = train_cell(cfg, args.heads, args.task, args.seed, device, ckpt_dir, resume=args.resume,
                       save_every=args.save_every, tf32=args.tf32, compile=args.compile, log=tqdm.write)
     print(f"wrote {path}")

@@ -30,7 +30,7 @@ def test_figure3_values():
 
 
 def test_example2_script(tmp_path):
-    out = run("example2.py", "--out", tmp_path)
+    out = run("example2.py", "--quick", "--out", tmp_path)
     assert "multi: phi_min = 0.4167" in out
     for name in ("head1", "head2", "multi"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000 and (tmp_path / f"{name}.pdf").is_file()
@@ -75,4 +75,13 @@ def test_main_on_the_authors_checkpoints(tmp_path):
         for layer in (2, 3):
             assert t.loc[(task, 1, layer), "mixing_time_mean"] > 5 * t.loc[(task, 16, layer), "mixing_time_mean"]
             assert t.loc[(task, 1, layer), "fidelity_mean"] < t.loc[(task, 16, layer), "fidelity_mean"]
-    assert not list(OFFICIAL.glob("*.resume"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("main.py", "--heads", 3), "a head count must divide embed_dim=64, got 3"),
+    (("test_amplification.py", "--samples", 0), "--samples must be at least 1, got 0"),
+    (("train.py", "--heads", 4, "--task", "copy", "--epochs", 0), "--epochs must be at least 1, got 0"),
+])
+def test_bad_flags_are_usage_errors(args, message):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
