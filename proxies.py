@@ -209,7 +209,8 @@ def mixing_time_normalized(attn, head_weights=None, max_steps=100):
 
 def mixing_time_mc(attn, head_weights=None, num_simulations=500, max_steps=100, seed=0):
     """The authors' Monte Carlo estimate: num_simulations walks from every start, each scored by its steps to the
-    sink capped at max_steps; mean over walks, then over starts. Vectorised over walkers and starts, seeded."""
+    sink capped at max_steps; mean over walks, then over starts. Vectorised over walkers and starts (only those
+    still walking are stepped), seeded."""
     _check_steps("num_simulations", num_simulations)
     _check_steps("max_steps", max_steps)
     C = combine_heads(attn, head_weights)
@@ -220,12 +221,13 @@ def mixing_time_mc(attn, head_weights=None, num_simulations=500, max_steps=100, 
         cdf = c.T.cumsum(dim=-1).clamp(max=1.0)  # cdf[pos, k] = S_k of the walk's step from pos
         pos = torch.arange(T, device=C.device).repeat_interleave(num_simulations)
         steps = torch.zeros_like(pos)
+        walking = (pos != T - 1).nonzero().squeeze(1)  # only walkers not yet at the sink are stepped
         for _ in range(max_steps):
-            moving = pos != T - 1
-            steps += moving
-            r = torch.rand(pos.shape, generator=generator, dtype=torch.float64, device=C.device)
+            steps[walking] += 1
+            r = torch.rand(walking.shape, generator=generator, dtype=torch.float64, device=C.device)
             # first k with S_k >= r; none before the sink means the sink
-            nxt = torch.searchsorted(cdf[pos], r[:, None]).squeeze(-1).clamp(max=T - 1)
-            pos = torch.where(moving, nxt, pos)
+            nxt = torch.searchsorted(cdf[pos[walking]], r[:, None]).squeeze(-1).clamp(max=T - 1)
+            pos[walking] = nxt
+            walking = walking[nxt != T - 1]
         estimates.append(steps.double().mean())
     return _to_numpy(torch.stack(estimates).reshape(batch_shape)) if estimates else np.zeros(batch_shape)
