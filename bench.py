@@ -126,10 +126,10 @@ def main():
                             for h in AMPLIFICATION_HEADS], device, repeats, warmup=1)
 
     model = models[HEADS[-1], "cycle"]
-    attn = model.attention(tokens["cycle"][:1].to(device))[0, -1]  # one layer: (H, T, T)
+    attn = model.attention(tokens["cycle"][:1])[0, -1]  # one layer: (H, T, T)
     weights = proxies.head_weights(model.layers[-1].attn)
     exact = timed(lambda: proxies.mixing_time(attn, weights, cfg.max_steps), device, 20, warmup=2)
-    layers = model.attention(tokens["cycle"].to(device))  # every sequence and layer: (S, L, H, T, T)
+    layers = model.attention(tokens["cycle"])  # every sequence and layer: (S, L, H, T, T)
     combined = proxies.combine_heads(layers, proxies.model_head_weights(model))[..., None, :, :]  # as main.py does
     batched = timed(lambda: proxies.mixing_time(combined, max_steps=cfg.max_steps), device, repeats) / (
         layers.shape[0] * layers.shape[1])

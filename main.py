@@ -37,7 +37,7 @@ def evaluation_sequences(cfg, task, seed):
 
 def evaluate(model, tokens, cfg, estimator="exact", seed=0):
     """Per-sequence, per-layer proxies: dict of (S, L) arrays."""
-    attn = model.attention(tokens.to(next(model.parameters()).device))  # (S, L, H, T, T)
+    attn = model.attention(tokens)  # (S, L, H, T, T)
     weights = proxies.model_head_weights(model)  # (L, H), shared by every sequence
     C = proxies.combine_heads(attn, weights)[..., None, :, :]  # combined once: (S, L, 1, T, T)
     if estimator == "exact":

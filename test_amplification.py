@@ -28,7 +28,7 @@ def fresh_sequences(cfg, samples, seed):
 
 def amplification(model, tokens, horizon):
     """Best single-head and combined minimax fidelity, (S, L) each, for S sequences."""
-    attn = model.attention(tokens.to(next(model.parameters()).device))  # (S, L, H, T, T)
+    attn = model.attention(tokens)  # (S, L, H, T, T)
     combined = proxies.minimax_fidelity(attn, proxies.model_head_weights(model), horizon)
     per_head = proxies.minimax_fidelity(attn[..., None, :, :], horizon=horizon)  # each head alone: (S, L, H)
     return per_head.max(axis=-1), combined

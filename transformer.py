@@ -120,9 +120,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def attention(self, tokens):
-        """Post-softmax attention of every layer in eval mode: (B, L, H, T, T)."""
+        """Post-softmax attention of every layer in eval mode, on the model's device: (B, L, H, T, T)."""
         was_training = self.training
         self.eval()
-        _, attns = self(tokens, return_attn=True)
+        _, attns = self(tokens.to(self.pos_emb.weight.device), return_attn=True)
         self.train(was_training)
         return torch.stack(attns, dim=1)
