@@ -125,9 +125,13 @@ def test_cpu_training_attention_is_dropout_of_the_explicit_weights(monkeypatch):
     monkeypatch.setattr(transformer, "dropout_keep_mask", lambda shape, p, device=None: keep)
     out = transformer._attention_cpu_dropout(q, k, v, 0.3, causal=True)
     scores = (q @ k.transpose(-2, -1) / 2.0).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
-    assert torch.equal(transformer.causal_bias(5, torch.float32, "cpu").isinf(), torch.ones(5, 5).triu(1).bool())
     expected = (scores.softmax(-1) * keep.view(2, 3, 5, 5) / 0.7) @ v
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_causal_bias_masks_exactly_the_future():
+    bias = transformer.causal_bias(5, torch.float32, "cpu")
+    assert torch.equal(bias.isinf(), torch.ones(5, 5).triu(1).bool()) and bias.tril().eq(0).all()
 
 
 def test_dropout_keep_mask_keeps_one_minus_p():
