@@ -10,7 +10,6 @@ Monte Carlo. Uses the checkpoints in --ckpt-dir where present, else randomly ini
 (the cost is the same). Under 3 minutes on a 2-core CPU.
 """
 import argparse
-import platform
 import resource
 import statistics
 import sys
@@ -24,8 +23,8 @@ import torch
 import proxies
 from main import evaluate, evaluation_sequences
 from test_amplification import AMPLIFICATION_HEADS, amplification, fresh_sequences
-from train import (HEADS, TASKS, add_common_args, build_model, checkpoint_path, load_model, make_optimizer,
-                   resolve_common, train_step, write_atomic)
+from train import (HEADS, TASKS, add_common_args, build_model, checkpoint_path, hardware_name, load_model,
+                   make_optimizer, resolve_common, train_step, write_atomic)
 
 
 def sync(device):
@@ -84,14 +83,6 @@ def models_for(cfg, cells, device, ckpt_dir):
     return models, " + ".join(sorted(sources))
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"CPU ({torch.get_num_threads()} threads) {model}".strip()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
@@ -99,7 +90,7 @@ def main():
     cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     repeats, inner = (3, 1) if args.quick else (7, 2)
     torch.manual_seed(args.seed)
-    lines = [f"# Benchmark on {device_name(device)}", "",
+    lines = [f"# Benchmark on {hardware_name(device)} ({torch.get_num_threads()} threads)", "",
              f"torch {torch.__version__}, {'quick' if args.quick else 'paper'} configuration "
              f"(batch {cfg.batch_size} x {cfg.seq_length} tokens, embed {cfg.embed_dim}, {cfg.num_layers} layers), "
              f"`python {' '.join(sys.argv)}`", ""]

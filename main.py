@@ -21,7 +21,8 @@ import torch
 
 import proxies
 from sequence_datasets import make_dataset
-from train import HEADS, TASKS, add_common_args, ensure_models, resolve_common, save_figure, save_table
+from train import (HEADS, TASKS, add_common_args, add_training_args, deadline_of, ensure_models, resolve_common,
+                   save_figure, save_table)
 
 
 def evaluation_sequences(cfg, task, seed):
@@ -98,14 +99,15 @@ def main():
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--epochs", type=int, default=None, help="epochs for cells trained now (default: the config's)")
     parser.add_argument("--retrain", action="store_true", help="train every cell even if its checkpoint exists")
-    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, in worker processes")
+    add_training_args(parser)
     parser.add_argument("--estimator", choices=("exact", "mc"), default="exact",
                         help="mixing time: exact expectation (default) or the authors' 500-walk Monte Carlo")
     add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
     args = parser.parse_args()
     cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     cells = [(h, t) for t in args.tasks for h in args.heads]
-    models = ensure_models(cfg, cells, args.seed, device, ckpt_dir, args.retrain, args.jobs)
+    models = ensure_models(cfg, cells, args.seed, device, ckpt_dir, args.retrain, args.jobs, args.threads,
+                           deadline_of(args.time_budget))
 
     began, rows = time.perf_counter(), []
     for task in args.tasks:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 import proxies
-from train import TASKS, add_common_args, ensure_models, resolve_common, save_table
+from train import TASKS, add_common_args, add_training_args, deadline_of, ensure_models, resolve_common, save_table
 
 AMPLIFICATION_HEADS = (4, 8, 16)
 TABLE_NAMES = {"copy": "table5_copy", "cycle": "table6_cycle"}
@@ -58,14 +58,14 @@ def main():
     parser.add_argument("--heads", type=int, nargs="+", default=list(AMPLIFICATION_HEADS))
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--samples", type=int, default=50, help="fresh sequences for the mean (sample 0 = the paper's)")
-    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once if checkpoints are missing")
+    add_training_args(parser)
     add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
     args = parser.parse_args()
     if args.samples < 1:
         parser.error(f"--samples must be at least 1, got {args.samples}")
     cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     models = ensure_models(cfg, [(h, t) for t in args.tasks for h in args.heads], args.seed, device, ckpt_dir,
-                           jobs=args.jobs)
+                           jobs=args.jobs, threads=args.threads, deadline=deadline_of(args.time_budget))
     tokens = fresh_sequences(cfg, args.samples, args.seed)
     for task in args.tasks:
         rows = []

@@ -1,14 +1,18 @@
 """Train one (heads, task) cell of Section 4 and save its checkpoint; also the one config and the checkpoint I/O.
 
     python train.py --heads 4 --task copy [--epochs 200] [--device auto] [--seed 42] [--resume] [--quick]
+    python train.py [--heads 1 4 8 16] [--task copy cycle] [--seeds 0 1 2 3 4] [--jobs 8] [--time-budget 6]
 
-writes checkpoints/4_heads_copy.pt (checkpoints/quick/ with --quick). The task's data depends only on (seed, task);
-initialisation, dropout and shuffling are seeded from (seed, heads, task), so a cell gives the same model whether it
-is trained alone, in any order, or in parallel with others.
+writes checkpoints/4_heads_copy.pt (checkpoints/quick/ with --quick); with --seeds, checkpoints/seeds/seed_S/.
+The task's data depends only on (seed, task); initialisation, dropout and shuffling are seeded from
+(seed, heads, task), and every cell trains with the same fixed number of intra-op threads (--threads, recorded), so
+a cell gives the same model whether it is trained alone, in any order, or in parallel with others.
+--time-budget stops training before the budget runs out, each unfinished cell saving its resume state.
 """
 import argparse
 import dataclasses
 import os
+import platform
 import re
 import tempfile
 import time
@@ -71,6 +75,17 @@ def resolve_device(name):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
+
+
+def hardware_name(device):
+    """The GPU's or CPU's model name, for the training facts and the benchmark."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return names[0] if names else (platform.processor() or platform.machine())
 
 
 def cell_seed(seed, heads, task):
@@ -194,11 +209,27 @@ def train_step(model, optimizer, inputs, targets, explicit_attention=False):
 
 
 def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, resume=False, save_every=10,
-               tf32=False, compile=False, progress=True, log=print):
-    """Train one cell and write its checkpoint atomically; with resume, continue from its last saved epoch."""
+               tf32=False, compile=False, progress=True, log=print, deadline=None, threads=None):
+    """Train one cell and write its checkpoint atomically; with resume, continue from its last saved epoch.
+
+    threads: intra-op threads for this cell (None: leave torch's setting); recorded, since CPU results depend on it.
+    deadline: a time.time() by which training stops: when the next epoch would end after it, the resume state is
+    saved and None is returned instead of the checkpoint's path."""
     device = torch.device(device)
     path = checkpoint_path(ckpt_dir, heads, task)
     resume_path = path.with_name(path.name + ".resume")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every, tf32, compile, progress,
+                      log, deadline)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every, tf32, compile, progress, log,
+           deadline):
     if device.type == "cuda":  # the paper is float32: TF32 only on request
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     data = make_dataset(task, cfg.num_sequences, cfg.seq_length, cfg.vocab_size, seed)
@@ -208,7 +239,7 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
     model = build_model(cfg, heads).to(device)
     optimizer = make_optimizer(model, cfg, device)
     shuffle = torch.Generator().manual_seed(cseed)
-    losses, start = [], 0
+    losses, start, sessions = [], 0, []
     run = dict(heads=heads, task=task, seed=seed, hyperparameters=dataclasses.asdict(cfg))
     if resume and resume_path.is_file():
         state = _read(resume_path, device)
@@ -219,13 +250,25 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
         optimizer.load_state_dict(state["optimizer"])
         shuffle.set_state(state["shuffle"].cpu())
         _set_rng_state(state["rng"], device)
-        losses, start = state["losses"], state["epoch"]
+        losses, start, sessions = state["losses"], state["epoch"], state.get("sessions", [])
         log(f"{path.name}: resuming after epoch {start}/{cfg.epochs}")
     step_model = torch.compile(model) if compile else model
     n, bs = len(inputs), cfg.batch_size
     began = time.perf_counter()
+    session = dict(first_epoch=start + 1, last_epoch=start, device=str(device), hardware=hardware_name(device),
+                   threads=torch.get_num_threads(), torch_version=str(torch.__version__), seconds=0.0)
+
+    def save_resume_state(epoch):
+        session.update(last_epoch=epoch, seconds=round(time.perf_counter() - began, 1))
+        save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "shuffle": shuffle.get_state(), "rng": _rng_state(device), "losses": losses,
+                                      "epoch": epoch, "run": run, "sessions": sessions + [session]})
+
     bar = tqdm(range(start, cfg.epochs), desc=path.stem, disable=not progress, leave=False)
     for epoch in bar:
+        epoch_began = time.time()
+        if deadline is not None and epoch_began >= deadline:
+            break
         model.train()
         order = torch.randperm(n, generator=shuffle).to(device)
         total = torch.zeros((), device=device)  # summed on the device: one host sync per epoch
@@ -236,32 +279,48 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
         message = f"Epoch {epoch + 1}/{cfg.epochs}, Loss: {losses[-1]:.4f}"
         bar.set_postfix_str(f"loss {losses[-1]:.4f}")
         log(message if progress else f"{path.stem}: {message}")
-        if save_every and (epoch + 1) % save_every == 0 and epoch + 1 < cfg.epochs:
-            save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "shuffle": shuffle.get_state(), "rng": _rng_state(device),
-                                          "losses": losses, "epoch": epoch + 1, "run": run})
+        if epoch + 1 == cfg.epochs:
+            break
+        out_of_time = deadline is not None and time.time() + 1.2 * (time.time() - epoch_began) > deadline
+        if out_of_time or (save_every and (epoch + 1) % save_every == 0):
+            save_resume_state(epoch + 1)
+        if out_of_time:
+            bar.close()
+            log(f"{path.stem}: time budget reached after epoch {epoch + 1}/{cfg.epochs}; resume state {resume_path}")
+            return None
     bar.close()
+    if len(losses) < cfg.epochs:  # the deadline passed before an epoch began
+        if len(losses) > start:
+            save_resume_state(len(losses))
+        return None
+    session.update(last_epoch=cfg.epochs, seconds=round(time.perf_counter() - began, 1))
+    sessions = sessions + [session]
     facts = dict(task=task, epochs=cfg.epochs, seed=seed, cell_seed=cseed, final_loss=losses[-1] if losses else None,
-                 losses=losses, torch_version=str(torch.__version__), device=str(device), tf32=tf32,
-                 train_seconds=round(time.perf_counter() - began, 1), hyperparameters=run["hyperparameters"])
-    save_checkpoint(path, {"format": FORMAT, "state_dict": model.state_dict(), "config": model.config,
+                 losses=losses, torch_version=str(torch.__version__), device=str(device),
+                 hardware=session["hardware"], threads=session["threads"], tf32=tf32,
+                 train_seconds=round(sum(s["seconds"] for s in sessions), 1), sessions=sessions,
+                 hyperparameters=run["hyperparameters"])
+    state = {k: v.cpu() for k, v in model.state_dict().items()}  # loadable on any machine, GPU or not
+    save_checkpoint(path, {"format": FORMAT, "state_dict": state, "config": model.config,
                            "training": facts})
     resume_path.unlink(missing_ok=True)
     return path
 
 
-def _train_cell_in_worker(kwargs, threads):
-    torch.set_num_threads(threads)
+def _train_cell_in_worker(kwargs):
     return train_cell(**kwargs, progress=False)
 
 
-def train_cells(cells, jobs=1, **kwargs):
-    """Train the (heads, task) cells, in `jobs` worker processes at once; each writes only its own checkpoint."""
+def train_cells(cells, jobs=1, threads=1, **kwargs):
+    """Train the cells, `jobs` worker processes at once, each cell on `threads` intra-op threads whatever `jobs` is
+    (CPU arithmetic depends on the thread count, so this keeps a cell's checkpoint independent of the scheduling).
+    A cell is a (heads, task) pair or a dict of train_cell arguments that override kwargs. Returns the checkpoint
+    paths, None for cells stopped by the deadline."""
+    cells = [cell if isinstance(cell, dict) else dict(heads=cell[0], task=cell[1]) for cell in cells]
     if jobs <= 1 or len(cells) <= 1:
-        return [train_cell(heads=h, task=t, **kwargs) for h, t in cells]
-    threads = max(1, torch.get_num_threads() // jobs)
+        return [train_cell(**dict(kwargs, threads=threads, **cell)) for cell in cells]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_train_cell_in_worker, dict(kwargs, heads=h, task=t), threads) for h, t in cells]
+        futures = [pool.submit(_train_cell_in_worker, dict(kwargs, threads=threads, **cell)) for cell in cells]
         return [f.result() for f in futures]
 
 
@@ -272,15 +331,19 @@ def load_model(cfg, heads, path, device):
     return model.eval(), facts
 
 
-def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=1):
+def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=1, threads=1, deadline=None):
     """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first."""
     todo = [(h, t) for h, t in cells if retrain or not checkpoint_path(ckpt_dir, h, t).is_file()]
     if todo:
         print(f"training {len(todo)} cell(s) on {device} ({cfg.epochs} epochs each): "
               + ", ".join(f"{h}_heads_{t}" for h, t in todo))
         # resume=True: a cell interrupted earlier continues from its last saved epoch (its run facts are checked)
-        train_cells(todo, jobs, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir, resume=not retrain,
-                    log=tqdm.write)
+        paths = train_cells(todo, jobs, threads, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir,
+                            resume=not retrain, log=tqdm.write, deadline=deadline)
+        unfinished = [f"{h}_heads_{t}" for (h, t), path in zip(todo, paths) if path is None]
+        if unfinished:
+            raise SystemExit(f"time budget reached: {', '.join(unfinished)} unfinished, resume states saved in "
+                             f"{ckpt_dir}; run the same command again to continue")
     models = {}
     for h, t in cells:
         path = checkpoint_path(ckpt_dir, h, t)
@@ -289,6 +352,15 @@ def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=1):
         print(f"loaded {path}: " + (f"{facts['epochs']} epochs on {facts['device']}, seed {facts['seed']}, "
                                     f"final loss {facts['final_loss']:.4f}" if "epochs" in facts else facts["source"]))
     return models
+
+
+def add_training_args(parser):
+    """The flags of scripts that may train cells."""
+    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, in worker processes")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads per cell (default 1; a cell's CPU arithmetic depends on it)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                        help="stop training before MINUTES have passed, saving resume states of unfinished cells")
 
 
 def add_common_args(parser, out_help=None):
@@ -314,8 +386,11 @@ def resolve_common(parser, args, default_out=None):
     for h in [heads] if isinstance(heads, int) else heads or []:
         if h < 1 or cfg.embed_dim % h:
             parser.error(f"--heads: a head count must divide embed_dim={cfg.embed_dim}, got {h}")
-    if getattr(args, "jobs", 1) < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag, 1) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if (getattr(args, "time_budget", None) or 1) <= 0:
+        parser.error(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
     try:
         device = resolve_device(args.device)
     except ValueError as error:
@@ -325,21 +400,38 @@ def resolve_common(parser, args, default_out=None):
     return cfg, device, ckpt_dir, out
 
 
+def deadline_of(minutes):
+    """--time-budget MINUTES counted from now, as an absolute time.time(); None for no budget."""
+    return None if minutes is None else time.time() + 60 * minutes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", type=int, required=True, help="number of attention heads (1, 4, 8, 16 in the paper)")
-    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--heads", type=int, nargs="+", default=list(HEADS),
+                        help="numbers of attention heads (default: the paper's 1 4 8 16)")
+    parser.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS), help="default: both tasks")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="train every cell for each of these seeds, into CKPT_DIR/seeds/seed_S (overrides --seed)")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {PAPER.epochs} ({QUICK.epochs} with --quick)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved epoch")
     parser.add_argument("--save-every", type=int, default=10, help="epochs between resume states (0: never)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (the paper is float32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    add_training_args(parser)
     add_common_args(parser)
     args = parser.parse_args()
     cfg, device, ckpt_dir, _ = resolve_common(parser, args)
-    path = train_cell(cfg, args.heads, args.task, args.seed, device, ckpt_dir, resume=args.resume,
-                      save_every=args.save_every, tf32=args.tf32, compile=args.compile, log=tqdm.write)
-    print(f"wrote {path}")
+    if args.seeds is None:
+        grid = [dict(heads=h, task=t) for t in args.task for h in args.heads]
+    else:
+        grid = [dict(heads=h, task=t, seed=s, ckpt_dir=ckpt_dir / "seeds" / f"seed_{s}")
+                for s in args.seeds for t in args.task for h in args.heads]
+    paths = train_cells(grid, args.jobs, args.threads, cfg=cfg, seed=args.seed, device=device, ckpt_dir=ckpt_dir,
+                        resume=args.resume, save_every=args.save_every, tf32=args.tf32, compile=args.compile,
+                        log=tqdm.write, deadline=deadline_of(args.time_budget))
+    for cell, path in zip(grid, paths):
+        print(f"wrote {path}" if path else f"unfinished (time budget): {cell['heads']} heads {cell['task']}"
+              + (f" seed {cell['seed']}" if "seed" in cell else "") + " -- rerun with --resume to continue")
 
 
 if __name__ == "__main__":

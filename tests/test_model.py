@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import OFFICIAL, needs_official
+from conftest import OFFICIAL, ROOT, needs_official
 
 import transformer
 from sequence_datasets import CopyDataset, CycleDataset, make_dataset
@@ -72,12 +72,19 @@ def test_datasets():
         make_dataset("reverse", 10, 6, 8, 3)
 
 
-@needs_official
+OWN = ROOT / "checkpoints"
+
+
+@pytest.mark.parametrize("folder", [pytest.param(OFFICIAL, marks=needs_official, id="official"),
+                                    pytest.param(OWN, id="ours")])
 @pytest.mark.parametrize("heads", HEADS)
-def test_official_checkpoints_load_and_solve_both_tasks(heads):
+def test_paper_scale_checkpoints_load_and_solve_both_tasks(folder, heads):
     for task in ("copy", "cycle"):
         model = build_model(PAPER, heads)
-        load_checkpoint(model, OFFICIAL / f"{heads}_heads_{task}.pt")
+        facts = load_checkpoint(model, folder / f"{heads}_heads_{task}.pt")
+        if folder == OWN:  # ours record how they were trained
+            assert facts["epochs"] == PAPER.epochs and facts["seed"] == 42 and len(facts["losses"]) == PAPER.epochs
+            assert facts["sessions"][-1]["last_epoch"] == PAPER.epochs and facts["hardware"]
         data = make_dataset(task, 200, PAPER.seq_length, PAPER.vocab_size, seed=123)
         with torch.no_grad():
             predictions = model.eval()(data.inputs).argmax(-1)
