@@ -23,8 +23,8 @@ import torch
 import proxies
 from main import evaluate, evaluation_sequences
 from test_amplification import AMPLIFICATION_HEADS, amplification, fresh_sequences
-from train import (HEADS, TASKS, add_common_args, build_model, checkpoint_path, hardware_name, load_model,
-                   make_optimizer, resolve_common, train_step, write_atomic)
+from script_io import add_common_args, resolve_common, write_atomic
+from train import HEADS, TASKS, build_model, checkpoint_path, hardware_name, load_model, make_optimizer, train_step
 
 
 def sync(device):

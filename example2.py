@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 import proxies
-from train import save_figure, save_table
+from script_io import save_figure, save_table
 
 NODES = ("u", "v", "w", "tau")  # tau, the last node, is the sink
 HEAD_EDGES = {

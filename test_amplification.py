@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 import proxies
-from train import TASKS, add_common_args, add_training_args, deadline_of, ensure_models, resolve_common, save_table
+from script_io import add_common_args, add_training_args, deadline_of, resolve_common, save_table
+from train import TASKS, ensure_models
 
 AMPLIFICATION_HEADS = (4, 8, 16)
 TABLE_NAMES = {"copy": "table5_copy", "cycle": "table6_cycle"}

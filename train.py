@@ -14,7 +14,6 @@ import dataclasses
 import os
 import platform
 import re
-import tempfile
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from script_io import add_common_args, add_training_args, deadline_of, resolve_common, write_atomic
 from sequence_datasets import make_dataset
 from transformer import Transformer
 
@@ -63,20 +63,6 @@ def build_model(cfg, heads):
                        dropout=cfg.dropout)
 
 
-def resolve_device(name):
-    """'auto' -> CUDA when present, else the CPU; 'cpu', 'cuda' or 'cuda:N' as given, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA, but this torch ({torch.__version__}) sees no CUDA device")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
-
-
 def hardware_name(device):
     """The GPU's or CPU's model name, for the training facts and the benchmark."""
     device = torch.device(device)
@@ -95,35 +81,6 @@ def cell_seed(seed, heads, task):
 
 def checkpoint_path(ckpt_dir, heads, task):
     return Path(ckpt_dir) / f"{heads}_heads_{task}.pt"
-
-
-def write_atomic(path, write):
-    """Call write(tmp_path) on a temporary file beside path, then rename it over path: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results and checkpoints are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_table(df, stem, view=None):
-    """A results table as stem.csv (full precision) and stem.md (the formatted view, when given, else df)."""
-    write_atomic(f"{stem}.csv", lambda tmp: df.to_csv(tmp, index=False))
-    markdown = (df if view is None else view).to_markdown(index=False)
-    write_atomic(f"{stem}.md", lambda tmp: Path(tmp).write_text(markdown + "\n"))
-
-
-def save_figure(fig, stem, dpi=300):
-    """A figure as PNG (dpi) and PDF: stem.png, stem.pdf."""
-    for ext, metadata in (("png", {}), ("pdf", {"CreationDate": None})):  # no date: the same run, the same bytes
-        write_atomic(f"{stem}.{ext}", lambda tmp: fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches="tight",
-                                                              metadata=metadata))
 
 
 def save_checkpoint(path, obj):
@@ -311,12 +268,13 @@ def _train_cell_in_worker(kwargs):
     return train_cell(**kwargs, progress=False)
 
 
-def train_cells(cells, jobs=1, threads=1, **kwargs):
-    """Train the cells, `jobs` worker processes at once, each cell on `threads` intra-op threads whatever `jobs` is
+def train_cells(cells, jobs=None, threads=1, **kwargs):
+    """Train the cells, `jobs` worker processes at once (None: one per CPU core), each cell on `threads` intra-op threads whatever `jobs` is
     (CPU arithmetic depends on the thread count, so this keeps a cell's checkpoint independent of the scheduling).
     A cell is a (heads, task) pair or a dict of train_cell arguments that override kwargs. Returns the checkpoint
     paths, None for cells stopped by the deadline."""
     cells = [cell if isinstance(cell, dict) else dict(heads=cell[0], task=cell[1]) for cell in cells]
+    jobs = jobs or min(len(cells), os.cpu_count() or 1)
     if jobs <= 1 or len(cells) <= 1:
         return [train_cell(**dict(kwargs, threads=threads, **cell)) for cell in cells]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
@@ -331,7 +289,7 @@ def load_model(cfg, heads, path, device):
     return model.eval(), facts
 
 
-def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=1, threads=1, deadline=None):
+def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, threads=1, deadline=None):
     """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first."""
     todo = [(h, t) for h, t in cells if retrain or not checkpoint_path(ckpt_dir, h, t).is_file()]
     if todo:
@@ -352,57 +310,6 @@ def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=1, thr
         print(f"loaded {path}: " + (f"{facts['epochs']} epochs on {facts['device']}, seed {facts['seed']}, "
                                     f"final loss {facts['final_loss']:.4f}" if "epochs" in facts else facts["source"]))
     return models
-
-
-def add_training_args(parser):
-    """The flags of scripts that may train cells."""
-    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once, in worker processes")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads per cell (default 1; a cell's CPU arithmetic depends on it)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                        help="stop training before MINUTES have passed, saving resume states of unfinished cells")
-
-
-def add_common_args(parser, out_help=None):
-    """The flags every experiment script shares."""
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--seed", type=int, default=SEED, help=f"seed (default {SEED}, the paper's)")
-    parser.add_argument("--quick", action="store_true", help="tiny configuration, seconds on a CPU")
-    parser.add_argument("--ckpt-dir", type=Path, default=None,
-                        help=f"checkpoint folder (default {CKPT_DIR}, {CKPT_DIR}/quick with --quick)")
-    if out_help:
-        parser.add_argument("--out", type=Path, default=None, help=out_help)
-
-
-def resolve_common(parser, args, default_out=None):
-    """(config, device, ckpt_dir, out) from the common flags, each checked (a usage error names the bad flag);
-    --quick changes the defaults, not explicit paths."""
-    cfg = QUICK if args.quick else PAPER
-    if getattr(args, "epochs", None) is not None:
-        if args.epochs < 1:
-            parser.error(f"--epochs must be at least 1, got {args.epochs}")
-        cfg = dataclasses.replace(cfg, epochs=args.epochs)
-    heads = getattr(args, "heads", None)
-    for h in [heads] if isinstance(heads, int) else heads or []:
-        if h < 1 or cfg.embed_dim % h:
-            parser.error(f"--heads: a head count must divide embed_dim={cfg.embed_dim}, got {h}")
-    for flag in ("jobs", "threads"):
-        if getattr(args, flag, 1) < 1:
-            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if (getattr(args, "time_budget", None) or 1) <= 0:
-        parser.error(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    ckpt_dir = args.ckpt_dir or (CKPT_DIR / "quick" if args.quick else CKPT_DIR)
-    out = getattr(args, "out", None) or (default_out and (Path("results/quick") if args.quick else Path(default_out)))
-    return cfg, device, ckpt_dir, out
-
-
-def deadline_of(minutes):
-    """--time-budget MINUTES counted from now, as an absolute time.time(); None for no budget."""
-    return None if minutes is None else time.time() + 60 * minutes
 
 
 def main():

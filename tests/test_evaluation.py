@@ -4,12 +4,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT  # noqa: F401
+import pandas as pd
+from conftest import ROOT
 
 import proxies
-from main import evaluate, evaluation_sequences
+from main import CROSS_MACHINE_ATOL, evaluate, evaluation_sequences, summarise
 from test_amplification import amplification, fresh_sequences
-from train import QUICK, build_model
+from train import HEADS, PAPER, QUICK, TASKS, build_model, load_model
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +51,20 @@ def test_amplification_batch_equals_per_sequence_and_per_head(model):
         for layer in range(QUICK.num_layers):
             heads = [proxies.minimax_fidelity(attn[s, layer, h]) for h in range(4)]
             assert best[s, layer] == pytest.approx(max(heads))
+
+
+def test_committed_section4_reproduces_from_committed_checkpoints():
+    """results/section4.csv is what our checkpoints give, on this machine, within the cross-machine tolerance."""
+    committed = pd.read_csv(ROOT / "results" / "section4.csv")
+    rows = []
+    for task in TASKS:
+        tokens = evaluation_sequences(PAPER, task, 42)
+        for heads in HEADS:
+            model, facts = load_model(PAPER, heads, ROOT / "checkpoints" / f"{heads}_heads_{task}.pt", "cpu")
+            assert facts["epochs"] == PAPER.epochs
+            rows += summarise(evaluate(model, tokens, PAPER), task, heads, "exact")
+    fresh = pd.DataFrame(rows)
+    assert list(fresh.columns) == list(committed.columns) and len(fresh) == len(committed) == 32
+    assert (fresh[["task", "heads", "layer"]].values == committed[["task", "heads", "layer"]].values).all()
+    values = [c for c in committed.columns if c.endswith(("_mean", "_std"))]
+    assert np.allclose(fresh[values], committed[values], rtol=0, atol=CROSS_MACHINE_ATOL)

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import OFFICIAL, ROOT, needs_official
 
 import example2
@@ -44,12 +45,16 @@ def test_train_script_quick(tmp_path):
 
 
 def test_main_and_amplification_quick_are_deterministic(tmp_path):
+    """--jobs 1 and --jobs 2 train bit-identical checkpoints and give the same section4.csv, byte for byte."""
     ckpt = tmp_path / "ckpt"
     out = run("main.py", "--quick", "--ckpt-dir", ckpt, "--out", tmp_path / "a", "--jobs", 2)
     assert "Layer 2 — mixing time:" in out
-    run("main.py", "--quick", "--ckpt-dir", ckpt, "--out", tmp_path / "b")
+    run("main.py", "--quick", "--ckpt-dir", tmp_path / "ckpt1", "--out", tmp_path / "b", "--jobs", 1)
     a, b = (tmp_path / "a" / "section4.csv").read_text(), (tmp_path / "b" / "section4.csv").read_text()
     assert a == b
+    for path in ckpt.glob("*.pt"):
+        one, two = (torch.load(p, weights_only=True)["state_dict"] for p in (path, tmp_path / "ckpt1" / path.name))
+        assert all(torch.equal(one[k], two[k]) for k in one)
     table = pd.read_csv(tmp_path / "a" / "section4.csv")
     assert len(table) == 2 * 4 * 2 and table.fidelity_mean.between(0, 100).all()
     assert (table.mixing_time_mean >= 12 / 12).all()  # the start-0 trap alone scores max_steps / T

@@ -1,11 +1,13 @@
 """Training is deterministic per cell, resumable, and the same in worker processes as in one process."""
 import dataclasses
+import time
 
 import pytest
 import torch
 from conftest import ROOT  # noqa: F401
 
-from train import QUICK, build_model, cell_seed, load_checkpoint, resolve_device, train_cell, train_cells
+from script_io import resolve_device
+from train import QUICK, build_model, cell_seed, load_checkpoint, train_cell, train_cells
 
 CFG = dataclasses.replace(QUICK, epochs=3)
 quiet = dict(progress=False, log=lambda *_: None)
@@ -64,14 +66,36 @@ def test_resume_refuses_another_runs_state(tmp_path):
         train_cell(CFG, 4, "copy", seed=2, ckpt_dir=tmp_path, resume=True, **quiet)
 
 
-def test_parallel_jobs_give_the_same_checkpoints(tmp_path):
+def test_parallel_jobs_give_bit_identical_checkpoints(tmp_path):
+    """Each cell trains on a fixed thread count whatever --jobs is, so scheduling cannot change its arithmetic."""
     cells = [(1, "copy"), (4, "cycle")]
     one = train_cells(cells, jobs=1, cfg=CFG, ckpt_dir=tmp_path / "one", **quiet)
     two = train_cells(cells, jobs=2, cfg=CFG, ckpt_dir=tmp_path / "two", log=print)
     for a, b in zip(one, two):
-        wa, wb = weights(a), weights(b)
-        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+        assert same_weights(weights(a), weights(b))
+        facts = torch.load(b, weights_only=True)["training"]
+        assert facts["threads"] == 1 and facts["hardware"] and facts["sessions"][0]["threads"] == 1
     load_checkpoint(build_model(CFG, 4), two[1])
+
+
+def test_time_budget_stops_with_a_resume_state_and_resuming_finishes_the_same_model(tmp_path):
+    cfg = dataclasses.replace(CFG, epochs=4)
+    full = train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "full", **quiet)
+    assert train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "cut", deadline=time.time(), **quiet) is None
+    assert not list((tmp_path / "cut").glob("*"))  # the deadline had passed before an epoch: nothing to save
+    deadline = time.time() + 3
+
+    def wait_past_deadline_after_epoch_1(message):
+        if message.startswith("4_heads_copy: Epoch 1/"):
+            time.sleep(max(0.0, deadline - time.time()))
+
+    stopped = train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "cut", save_every=0, deadline=deadline, progress=False,
+                         log=wait_past_deadline_after_epoch_1)
+    assert stopped is None and (tmp_path / "cut" / "4_heads_copy.pt.resume").is_file()
+    resumed = train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "cut", resume=True, **quiet)
+    assert same_weights(weights(full), weights(resumed))
+    sessions = torch.load(resumed, weights_only=True)["training"]["sessions"]
+    assert [(s["first_epoch"], s["last_epoch"]) for s in sessions] == [(1, 1), (2, 4)]
 
 
 def test_device_flag_is_checked():
