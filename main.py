@@ -107,7 +107,8 @@ def main():
     add_training_args(parser)
     parser.add_argument("--estimator", choices=("exact", "mc"), default="exact",
                         help="mixing time: exact expectation (default) or the authors' 500-walk Monte Carlo")
-    add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
+    add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
+                                      "results/official with --official)", official=True)
     args = parser.parse_args()
     cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     cells = [(h, t) for t in args.tasks for h in args.heads]

@@ -2,8 +2,10 @@
 PNG + PDF figures).
 
     from script_io import add_common_args, resolve_common, save_table, save_figure, write_atomic
+    from script_io import fetch_official   # the authors' 8 released checkpoints, verified, into the user's cache
 """
 import dataclasses
+import hashlib
 import os
 import re
 import tempfile
@@ -11,6 +13,22 @@ import time
 from pathlib import Path
 
 import torch
+import torch.hub
+
+# The authors' released checkpoints: their repository at a pinned commit, and each file's SHA-256.
+OFFICIAL_REPO, OFFICIAL_COMMIT = "haitzsaezdeocariz/beyondparallelism", "0de5787e624f2cc4b274c87b93a6f6d662dee9ad"
+OFFICIAL_URL = f"https://raw.githubusercontent.com/{OFFICIAL_REPO}/{OFFICIAL_COMMIT}/checkpoints"
+OFFICIAL_URL_VARIABLE = "BEYONDPARALLELISM_OFFICIAL_URL"  # replaces OFFICIAL_URL: mirrors, tests
+OFFICIAL_SHA256 = {
+    "1_heads_copy.pt": "301a874b10ac7e8381458f738be2748928ff67d5b69dad677d9ce47a8bc12904",
+    "4_heads_copy.pt": "ded0999c457ca3605b79bded66e271623765f2b8d55841306912e6143a74cf2b",
+    "8_heads_copy.pt": "d2bca84e1e59778a9b13775fab745821ef1bafc053e51bef3f3a37bb4ab6f093",
+    "16_heads_copy.pt": "0de2dfa01e1a263c25e1ed28ffc6d298b86129d05b9984ff12115cd2ae5ca22c",
+    "1_heads_cycle.pt": "6bf97d1c26f8c13bfdd0ea4aafbe017c806ce49ad67c9d781bb6794d452f4fd1",
+    "4_heads_cycle.pt": "882680ba5e12377641482c1a82d40026e357f46eacc697e057ee530910e6a333",
+    "8_heads_cycle.pt": "96ab0694ee8b1d3439423d74ea8cddfe26e8af89ad8fb51bd99d1137eee63b06",
+    "16_heads_cycle.pt": "733be35e05143fac18a8c998466d85fc6730c5aef83f75a8c565a8607bfc84a2",
+}
 
 
 def resolve_device(name):
@@ -67,9 +85,14 @@ def add_training_args(parser):
                         help="stop training before MINUTES have passed, saving resume states of unfinished cells")
 
 
-def add_common_args(parser, out_help=None):
-    """The flags every experiment script shares."""
+def add_common_args(parser, out_help=None, official=False):
+    """The flags every experiment script shares; official=True adds --official (the authors' released models)."""
     from train import CKPT_DIR, SEED  # train.py imports this module, so its facts are read at call time
+    if official:
+        parser.add_argument("--official", action="store_true",
+                            help="evaluate the authors' 8 released checkpoints: fetched once from their repository "
+                                 "at a pinned commit into the user's cache and checked by SHA-256; output to "
+                                 "results/official by default")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed (default {SEED}, the paper's)")
     parser.add_argument("--quick", action="store_true", help="tiny configuration, seconds on a CPU")
@@ -103,9 +126,62 @@ def resolve_common(parser, args, default_out=None):
         parser.error(str(error))
     ckpt_dir = args.ckpt_dir or (CKPT_DIR / "quick" if args.quick else CKPT_DIR)
     out = getattr(args, "out", None) or (default_out and (Path("results/quick") if args.quick else Path(default_out)))
+    if getattr(args, "official", False):
+        clash = [flag for flag, given in (("--ckpt-dir", args.ckpt_dir), ("--quick", args.quick),
+                                          ("--retrain", getattr(args, "retrain", False))) if given]
+        if clash:
+            parser.error(f"--official evaluates the authors' paper-scale checkpoints; it cannot be combined with "
+                         f"{', '.join(clash)}")
+        try:
+            ckpt_dir = fetch_official()
+        except RuntimeError as error:
+            parser.exit(1, f"{parser.prog}: error: {error}\n")
+        out = getattr(args, "out", None) or (default_out and Path(default_out) / "official")
     return cfg, device, ckpt_dir, out
 
 
 def deadline_of(minutes):
     """--time-budget MINUTES counted from now, as an absolute time.time(); None for no budget."""
     return None if minutes is None else time.time() + 60 * minutes
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def official_cache_dir():
+    """Where --official keeps the authors' checkpoints: $XDG_CACHE_HOME (else ~/.cache)/beyondparallelism/..."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "beyondparallelism" / "official" / OFFICIAL_COMMIT[:12]
+
+
+def fetch_official(progress=True, log=print):
+    """The authors' 8 released checkpoints in the user's cache, each checked against its pinned SHA-256; a verified
+    cached file is not fetched again. Returns the cache folder, usable as --ckpt-dir."""
+    base = os.environ.get(OFFICIAL_URL_VARIABLE) or OFFICIAL_URL
+    folder = official_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, expected in OFFICIAL_SHA256.items():
+        path = folder / name
+        if path.is_file() and sha256_of(path) == expected:
+            continue
+        url = f"{base.rstrip('/')}/{name}"
+        log(f"fetching {url}")
+        unverified = path.with_name(f".{name}.unverified")
+        try:  # torch.hub writes to a temporary file of its own and moves it into place when complete
+            torch.hub.download_url_to_file(url, str(unverified), progress=progress)
+        except Exception as error:
+            raise RuntimeError(f"could not fetch {url}: {type(error).__name__}: {error}. Offline, or behind a "
+                               f"firewall? Copy the authors' {{H}}_heads_{{task}}.pt files into a folder and pass "
+                               f"--ckpt-dir FOLDER instead of --official") from error
+        found = sha256_of(unverified)
+        if found != expected:
+            unverified.unlink()
+            raise RuntimeError(f"{name} from {url} failed its checksum: expected SHA-256 {expected}, found {found}; "
+                               f"the file was not kept")
+        os.replace(unverified, path)
+    return folder

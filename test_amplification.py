@@ -60,7 +60,8 @@ def main():
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--samples", type=int, default=50, help="fresh sequences for the mean (sample 0 = the paper's)")
     add_training_args(parser)
-    add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
+    add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
+                                      "results/official with --official)", official=True)
     args = parser.parse_args()
     if args.samples < 1:
         parser.error(f"--samples must be at least 1, got {args.samples}")

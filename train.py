@@ -264,6 +264,35 @@ def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every
     return path
 
 
+def seconds_per_step(cfg, heads, device, threads=1, steps=3):
+    """Measured seconds of one training step of a fresh model on `threads` threads (median of `steps`, after a
+    warm-up step)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build_model(cfg, heads).to(device).train()
+        optimizer = make_optimizer(model, cfg, device)
+        x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
+        times = []
+        for _ in range(steps + 1):
+            began = time.perf_counter()
+            train_step(model, optimizer, x, x).item()  # .item(): wait for the device
+            times.append(time.perf_counter() - began)
+        return sorted(times[1:])[len(times[1:]) // 2]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def estimated_training_seconds(cfg, heads_of_cells, jobs, step_seconds):
+    """Wall time of training cells of these head counts, `jobs` at a time in the given order (each starts on the
+    first free worker), from the seconds per step of each head count."""
+    steps = cfg.epochs * -(-cfg.num_sequences // cfg.batch_size)
+    workers = [0.0] * max(1, min(jobs, len(heads_of_cells)))
+    for heads in heads_of_cells:
+        workers[workers.index(min(workers))] += steps * step_seconds[heads]
+    return max(workers)
+
+
 def _train_cell_in_worker(kwargs):
     return train_cell(**kwargs, progress=False)
 
@@ -282,6 +311,18 @@ def train_cells(cells, jobs=None, threads=1, **kwargs):
         return [f.result() for f in futures]
 
 
+def warn_of_long_training(cfg, heads_of_cells, jobs, threads, device, longer_than=300):
+    """Print the estimated wall time, measured from a few steps, and the ways around it, when it is long."""
+    step_seconds = {h: seconds_per_step(cfg, h, device, threads) for h in sorted(set(heads_of_cells))}
+    estimate = estimated_training_seconds(cfg, heads_of_cells, jobs, step_seconds)
+    if estimate > longer_than:
+        print(f"estimated training time on this CPU: {estimate / 3600:.1f} h ({jobs} cell(s) at a time; measured "
+              f"from a few steps: " + ", ".join(f"{h} heads {1000 * t:.0f} ms/step" for h, t in step_seconds.items())
+              + f"). Ways around it: --official evaluates the authors' released models in seconds; --quick runs a "
+              f"tiny configuration; a CUDA GPU (--device cuda) trains all 8 paper cells in about 7 minutes; "
+              f"--time-budget MINUTES stops with resume states. Ctrl-C now to choose.", flush=True)
+
+
 def load_model(cfg, heads, path, device):
     """A model of the config's architecture with the checkpoint's weights, in eval mode, and its training facts."""
     model = build_model(cfg, heads).to(device)
@@ -293,8 +334,11 @@ def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, 
     """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first."""
     todo = [(h, t) for h, t in cells if retrain or not checkpoint_path(ckpt_dir, h, t).is_file()]
     if todo:
-        print(f"training {len(todo)} cell(s) on {device} ({cfg.epochs} epochs each): "
+        jobs = jobs or min(len(todo), os.cpu_count() or 1)
+        print(f"training {len(todo)} cell(s) on {device} ({cfg.epochs} epochs each, {jobs} at a time): "
               + ", ".join(f"{h}_heads_{t}" for h, t in todo))
+        if device.type == "cpu":
+            warn_of_long_training(cfg, [h for h, _ in todo], jobs, threads, device)
         # resume=True: a cell interrupted earlier continues from its last saved epoch (its run facts are checked)
         paths = train_cells(todo, jobs, threads, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir,
                             resume=not retrain, log=tqdm.write, deadline=deadline)

@@ -7,7 +7,8 @@ import torch
 from conftest import ROOT  # noqa: F401
 
 from script_io import resolve_device
-from train import QUICK, build_model, cell_seed, load_checkpoint, train_cell, train_cells
+from train import (QUICK, build_model, cell_seed, estimated_training_seconds, load_checkpoint, seconds_per_step, train_cell,
+                   train_cells)
 
 CFG = dataclasses.replace(QUICK, epochs=3)
 quiet = dict(progress=False, log=lambda *_: None)
@@ -106,3 +107,12 @@ def test_device_flag_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA device"):
             resolve_device("cuda:0")
+
+
+def test_estimated_training_time_schedules_cells_on_free_workers():
+    cfg = dataclasses.replace(CFG, epochs=2, num_sequences=10, batch_size=4)  # 3 steps per epoch: 6 steps per cell
+    # worker A takes the 16-head cell (6 x 3 s = 18 s); worker B takes both 1-head cells (6 x 1 s each = 12 s)
+    assert estimated_training_seconds(cfg, [16, 1, 1], 2, {16: 3.0, 1: 1.0}) == 18.0
+    assert estimated_training_seconds(cfg, [16, 1, 1], 1, {16: 3.0, 1: 1.0}) == 30.0
+    assert estimated_training_seconds(cfg, [1, 1, 16], 2, {16: 3.0, 1: 1.0}) == 24.0  # order matters: B idles
+    assert 0 < seconds_per_step(CFG, 4, torch.device("cpu"), steps=1) < 10
