@@ -12,6 +12,8 @@ on the input's device.
     proxies.mixing_time(attn, w)                           # exact expectation of the authors' Monte Carlo walk
     proxies.mixing_time_mc(attn, w, num_simulations=500)   # the authors' Monte Carlo procedure, vectorised
     proxies.mixing_time_normalized(attn, w)                # principled walk: columns renormalised, no quirks
+    proxies.parallel_minimax_fidelity(attn, w)             # the heads as parallel channels: no path switches heads
+    proxies.parallel_mixing_time(attn, w)                  # a walk that draws one head, then stays on it
 
 The authors' walk (facts file section 2): from position c the walk reads column c of C (how much each later query
 attends to c) as a cumulative distribution, clipped at 1, and sends any deficit to the sink. Two quirks follow and
@@ -231,3 +233,34 @@ def mixing_time_mc(attn, head_weights=None, num_simulations=500, max_steps=100, 
             walking = walking[nxt != T - 1]
         estimates.append(steps.double().mean())
     return _to_numpy(torch.stack(estimates).reshape(batch_shape)) if estimates else np.zeros(batch_shape)
+
+
+def head_average(per_head, head_weights=None):
+    """sum_h w_h x_h of per-head values (..., H), with the proxies' head weights (normalised; uniform if None)."""
+    x = torch.as_tensor(np.asarray(per_head), dtype=torch.float64)
+    w = _check_weights(head_weights, x[..., None, None])  # the weights' checks, on a stand-in of shape (..., H, 1, 1)
+    return _to_numpy((w * x).sum(-1))
+
+
+def parallel_minimax_fidelity(attn, head_weights=None, horizon=100):
+    """The counterfactual in which the heads act as parallel channels and no path switches heads: the share of source
+    j at the sink after t steps is sum_h w_h (A_h^t)[tau, j]; phi_j is its maximum over t = 1..horizon, and the value
+    is 100 x the minimum over all positions j, the sink included (as minimax_fidelity). One head: the plain proxy."""
+    _check_steps("horizon", horizon)
+    attn = _check_layer(attn)
+    w = _check_weights(head_weights, attn).expand(*attn.shape[:-2])  # (..., H)
+    H, T = attn.shape[-3], attn.shape[-1]
+    flat, flat_w = attn.reshape(-1, H, T, T), w.reshape(-1, H)
+    size = len(flat) if flat.is_cuda else max(1, CPU_CHUNK // H)  # layers per chunk: about CPU_CHUNK matrices
+    phi = [torch.einsum("nh,nhtj->ntj", flat_w[i:i + size],
+                        _sink_rows(flat[i:i + size].reshape(-1, T, T), horizon).reshape(-1, H, horizon, T)).amax(1)
+           for i in range(0, len(flat), size)]
+    phi = torch.cat(phi) if phi else flat.new_zeros(0, T)
+    return 100 * np.min(_to_numpy(phi.reshape(*attn.shape[:-3], T)), axis=-1)
+
+
+def parallel_mixing_time(attn, head_weights=None, max_steps=100):
+    """The counterfactual walk that draws head h with probability w_h once, then walks on A_h alone by the authors'
+    rules: sum_h w_h mixing_time(A_h). One head: the plain proxy."""
+    attn = _check_layer(attn)
+    return head_average(mixing_time(attn[..., None, :, :], max_steps=max_steps), _check_weights(head_weights, attn))

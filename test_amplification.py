@@ -5,7 +5,8 @@
 For heads 4, 8, 16, layers 1-4, tasks copy (Table 5) and cycle (Table 6): best individual fidelity = max over heads
 of one head's minimax fidelity; combined fidelity = the layer's minimax fidelity with learned head weights.
 The paper's protocol scores one fresh random sequence (the authors drew it without a seed; here it is sample 0 of a
-seeded draw). Beside it: the mean over --samples fresh sequences, and in how many the combination wins.
+seeded draw). Beside it: the mean over --samples fresh sequences, in how many the combination wins, the win rate
+with its Wilson 95% interval and the two-sided sign-test p-value of "combined beats the best head" (ties left out).
 Writes table5_copy.{csv,md} and table6_cycle.{csv,md} under --out.
 """
 import argparse
@@ -13,6 +14,7 @@ import argparse
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 import proxies
 from script_io import add_common_args, add_training_args, deadline_of, resolve_common, save_table
@@ -35,12 +37,23 @@ def amplification(model, tokens, horizon):
     return per_head.max(axis=-1), combined
 
 
+def win_statistics(combined, best):
+    """Wins of the combination over the best head across samples: the win rate with its Wilson 95% interval, and
+    the two-sided sign-test p-value of "combined beats the best head" (binomial, p = 1/2, ties left out)."""
+    wins, ties, n = int((combined > best).sum()), int((combined == best).sum()), len(best)
+    interval = stats.binomtest(wins, n).proportion_ci(confidence_level=0.95, method="wilson")
+    decided = n - ties
+    p_value = stats.binomtest(wins, decided, 0.5).pvalue if decided else 1.0
+    return {"wins": wins, "ties": ties, "samples": n, "win_rate": wins / n, "win_ci_low": interval.low,
+            "win_ci_high": interval.high, "p_value": p_value}
+
+
 def table_rows(task, heads, best, combined):
     return [{"task": task, "heads": heads, "layer": layer + 1,
              "best_individual_%": best[0, layer], "combined_%": combined[0, layer],
              "amplification": bool(combined[0, layer] > best[0, layer]),
              "mean_best_individual_%": best[:, layer].mean(), "mean_combined_%": combined[:, layer].mean(),
-             "wins": int((combined[:, layer] > best[:, layer]).sum()), "samples": len(best)}
+             **win_statistics(combined[:, layer], best[:, layer])}
             for layer in range(best.shape[1])]
 
 
@@ -51,7 +64,10 @@ def markdown_view(table):
                          "combined > best": np.where(table.amplification, "yes", "no"),
                          "mean best individual": two("mean_best_individual_%"),
                          "mean combined": two("mean_combined_%"),
-                         "wins": [f"{w}/{n}" for w, n in zip(table.wins, table.samples)]})
+                         "wins": [f"{w}/{n}" for w, n in zip(table.wins, table.samples)],
+                         "win rate (95% Wilson)": [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
+                                                   zip(table.win_rate, table.win_ci_low, table.win_ci_high)],
+                         "p (sign test)": [f"{p:.2g}" for p in table.p_value]})
 
 
 def main():

@@ -318,9 +318,9 @@ def warn_of_long_training(cfg, heads_of_cells, jobs, threads, device, longer_tha
     if estimate > longer_than:
         print(f"estimated training time on this CPU: {estimate / 3600:.1f} h ({jobs} cell(s) at a time; measured "
               f"from a few steps: " + ", ".join(f"{h} heads {1000 * t:.0f} ms/step" for h, t in step_seconds.items())
-              + f"). Ways around it: --official evaluates the authors' released models in seconds; --quick runs a "
-              f"tiny configuration; a CUDA GPU (--device cuda) trains all 8 paper cells in about 7 minutes; "
-              f"--time-budget MINUTES stops with resume states. Ctrl-C now to choose.", flush=True)
+              + "). Ways around it: --official evaluates the authors' released models in seconds; --quick runs a "
+              "tiny configuration; a CUDA GPU (--device cuda) trains all 8 paper cells in about 7 minutes; "
+              "--time-budget MINUTES stops with resume states. Ctrl-C now to choose.", flush=True)
 
 
 def load_model(cfg, heads, path, device):

@@ -68,3 +68,27 @@ def test_committed_section4_reproduces_from_committed_checkpoints():
     assert (fresh[["task", "heads", "layer"]].values == committed[["task", "heads", "layer"]].values).all()
     values = [c for c in committed.columns if c.endswith(("_mean", "_std"))]
     assert np.allclose(fresh[values], committed[values], rtol=0, atol=CROSS_MACHINE_ATOL)
+
+
+def test_win_statistics_by_hand():
+    from test_amplification import win_statistics
+    best = np.zeros(11)
+    combined = np.array([1.0] * 8 + [-1.0] * 2 + [0.0])  # 8 wins, 2 losses, 1 tie
+    s = win_statistics(combined, best)
+    assert (s["wins"], s["ties"], s["samples"]) == (8, 1, 11) and s["win_rate"] == pytest.approx(8 / 11)
+    assert s["p_value"] == pytest.approx(2 * (45 + 10 + 1) / 2 ** 10)  # sign test on the 10 untied: 2 P(X >= 8)
+    z, n, p = 1.959963984540054, 11, 8 / 11  # Wilson's interval from its formula
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert (s["win_ci_low"], s["win_ci_high"]) == pytest.approx((centre - half, centre + half))
+
+
+def test_synergy_statistics_and_diversity_by_hand():
+    from synergy import head_diversity, paired
+    mean, low, high, p_value = paired(np.array([1.0, 2.0, 3.0, 4.0]))
+    half = 3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(0.975, 3 df) x s / sqrt(4)
+    assert (mean, low, high) == pytest.approx((2.5, 2.5 - half, 2.5 + half))
+    assert p_value == pytest.approx(2 / 16)  # exact signed-rank test: all four positive
+    assert paired(np.zeros(5)) == (0.0, 0.0, 0.0, 1.0)
+    one_hot = [[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]  # row 0 alike in every head; row 1 differs
+    assert head_diversity(np.array(one_hot)) == pytest.approx(1.0)
+    assert head_diversity(np.array([*one_hot, one_hot[0]])) == pytest.approx(2 / 3)  # pairs: 1, 0, 1

@@ -166,3 +166,60 @@ def test_bad_step_counts_are_refused():
         proxies.mixing_time(GOOD, max_steps=2.5)
     with pytest.raises(ValueError, match="num_simulations"):
         proxies.mixing_time_mc(GOOD, num_simulations=0)
+
+
+def example2_heads():
+    import example2
+    graphs = example2.graphs()
+    return np.stack([graphs["head1"], graphs["head2"]])
+
+
+def test_parallel_proxies_on_example2_by_hand():
+    heads = example2_heads()
+    # Sink rows by hand: head 1 t=1 [0, 0, 1/2, 1/2], t=2 [0, 1/4, 1/2, 1/4]; head 2 t=1 [0, 1/3, 1/3, 1/3],
+    # t=2 [1/9, 5/9, 2/9, 1/9]. Parallel over t = 1, 2: phi = [1/18, 29/72, 5/12, 5/12], so the minimum is u's 1/18;
+    # the combination's C^2 row gives u 1/9: besides u -> w -> tau (head 2 alone), the path u -> v (head 1) then
+    # v -> tau (head 2) switches heads, and only the combination has it.
+    assert proxies.parallel_minimax_fidelity(heads, [0.5, 0.5], horizon=2) == pytest.approx(100 / 18)
+    assert proxies.minimax_fidelity(heads, [0.5, 0.5], horizon=2) == pytest.approx(100 / 9)
+    # The authors' walk: head 1 scores (100 trap + 4 from v + 2 from w + 0) / 4 = 26.5; head 2 traps u and v
+    # (column v = [0, 1, 1/3, 1/3] fills S at v), w leaves with 2/3: (100 + 100 + 1.5) / 4 = 50.375.
+    assert proxies.mixing_time(heads[0]) == pytest.approx(26.5)
+    assert proxies.mixing_time(heads[1]) == pytest.approx(50.375)
+    assert proxies.parallel_mixing_time(heads, [0.5, 0.5]) == pytest.approx((26.5 + 50.375) / 2)
+    assert proxies.parallel_mixing_time(heads, [3, 1]) == pytest.approx(0.75 * 26.5 + 0.25 * 50.375)
+
+
+def brute_force_parallel_fidelity(heads, weights, horizon):
+    """Entry by entry: each head's matrix powers by repeated products, the weighted share of each source, max, min."""
+    H, T = heads.shape[0], heads.shape[-1]
+    phi = np.zeros(T)
+    powers = [np.eye(T) for _ in range(H)]
+    for _ in range(horizon):
+        powers = [p @ a for p, a in zip(powers, heads)]
+        for j in range(T):
+            share = sum(weights[h] / sum(weights) * powers[h][T - 1, j] for h in range(H))
+            phi[j] = max(phi[j], share)
+    return 100 * phi.min()
+
+
+def test_parallel_proxies_equal_brute_force_batched_and_one_head_is_the_plain_proxy():
+    rng = np.random.default_rng(11)
+    attn = random_causal((2, 3, 4), 7, rng)  # (batch 2, layers 3, heads 4)
+    weights = rng.random((2, 3, 4))
+    fidelity = proxies.parallel_minimax_fidelity(attn, weights, horizon=9)
+    mixing = proxies.parallel_mixing_time(torch.from_numpy(attn).float(), torch.from_numpy(weights), max_steps=30)
+    assert fidelity.shape == mixing.shape == (2, 3)
+    for b in range(2):
+        for layer in range(3):
+            A, w = attn[b, layer], weights[b, layer]
+            assert fidelity[b, layer] == pytest.approx(brute_force_parallel_fidelity(A, w, 9), abs=1e-10)
+            walk = [brute_force_walk(A[h], 30)[0].mean() for h in range(4)]
+            assert mixing[b, layer] == pytest.approx(np.dot(w / w.sum(), walk), abs=1e-5)
+    one = attn[..., :1, :, :]
+    assert np.allclose(proxies.parallel_minimax_fidelity(one, horizon=9), proxies.minimax_fidelity(one, horizon=9))
+    assert np.allclose(proxies.parallel_mixing_time(one, max_steps=30), proxies.mixing_time(one, max_steps=30))
+    with pytest.raises(ValueError, match="one weight per head"):
+        proxies.parallel_minimax_fidelity(attn, [1, 2])
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        proxies.parallel_mixing_time(attn * 2)

@@ -66,6 +66,17 @@ def test_main_and_amplification_quick_are_deterministic(tmp_path):
         t = pd.read_csv(tmp_path / "a" / f"{name}.csv")
         assert len(t) == 3 * 2 and (t.wins <= 4).all() and (tmp_path / "a" / f"{name}.md").is_file()
         assert (t.amplification == (t["combined_%"] > t["best_individual_%"])).all()
+    out = run("synergy.py", "--quick", "--ckpt-dir", ckpt, "--out", tmp_path / "a")
+    assert "Spearman rho(diversity, synergy)" in out and "loaded" in out and "training" not in out
+    t = pd.read_csv(tmp_path / "a" / "synergy.csv")
+    assert {"task", "heads", "layer", "proxy", "combined", "parallel", "best_head", "synergy", "ci_low", "ci_high",
+            "p_value", "diversity"} <= set(t.columns) and len(t) == 2 * 3 * 2 * 2
+    assert (t.ci_low <= t.synergy + 1e-12).all() and (t.synergy <= t.ci_high + 1e-12).all()
+    assert t.p_value.between(0, 1).all() and t.diversity.between(0, 1).all()
+    sign = np.where(t.proxy == "fidelity", 1, -1)
+    assert np.allclose(t.synergy, sign * (t.combined - t.parallel))  # the mean of paired differences
+    for ext in ("md", "png", "pdf"):
+        assert (tmp_path / "a" / f"synergy.{ext}").is_file()
     mc = run("main.py", "--quick", "--ckpt-dir", ckpt, "--out", tmp_path / "mc", "--estimator", "mc",
              "--heads", 4, "--tasks", "copy")
     assert "(mc mixing time)" in mc

@@ -1,0 +1,186 @@
+"""Beyond the paper: is the multi-head gain synergy (paths that switch heads), or what parallel heads would give?
+
+    python synergy.py                 # our checkpoints (checkpoints/), writes results/synergy.*
+    python synergy.py --official      # the authors' released models, writes results/official/synergy.*
+    python synergy.py --quick         # tiny end-to-end run, seconds on a CPU
+
+For the 4/8/16-head models of both tasks, every layer, the 50 evaluation sequences of Section 4 (those of main.py):
+the layer's combination C = sum_h w_h A_h against the counterfactual in which the same heads act as parallel
+channels and no path switches heads (proxies.parallel_minimax_fidelity, proxies.parallel_mixing_time), and against
+the best single head. Synergy = combined - parallel for fidelity, parallel - combined for mixing time (positive: the
+combination helps), as the mean paired per-sequence difference with a t 95% confidence interval and a two-sided
+Wilcoxon signed-rank p-value (scipy.stats). Beside it, head diversity: the mean total-variation distance between
+two heads' attention rows, over head pairs, query rows 1..T-1 (row 0 is the same in every causal head) and
+sequences, and its Spearman rank correlation with synergy. Writes synergy.csv (long format), synergy.md and
+synergy.png/.pdf under --out.
+"""
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+import proxies
+from main import evaluation_sequences
+from script_io import add_common_args, add_training_args, deadline_of, resolve_common, save_figure, write_atomic
+from test_amplification import AMPLIFICATION_HEADS
+from train import TASKS, ensure_models
+
+PROXIES = {"fidelity": "minimax fidelity (%)", "mixing_time": "mixing time (steps)"}
+
+
+def head_diversity(attn):
+    """Mean pairwise total-variation distance between the heads' attention rows: (..., H, T, T) -> (...)."""
+    attn = torch.as_tensor(attn, dtype=torch.float64)[..., 1:, :]  # row 0 is [1, 0, ...] in every causal head
+    H = attn.shape[-3]
+    pairs = [(h, g) for h in range(H) for g in range(h + 1, H)]
+    if not pairs:
+        return np.zeros(attn.shape[:-3])
+    tv = sum(0.5 * (attn[..., h, :, :] - attn[..., g, :, :]).abs().sum(-1).mean(-1) for h, g in pairs)
+    return (tv / len(pairs)).cpu().numpy()
+
+
+def layer_values(model, tokens, cfg):
+    """Per sequence and layer (S, L): combined, parallel and best-head values of both proxies; and head diversity."""
+    attn = model.attention(tokens)  # (S, L, H, T, T)
+    weights = proxies.model_head_weights(model)  # (L, H)
+    per_head_mixing = proxies.mixing_time(attn[..., None, :, :], max_steps=cfg.max_steps)  # (S, L, H), once
+    return {
+        "fidelity": {"combined": proxies.minimax_fidelity(attn, weights, cfg.horizon),
+                     "parallel": proxies.parallel_minimax_fidelity(attn, weights, cfg.horizon),
+                     "best_head": proxies.minimax_fidelity(attn[..., None, :, :], horizon=cfg.horizon).max(-1)},
+        "mixing_time": {"combined": proxies.mixing_time(attn, weights, cfg.max_steps),
+                        "parallel": proxies.head_average(per_head_mixing, weights),
+                        "best_head": per_head_mixing.min(-1)},  # the best head mixes fastest
+    }, head_diversity(attn)
+
+
+def paired(difference):
+    """Mean of paired differences, its t 95% confidence interval and the two-sided Wilcoxon signed-rank p-value;
+    differences that are all equal give a zero-width interval (and p = 1 when they are all zero)."""
+    mean = float(np.mean(difference))
+    if np.ptp(difference) == 0:
+        return mean, mean, mean, 1.0 if mean == 0 else float(stats.wilcoxon(difference).pvalue)
+    interval = stats.ttest_1samp(difference, 0.0).confidence_interval(0.95)
+    p_value = float(stats.wilcoxon(difference).pvalue) if np.any(difference != 0) else 1.0
+    return mean, float(interval.low), float(interval.high), p_value
+
+
+def summary_rows(task, heads, values, diversity):
+    rows = []
+    for proxy, v in values.items():
+        sign = 1 if proxy == "fidelity" else -1  # positive = the combination helps
+        for layer in range(v["combined"].shape[1]):
+            combined, parallel, best = (v[k][:, layer] for k in ("combined", "parallel", "best_head"))
+            synergy, low, high, p_value = paired(sign * (combined - parallel))
+            gain, _, _, gain_p = paired(sign * (combined - best))
+            rows.append({"task": task, "heads": heads, "layer": layer + 1, "proxy": proxy,
+                         "combined": combined.mean(), "parallel": parallel.mean(), "best_head": best.mean(),
+                         "synergy": synergy, "ci_low": low, "ci_high": high, "p_value": p_value,
+                         "gain_over_best": gain, "gain_over_best_p": gain_p,
+                         "diversity": diversity[:, layer].mean(), "sequences": len(combined)})
+    return rows
+
+
+def correlations(table):
+    """Spearman rank correlation of head diversity with synergy over all (task, heads, layer), per proxy."""
+    out = {}
+    for proxy, part in table.groupby("proxy", sort=False):
+        result = stats.spearmanr(part.diversity, part.synergy)
+        out[proxy] = (float(result.statistic), float(result.pvalue))
+    return out
+
+
+def markdown(table, correlation, source):
+    fmt = lambda x: f"{x:.3f}"
+    view = pd.DataFrame({
+        "task": table.task, "heads": table.heads, "layer": table.layer, "proxy": table.proxy,
+        "combined": table.combined.map(fmt), "parallel": table.parallel.map(fmt), "best head": table.best_head.map(fmt),
+        "synergy [95% CI]": [f"{s:+.3f} [{lo:+.3f}, {hi:+.3f}]" for s, lo, hi in
+                             zip(table.synergy, table.ci_low, table.ci_high)],
+        "p": table.p_value.map(lambda p: f"{p:.2g}"),
+        "gain over best head": table.gain_over_best.map(lambda g: f"{g:+.3f}"),
+        "p (gain)": table.gain_over_best_p.map(lambda p: f"{p:.2g}"),
+        "head diversity (TV)": table.diversity.map(fmt)})
+    lines = [f"# Synergy: combined heads against the same heads as parallel channels ({source})", "",
+             "Positive synergy or gain = the combination helps (higher fidelity, lower mixing time). Means over "
+             f"{int(table.sequences.iloc[0])} sequences; 95% t intervals of the mean paired difference; two-sided "
+             "Wilcoxon signed-rank p-values.", ""]
+    for proxy, part in table.groupby("proxy", sort=False):
+        significant = part[part.p_value < 0.05]
+        rho, p = correlation[proxy]
+        lines.append(f"- {PROXIES[proxy]}: synergy > 0 at p < 0.05 in {int((significant.synergy > 0).sum())} of "
+                     f"{len(part)} layers, < 0 in {int((significant.synergy < 0).sum())}; combination better than the "
+                     f"best head at p < 0.05 in {int(((part.gain_over_best > 0) & (part.gain_over_best_p < 0.05)).sum())}"
+                     f", worse in {int(((part.gain_over_best < 0) & (part.gain_over_best_p < 0.05)).sum())}; "
+                     f"Spearman rho(diversity, synergy) = {rho:+.2f} (p = {p:.2g})")
+    return "\n".join(lines + ["", view.to_markdown(index=False), ""])
+
+
+def plot(table):
+    tasks = list(dict.fromkeys(table.task))
+    fig, axes = plt.subplots(len(PROXIES), len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False, sharex=True)
+    for row, (proxy, label) in enumerate(PROXIES.items()):
+        for col, task in enumerate(tasks):
+            ax = axes[row, col]
+            part = table[(table.proxy == proxy) & (table.task == task)]
+            heads = sorted(part.heads.unique())
+            for i, h in enumerate(heads):
+                p = part[part.heads == h].sort_values("layer")
+                x = p.layer + (i - (len(heads) - 1) / 2) * 0.12  # side by side, so the bars do not overlap
+                ax.errorbar(x, p.synergy, yerr=[p.synergy - p.ci_low, p.ci_high - p.synergy], marker="o",
+                            capsize=3, label=f"{h} heads")
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_title(f"{task}: synergy in {label}", fontsize=10)
+            ax.set_xticks(sorted(part.layer.unique()))
+            ax.grid(alpha=0.3)
+            if row == len(PROXIES) - 1:
+                ax.set_xlabel("Layer")
+            if col == 0:
+                ax.set_ylabel("combined vs parallel\n(> 0: combination helps)")
+    axes[0, 0].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, nargs="+", default=list(AMPLIFICATION_HEADS))
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    add_training_args(parser)
+    add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
+                                      "results/official with --official)", official=True)
+    args = parser.parse_args()
+    cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
+    models = ensure_models(cfg, [(h, t) for t in args.tasks for h in args.heads], args.seed, device, ckpt_dir,
+                           jobs=args.jobs, threads=args.threads, deadline=deadline_of(args.time_budget))
+    rows = []
+    for task in args.tasks:
+        tokens = evaluation_sequences(cfg, task, args.seed)
+        for heads in args.heads:
+            values, diversity = layer_values(models[heads, task][0], tokens, cfg)
+            rows += summary_rows(task, heads, values, diversity)
+            for r in rows[-2 * values["fidelity"]["combined"].shape[1]:]:
+                print(f"{task} {heads:2d} heads layer {r['layer']} {r['proxy']:11s}: combined {r['combined']:8.3f} "
+                      f"parallel {r['parallel']:8.3f} best head {r['best_head']:8.3f} | synergy {r['synergy']:+.3f} "
+                      f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] p={r['p_value']:.2g}")
+    table = pd.DataFrame(rows)
+    correlation = correlations(table)
+    report = markdown(table, correlation, "the authors' models" if args.official else f"models in {ckpt_dir}")
+    write_atomic(out / "synergy.csv", lambda tmp: table.to_csv(tmp, index=False))
+    write_atomic(out / "synergy.md", lambda tmp: Path(tmp).write_text(report))
+    fig = plot(table)
+    save_figure(fig, out / "synergy")
+    plt.close(fig)
+    print("\n" + "\n".join(line for line in report.splitlines() if line.startswith("- ")))
+    print(f"wrote {out}/synergy.csv, synergy.md, synergy.png, synergy.pdf")
+
+
+if __name__ == "__main__":
+    main()
