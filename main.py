@@ -1,7 +1,7 @@
 """Section 4: the two proxies, per layer, of parameter-matched 1/4/8/16-head Transformers on copy and cycle.
 
     python main.py                                              # our checkpoints in checkpoints/ (trained if missing)
-    python main.py --ckpt-dir ../shared/official_checkpoints --out results/official   # the authors' released models
+    python main.py --official                                   # the authors' released models (fetched once)
     python main.py --quick                                      # tiny end-to-end run, seconds on a CPU
 
 For every model and layer: mixing time and minimax fidelity of the layer's attention with learned head weights,
@@ -20,8 +20,8 @@ import torch
 
 import proxies
 from sequence_datasets import make_dataset
-from script_io import add_common_args, add_training_args, deadline_of, resolve_common, save_figure, save_table
-from train import HEADS, TASKS, ensure_models
+from script_io import add_evaluation_args, deadline_of, resolve_common, save_figure, save_table
+from train import HEADS, ensure_models
 
 
 # Evaluating the same checkpoints on another CPU, GPU or torch version changes float32 attention in its last bits;
@@ -100,15 +100,11 @@ def plot(table):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", type=int, nargs="+", default=list(HEADS))
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    add_evaluation_args(parser, HEADS)
     parser.add_argument("--epochs", type=int, default=None, help="epochs for cells trained now (default: the config's)")
     parser.add_argument("--retrain", action="store_true", help="train every cell even if its checkpoint exists")
-    add_training_args(parser)
     parser.add_argument("--estimator", choices=("exact", "mc"), default="exact",
                         help="mixing time: exact expectation (default) or the authors' 500-walk Monte Carlo")
-    add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
-                                      "results/official with --official)", official=True)
     args = parser.parse_args()
     cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     cells = [(h, t) for t in args.tasks for h in args.heads]

@@ -85,6 +85,17 @@ def add_training_args(parser):
                         help="stop training before MINUTES have passed, saving resume states of unfinished cells")
 
 
+def add_evaluation_args(parser, heads):
+    """The flags of the scripts that evaluate the (heads, task) models: --heads (default `heads`), --tasks, the
+    training flags (for missing checkpoints), the common flags, --out and --official."""
+    from train import TASKS
+    parser.add_argument("--heads", type=int, nargs="+", default=list(heads), help=f"head counts (default {heads})")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    add_training_args(parser)
+    add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
+                                     "results/official with --official)", official=True)
+
+
 def add_common_args(parser, out_help=None, official=False):
     """The flags every experiment script shares; official=True adds --official (the authors' released models)."""
     from train import CKPT_DIR, SEED  # train.py imports this module, so its facts are read at call time

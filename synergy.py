@@ -28,9 +28,9 @@ from scipy import stats
 
 import proxies
 from main import evaluation_sequences
-from script_io import add_common_args, add_training_args, deadline_of, resolve_common, save_figure, write_atomic
+from script_io import add_evaluation_args, deadline_of, resolve_common, save_figure, write_atomic
 from test_amplification import AMPLIFICATION_HEADS
-from train import TASKS, ensure_models
+from train import ensure_models
 
 PROXIES = {"fidelity": "minimax fidelity (%)", "mixing_time": "mixing time (steps)"}
 
@@ -151,11 +151,7 @@ def plot(table):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", type=int, nargs="+", default=list(AMPLIFICATION_HEADS))
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    add_training_args(parser)
-    add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
-                                      "results/official with --official)", official=True)
+    add_evaluation_args(parser, AMPLIFICATION_HEADS)
     args = parser.parse_args()
     cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
     models = ensure_models(cfg, [(h, t) for t in args.tasks for h in args.heads], args.seed, device, ckpt_dir,

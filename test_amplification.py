@@ -17,8 +17,8 @@ import torch
 from scipy import stats
 
 import proxies
-from script_io import add_common_args, add_training_args, deadline_of, resolve_common, save_table
-from train import TASKS, ensure_models
+from script_io import add_evaluation_args, deadline_of, resolve_common, save_table
+from train import ensure_models
 
 AMPLIFICATION_HEADS = (4, 8, 16)
 TABLE_NAMES = {"copy": "table5_copy", "cycle": "table6_cycle"}
@@ -72,12 +72,8 @@ def markdown_view(table):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", type=int, nargs="+", default=list(AMPLIFICATION_HEADS))
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    add_evaluation_args(parser, AMPLIFICATION_HEADS)
     parser.add_argument("--samples", type=int, default=50, help="fresh sequences for the mean (sample 0 = the paper's)")
-    add_training_args(parser)
-    add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
-                                      "results/official with --official)", official=True)
     args = parser.parse_args()
     if args.samples < 1:
         parser.error(f"--samples must be at least 1, got {args.samples}")
