@@ -6,15 +6,18 @@ Training: ms per step and tokens/s for H = 1, 4, 8, 16 on the fast path (fused a
 dropout-aware path of transformer.py) and on the explicit-attention path the authors' code takes; warm-up excluded,
 median of several timings. Evaluation: the whole Section 4 evaluation (8 models x 50 sequences x all layers) and the
 Tables 5-6 evaluation, with the exact estimator; the exact mixing time of one layer against the authors' 500-walk
-Monte Carlo. Uses the checkpoints in --ckpt-dir where present, else randomly initialised models of the same size
+Monte Carlo. On a CPU also the 8 paper cells' estimated wall time with each scheduling (one cell on every thread,
+or one cell per core side by side). Uses the checkpoints in --ckpt-dir where present, else randomly initialised models of the same size
 (the cost is the same). Under 3 minutes on a 2-core CPU.
 """
 import argparse
+import os
 import resource
 import statistics
 import sys
 import time
 from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
@@ -24,7 +27,8 @@ import proxies
 from main import evaluate, evaluation_sequences
 from test_amplification import AMPLIFICATION_HEADS, amplification, fresh_sequences
 from script_io import add_common_args, resolve_common, write_atomic
-from train import HEADS, TASKS, build_model, checkpoint_path, hardware_name, load_model, make_optimizer, train_step
+from train import (HEADS, TASKS, build_model, checkpoint_path, estimated_training_seconds, hardware_name, load_model,
+                   make_optimizer, seconds_per_step, train_step)
 
 
 def sync(device):
@@ -83,6 +87,46 @@ def models_for(cfg, cells, device, ckpt_dir):
     return models, " + ".join(sorted(sources))
 
 
+def _side_by_side_worker(cfg, heads, barrier, results):
+    barrier.wait()  # every worker times its steps at the same moment, competing for the cores as training cells do
+    results.put(seconds_per_step(cfg, heads, torch.device("cpu"), threads=1))
+
+
+def side_by_side_seconds(cfg, heads, workers):
+    """Seconds per step of one cell while `workers` cells (1 thread each, one process each) train at once: the
+    median over the workers."""
+    context = get_context("spawn")
+    barrier, results = context.Barrier(workers), context.Queue()
+    processes = [context.Process(target=_side_by_side_worker, args=(cfg, heads, barrier, results))
+                 for _ in range(workers)]
+    for process in processes:
+        process.start()
+    times = [results.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join()
+    return statistics.median(times)
+
+
+def scheduling(cfg, device):
+    """The 8 paper cells' estimated wall time: one cell at a time on every thread, against one cell per core on one
+    thread each (the default of main.py and train.py), from measured steps of each head count."""
+    cores = os.cpu_count() or 1
+    cells = [h for _ in TASKS for h in HEADS]
+    alone_all = {h: seconds_per_step(cfg, h, device, threads=cores) for h in HEADS}
+    alone_one = {h: seconds_per_step(cfg, h, device, threads=1) for h in HEADS}
+    side = {h: side_by_side_seconds(cfg, h, cores) for h in HEADS} if cores > 1 else alone_one
+    plans = {f"one cell at a time, {cores} threads (--jobs 1 --threads {cores})": (alone_all, 1),
+             f"{cores} cells side by side, 1 thread each (--jobs {cores} --threads 1, the default)": (side, cores)}
+    rows = []
+    for plan, (step_seconds, jobs) in plans.items():
+        hours = estimated_training_seconds(cfg, cells, jobs, step_seconds) / 3600
+        rows.append({"schedule": plan, **{f"{h} heads ms/step": round(1000 * step_seconds[h]) for h in HEADS},
+                     "8 cells, hours": round(hours, 4), "cells per hour": round(len(cells) / hours, 3)})
+    one_thread = {"schedule": "(one cell alone, 1 thread)", **{f"{h} heads ms/step": round(1000 * alone_one[h])
+                                                               for h in HEADS}}
+    return pd.DataFrame(rows + [one_thread])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
@@ -107,6 +151,14 @@ def main():
                      "explicit tokens/s": round(1000 * tokens / explicit)})
         print(rows[-1])
     lines += ["## Training step (Adam, dropout on, float32)", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    if device.type == "cpu":
+        plans = scheduling(cfg, device)
+        print(plans.to_string(index=False))
+        best = plans.dropna().sort_values("cells per hour").iloc[-1]
+        lines += [f"## Training the 8 {'quick' if args.quick else 'paper'} cells on this machine (estimated from "
+                  f"measured steps of each head count; {cfg.epochs} epochs of {-(-cfg.num_sequences // cfg.batch_size)} "
+                  f"steps per cell)", "", plans.to_markdown(index=False), "",
+                  f"Best: {best['schedule']}, {best['8 cells, hours']} h for the 8 cells.", ""]
 
     cells = [(h, t) for t in TASKS for h in HEADS]
     models, source = models_for(cfg, cells, device, ckpt_dir)

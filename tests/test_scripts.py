@@ -101,3 +101,23 @@ def test_main_on_the_authors_checkpoints(tmp_path):
 def test_bad_flags_are_usage_errors(args, message):
     result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_gpu_run_script_rehearsed_on_the_cpu(tmp_path):
+    """paper_scale_gpu.sh end to end with --quick on the CPU: smoke run, 8 cells, seeds, bench, archives."""
+    import tarfile
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(__import__("os").environ, OUT=str(out), DEVICE="cpu", QUICK="--quick")
+    result = subprocess.run(["bash", "paper_scale_gpu.sh", "2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "smoke passed" in log and "8 of 8 cells done" in log and "bench exit 0" in log
+    archive = tmp_path / "paper_scale.tgz"
+    archive.write_bytes(b"".join(p.read_bytes() for p in sorted(out.glob("paper_scale.tgz.part-*"))))
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert sum(n.startswith("checkpoints/") and n.endswith(".pt") for n in names) == 8
+    assert "results/bench_cpu.md" in names and "log.txt" in names
+    assert sorted(out.glob("seeds.tgz.part-*"))  # the seed study ran (quick cells are fast)
