@@ -127,7 +127,7 @@ def resolve_common(parser, args, default_out=None):
         if h < 1 or cfg.embed_dim % h:
             parser.error(f"--heads: a head count must divide embed_dim={cfg.embed_dim}, got {h}")
     for flag in ("jobs", "threads"):
-        if (getattr(args, flag, None) or 1) < 1:
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if getattr(args, "time_budget", None) is not None and args.time_budget <= 0:
         parser.error(f"--time-budget must be a positive number of minutes, got {args.time_budget}")

@@ -97,6 +97,9 @@ def test_main_on_the_authors_checkpoints(tmp_path):
     (("main.py", "--heads", 3), "a head count must divide embed_dim=64, got 3"),
     (("test_amplification.py", "--samples", 0), "--samples must be at least 1, got 0"),
     (("train.py", "--heads", 4, "--task", "copy", "--epochs", 0), "--epochs must be at least 1, got 0"),
+    (("train.py", "--threads", 0), "--threads must be at least 1, got 0"),
+    (("main.py", "--time-budget", 0), "--time-budget must be a positive number of minutes, got 0.0"),
+    (("synergy.py", "--official", "--ckpt-dir", "x"), "cannot be combined with --ckpt-dir"),
 ])
 def test_bad_flags_are_usage_errors(args, message):
     result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
