@@ -68,8 +68,7 @@ def paired(difference):
     if np.ptp(difference) == 0:
         return mean, mean, mean, 1.0 if mean == 0 else float(stats.wilcoxon(difference).pvalue)
     interval = stats.ttest_1samp(difference, 0.0).confidence_interval(0.95)
-    p_value = float(stats.wilcoxon(difference).pvalue) if np.any(difference != 0) else 1.0
-    return mean, float(interval.low), float(interval.high), p_value
+    return mean, float(interval.low), float(interval.high), float(stats.wilcoxon(difference).pvalue)
 
 
 def summary_rows(task, heads, values, diversity):

@@ -10,6 +10,7 @@ a cell gives the same model whether it is trained alone, in any order, or in par
 --time-budget stops training before the budget runs out, each unfinished cell saving its resume state.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -72,6 +73,23 @@ def hardware_name(device):
     names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
              if line.startswith("model name")]
     return names[0] if names else (platform.processor() or platform.machine())
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads):
+    """torch's intra-op thread count set to `threads` (None: left as it is) inside the block, restored after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def default_jobs(jobs, cells):
+    """--jobs as given, else one worker per CPU core, at most one per cell."""
+    return jobs or min(len(cells), os.cpu_count() or 1)
 
 
 def cell_seed(seed, heads, task):
@@ -175,14 +193,9 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
     device = torch.device(device)
     path = checkpoint_path(ckpt_dir, heads, task)
     resume_path = path.with_name(path.name + ".resume")
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         return _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every, tf32, compile, progress,
                       log, deadline)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every, tf32, compile, progress, log,
@@ -238,16 +251,14 @@ def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every
         log(message if progress else f"{path.stem}: {message}")
         if epoch + 1 == cfg.epochs:
             break
-        out_of_time = deadline is not None and time.time() + 1.2 * (time.time() - epoch_began) > deadline
-        if out_of_time or (save_every and (epoch + 1) % save_every == 0):
-            save_resume_state(epoch + 1)
-        if out_of_time:
-            bar.close()
+        if deadline is not None and time.time() + 1.2 * (time.time() - epoch_began) > deadline:
             log(f"{path.stem}: time budget reached after epoch {epoch + 1}/{cfg.epochs}; resume state {resume_path}")
-            return None
+            break  # the next epoch would end after the deadline
+        if save_every and (epoch + 1) % save_every == 0:
+            save_resume_state(epoch + 1)
     bar.close()
-    if len(losses) < cfg.epochs:  # the deadline passed before an epoch began
-        if len(losses) > start:
+    if len(losses) < cfg.epochs:  # stopped by the deadline
+        if len(losses) > start:  # this session trained: keep its progress
             save_resume_state(len(losses))
         return None
     session.update(last_epoch=cfg.epochs, seconds=round(time.perf_counter() - began, 1))
@@ -267,9 +278,7 @@ def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every
 def seconds_per_step(cfg, heads, device, threads=1, steps=3):
     """Measured seconds of one training step of a fresh model on `threads` threads (median of `steps`, after a
     warm-up step)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         model = build_model(cfg, heads).to(device).train()
         optimizer = make_optimizer(model, cfg, device)
         x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
@@ -279,8 +288,6 @@ def seconds_per_step(cfg, heads, device, threads=1, steps=3):
             train_step(model, optimizer, x, x).item()  # .item(): wait for the device
             times.append(time.perf_counter() - began)
         return sorted(times[1:])[len(times[1:]) // 2]
-    finally:
-        torch.set_num_threads(previous)
 
 
 def estimated_training_seconds(cfg, heads_of_cells, jobs, step_seconds):
@@ -298,12 +305,13 @@ def _train_cell_in_worker(kwargs):
 
 
 def train_cells(cells, jobs=None, threads=1, **kwargs):
-    """Train the cells, `jobs` worker processes at once (None: one per CPU core), each cell on `threads` intra-op threads whatever `jobs` is
-    (CPU arithmetic depends on the thread count, so this keeps a cell's checkpoint independent of the scheduling).
+    """Train the cells, `jobs` worker processes at once (None: one per CPU core), each cell on `threads` intra-op
+    threads whatever `jobs` is (CPU arithmetic depends on the thread count, so this keeps a cell's checkpoint
+    independent of the scheduling).
     A cell is a (heads, task) pair or a dict of train_cell arguments that override kwargs. Returns the checkpoint
     paths, None for cells stopped by the deadline."""
     cells = [cell if isinstance(cell, dict) else dict(heads=cell[0], task=cell[1]) for cell in cells]
-    jobs = jobs or min(len(cells), os.cpu_count() or 1)
+    jobs = default_jobs(jobs, cells)
     if jobs <= 1 or len(cells) <= 1:
         return [train_cell(**dict(kwargs, threads=threads, **cell)) for cell in cells]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
@@ -334,7 +342,7 @@ def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, 
     """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first."""
     todo = [(h, t) for h, t in cells if retrain or not checkpoint_path(ckpt_dir, h, t).is_file()]
     if todo:
-        jobs = jobs or min(len(todo), os.cpu_count() or 1)
+        jobs = default_jobs(jobs, todo)
         print(f"training {len(todo)} cell(s) on {device} ({cfg.epochs} epochs each, {jobs} at a time): "
               + ", ".join(f"{h}_heads_{t}" for h, t in todo))
         if device.type == "cpu":
