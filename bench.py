@@ -2,9 +2,9 @@
 
     python bench.py [--device auto|cpu|cuda] [--quick] [--ckpt-dir ../shared/official_checkpoints]
 
-Training: ms per step and tokens/s for H = 1, 4, 8, 16 on the fast path (fused attention; on the CPU the
-dropout-aware path of transformer.py) and on the explicit-attention path the authors' code takes; warm-up excluded,
-median of several timings. Evaluation: the whole Section 4 evaluation (8 models x 50 sequences x all layers) and the
+Training: ms per step for H = 1, 4, 8, 16 on the fast path (on a CPU cpu_attention's fused kernel, on a GPU
+PyTorch's fused attention), on the explicit-attention path the authors' code takes and, on a CPU, on the PyTorch-ops
+path used without a C compiler; paths timed in alternation, warm-up excluded, median of several timings. Evaluation: the whole Section 4 evaluation (8 models x 50 sequences x all layers) and the
 Tables 5-6 evaluation, with the exact estimator; the exact mixing time of one layer against the authors' 500-walk
 Monte Carlo. On a CPU also the 8 paper cells' estimated wall time with each scheduling (one cell on every thread,
 or one cell per core side by side). Uses the checkpoints in --ckpt-dir where present, else randomly initialised models of the same size
@@ -23,10 +23,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+import cpu_attention
 import proxies
 from main import evaluate, evaluation_sequences
 from test_amplification import AMPLIFICATION_HEADS, amplification, fresh_sequences
 from script_io import add_common_args, resolve_common, write_atomic
+from transformer import MultiHeadAttention
 from train import (HEADS, TASKS, build_model, checkpoint_path, estimated_training_seconds, hardware_name, load_model,
                    make_optimizer, seconds_per_step, train_step)
 
@@ -51,27 +53,57 @@ def timed(fn, device, repeats, inner=1, warmup=2):
     return statistics.median(times)
 
 
+def _without_kernel(step):
+    with cpu_attention.disabled():
+        return step()
+
+
 def train_steps(cfg, heads, device):
-    """One training step (forward, backward, Adam) per attention path: {explicit: step function}."""
+    """One training step (forward, backward, Adam) per attention path: {path: step function}. On a CPU the fast path
+    is cpu_attention's fused kernel, and "pytorch ops" is transformer.py's path for machines without a C compiler."""
     steps = {}
-    for explicit in (False, True):
+    for path in ["fast", "explicit"] + (["pytorch ops"] if device.type == "cpu" else []):
         torch.manual_seed(0)
         model = build_model(cfg, heads).to(device).train()
         optimizer = make_optimizer(model, cfg, device)
         x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
-        steps[explicit] = partial(train_step, model, optimizer, x, x, explicit_attention=explicit)
+        steps[path] = partial(train_step, model, optimizer, x, x, explicit_attention=path == "explicit")
+        if path == "pytorch ops":
+            steps[path] = partial(_without_kernel, steps[path])
+    return steps
+
+
+def training_paths(device):
+    """What each column of the training table times."""
+    explicit = "explicit: the authors' computation, which materialises the attention weights"
+    if device.type == "cuda":
+        return f"fast: PyTorch's fused attention (scaled_dot_product_attention); {explicit}."
+    fast = ("cpu_attention's fused kernel" if cpu_attention.available() else
+            f"PyTorch ops, the kernel being unavailable ({cpu_attention.unavailable_reason()})")
+    return f"fast: {fast}; {explicit}; pytorch ops: transformer.py's path for machines without a C compiler."
+
+
+def attention_layer_steps(cfg, heads, device):
+    """Forward and backward of one multi-head attention layer (projections included, dropout on) per path."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(cfg.embed_dim, heads, cfg.dropout, causal=True).to(device).train()
+    x = torch.randn(cfg.batch_size, cfg.seq_length, cfg.embed_dim, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    steps = {"fast": lambda: layer(x)[0].backward(grad), "explicit": lambda: layer(x, True)[0].backward(grad)}
+    if device.type == "cpu":
+        steps["pytorch ops"] = partial(_without_kernel, steps["fast"])
     return steps
 
 
 def paired_step_ms(steps, device, repeats, inner):
-    """Median ms per step of each path, timing the two paths in alternation so that drift hits both alike."""
-    times = {explicit: [] for explicit in steps}
-    for explicit, step in steps.items():
+    """Median ms per step of each path, timing the paths in alternation so that drift hits them alike."""
+    times = {path: [] for path in steps}
+    for step in steps.values():
         timed(step, device, 1, warmup=2)
     for _ in range(repeats):
-        for explicit, step in steps.items():
-            times[explicit].append(timed(step, device, 1, inner, warmup=0))
-    return {explicit: 1000 * statistics.median(t) for explicit, t in times.items()}
+        for path, step in steps.items():
+            times[path].append(timed(step, device, 1, inner, warmup=0))
+    return {path: 1000 * statistics.median(t) for path, t in times.items()}
 
 
 def models_for(cfg, cells, device, ckpt_dir):
@@ -88,8 +120,9 @@ def models_for(cfg, cells, device, ckpt_dir):
 
 
 def _side_by_side_worker(cfg, heads, barrier, results):
+    seconds_per_step(cfg, heads, torch.device("cpu"), threads=1, steps=1)  # warm-up (the kernel's compilation) alone
     barrier.wait()  # every worker times its steps at the same moment, competing for the cores as training cells do
-    results.put(seconds_per_step(cfg, heads, torch.device("cpu"), threads=1))
+    results.put(seconds_per_step(cfg, heads, torch.device("cpu"), threads=1, steps=7))
 
 
 def side_by_side_seconds(cfg, heads, workers):
@@ -112,8 +145,8 @@ def scheduling(cfg, device):
     thread each (the default of main.py and train.py), from measured steps of each head count."""
     cores = os.cpu_count() or 1
     cells = [h for _ in TASKS for h in HEADS]
-    alone_all = {h: seconds_per_step(cfg, h, device, threads=cores) for h in HEADS}
-    alone_one = {h: seconds_per_step(cfg, h, device, threads=1) for h in HEADS}
+    alone_all = {h: seconds_per_step(cfg, h, device, threads=cores, steps=7) for h in HEADS}
+    alone_one = {h: seconds_per_step(cfg, h, device, threads=1, steps=7) for h in HEADS}
     side = {h: side_by_side_seconds(cfg, h, cores) for h in HEADS} if cores > 1 else alone_one
     plans = {f"one cell at a time, {cores} threads (--jobs 1 --threads {cores})": (alone_all, 1),
              f"{cores} cells side by side, 1 thread each (--jobs {cores} --threads 1, the default)": (side, cores)}
@@ -140,17 +173,29 @@ def main():
              f"`python {' '.join(sys.argv)}`", ""]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        began = time.perf_counter()
+        lines += [f"cpu_attention kernel: {cpu_attention.build()} (built in {time.perf_counter() - began:.2f} s)", ""]
 
     rows = []
     for heads in HEADS:
         ms = paired_step_ms(train_steps(cfg, heads, device), device, repeats, inner)
-        fast, explicit = ms[False], ms[True]
         tokens = cfg.batch_size * cfg.seq_length
-        rows.append({"heads": heads, "fast ms/step": round(fast, 2), "explicit ms/step": round(explicit, 2),
-                     "speed-up": round(explicit / fast, 2), "fast tokens/s": round(1000 * tokens / fast),
-                     "explicit tokens/s": round(1000 * tokens / explicit)})
+        rows.append({"heads": heads, **{f"{path} ms/step": round(t, 2) for path, t in ms.items()},
+                     "speed-up over explicit": round(ms["explicit"] / ms["fast"], 2),
+                     "fast tokens/s": round(1000 * tokens / ms["fast"])})
         print(rows[-1])
-    lines += ["## Training step (Adam, dropout on, float32)", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    table = pd.DataFrame(rows)
+    table["fast / 1-head fast"] = (table["fast ms/step"] / table["fast ms/step"].iloc[0]).round(2)
+    lines += ["## Training step (Adam, dropout on, float32)", "", training_paths(device), "",
+              table.to_markdown(index=False), ""]
+    layer_rows = []
+    for heads in HEADS:
+        ms = paired_step_ms(attention_layer_steps(cfg, heads, device), device, repeats, 5 * inner)
+        layer_rows.append({"heads": heads, **{f"{path} ms": round(t, 2) for path, t in ms.items()}})
+    print(pd.DataFrame(layer_rows).to_string(index=False))
+    lines += ["## One attention layer, forward and backward (projections included, dropout on)", "",
+              pd.DataFrame(layer_rows).to_markdown(index=False), ""]
     if device.type == "cpu":
         plans = scheduling(cfg, device)
         print(plans.to_string(index=False))

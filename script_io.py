@@ -164,10 +164,14 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
+def cache_dir():
+    """This repo's folder in the user's cache: $XDG_CACHE_HOME (else ~/.cache)/beyondparallelism."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "beyondparallelism"
+
+
 def official_cache_dir():
-    """Where --official keeps the authors' checkpoints: $XDG_CACHE_HOME (else ~/.cache)/beyondparallelism/..."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "beyondparallelism" / "official" / OFFICIAL_COMMIT[:12]
+    """Where --official keeps the authors' checkpoints."""
+    return cache_dir() / "official" / OFFICIAL_COMMIT[:12]
 
 
 def fetch_official(progress=True, log=print):

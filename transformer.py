@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cpu_attention
+
 
 def dropout_keep_mask(shape, p, device=None):
     """Boolean mask keeping each entry with probability 1 - p (to 2^-31): one 32-bit random integer per entry.
@@ -29,9 +31,10 @@ def causal_bias(T, dtype, device):
 
 
 def _attention_cpu_dropout(q, k, v, dropout_p, causal):
-    """softmax(q k^T / sqrt(d) + causal mask) with dropout, @ v: the training path on the CPU, where the fused
-    kernel has no dropout and falls back to slow generic code. One baddbmm makes the masked, scaled scores; the
-    1 / (1 - p) rescaling is applied to v (T x d) rather than to the T x T weights."""
+    """softmax(q k^T / sqrt(d) + causal mask) with dropout, @ v, in PyTorch ops: CPU training where cpu_attention's
+    kernel cannot be compiled (PyTorch's fused kernel has no dropout on the CPU and falls back to slow generic code).
+    One baddbmm makes the masked, scaled scores; the 1 / (1 - p) rescaling is applied to v (T x d) rather than to
+    the T x T weights."""
     B, H, T, d = q.shape
     bias = causal_bias(T, q.dtype, q.device) if causal else torch.zeros(T, T, dtype=q.dtype, device=q.device)
     scores = torch.baddbmm(bias, q.reshape(B * H, T, d), k.reshape(B * H, T, d).transpose(1, 2),
@@ -68,7 +71,10 @@ class MultiHeadAttention(nn.Module):
                 scores = scores + causal_bias(T, scores.dtype, x.device)
             attn = scores.softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v
-        elif dropout_p and not q.is_cuda:
+        elif self.training and cpu_attention.usable(q):  # CPU training: the fused kernel of cpu_attention.py
+            attn, out = None, cpu_attention.attention(q, k, v, dropout_p, self.causal)
+        elif dropout_p and not q.is_cuda:  # CPU training without a C compiler, or not in float32
+            cpu_attention.warn_if_unavailable()
             attn, out = None, _attention_cpu_dropout(q, k, v, dropout_p, self.causal)
         else:  # same maths through the fused kernel
             attn = None
