@@ -112,8 +112,9 @@ static void keep_row(float *restrict mult, int len, uint32_t i, uint32_t n, uint
 }
 #endif
 
-/* e^x, relative error below 2e-7 on [-87, 88] (tested against double exp), in plain arithmetic that vectorizes (no libm call): x = n ln2 + r, |r| <= ln2/2,
-   e^r by its degree-7 Taylor polynomial, 2^n from the exponent bits. 0 below -87 (e^-87 < 2^-125), -inf included. */
+/* e^x in plain arithmetic that vectorizes (no libm call), relative error below 2e-7 on [-87, 88] (tested against
+   double exp): x = n ln2 + r, |r| <= ln2/2, e^r by its degree-7 Taylor polynomial, 2^n from the exponent bits.
+   0 below -87 (e^-87 < 2^-125), -inf included. */
 static inline float exp_approx(float x)
 {
     float y = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
@@ -175,94 +176,90 @@ static inline void row_dropout(float *restrict mult, int len, int i, int n, floa
     }
 }
 
-/* Matrices n0..n1-1 of q (N,T,d), kt and vt (N,d,Tp): out (N,T,d), lse (N,T) = log-sum-exp of each score row. */
-static void forward_range(const float *q, const float *kt, const float *vt, float *out, float *lse, int n0, int n1,
-                          int T, int Tp, int d, int causal, float scale, float p, uint64_t seed)
+/* Matrix n of q (N,T,d), kt and vt (N,d,Tp): out (N,T,d), lse (N,T) = log-sum-exp of each score row. */
+static void forward_matrix(const float *q, const float *kt, const float *vt, float *out, float *lse, int n, int T,
+                           int Tp, int d, int causal, float scale, float p, uint64_t seed)
 {
     float s[T + 32], mult[T + 32];
-    for (int n = n0; n < n1; n++) {
-        const float *ktn = kt + (size_t)n * d * Tp, *vtn = vt + (size_t)n * d * Tp;
-        for (int i = 0; i < T; i++) {
-            int len = causal ? i + 1 : T, nb = blocks(len);
-            row_products(s, q + ((size_t)n * T + i) * d, ktn, d, Tp, len, len, scale, -INFINITY);
-            float top[V], mx = -INFINITY, parts[V] = {0};
-            for (int l = 0; l < V; l++) top[l] = -INFINITY;
+    const float *ktn = kt + (size_t)n * d * Tp, *vtn = vt + (size_t)n * d * Tp;
+    for (int i = 0; i < T; i++) {
+        int len = causal ? i + 1 : T, nb = blocks(len);
+        row_products(s, q + ((size_t)n * T + i) * d, ktn, d, Tp, len, len, scale, -INFINITY);
+        float top[V], mx = -INFINITY, parts[V] = {0};
+        for (int l = 0; l < V; l++) top[l] = -INFINITY;
+        for (int b = 0; b < nb; b++)
+            for (int l = 0; l < V; l++) top[l] = s[V * b + l] > top[l] ? s[V * b + l] : top[l];
+        for (int l = 0; l < V; l++) mx = top[l] > mx ? top[l] : mx;
+        for (int b = 0; b < nb; b++)
+            for (int l = 0; l < V; l++) { s[V * b + l] = exp_approx(s[V * b + l] - mx); parts[l] += s[V * b + l]; }
+        float sum = hsum(parts);
+        row_dropout(mult, len, i, n, p, seed, 1.0f / ((1.0f - p) * sum));
+        for (int j = 0; j < V * nb; j++) s[j] *= mult[j];
+        float *oi = out + ((size_t)n * T + i) * d;
+        for (int c = 0; c < d; c++) {
+            const float *vc = vtn + (size_t)c * Tp;
+            float acc[V] = {0};
             for (int b = 0; b < nb; b++)
-                for (int l = 0; l < V; l++) top[l] = s[V * b + l] > top[l] ? s[V * b + l] : top[l];
-            for (int l = 0; l < V; l++) mx = top[l] > mx ? top[l] : mx;
-            for (int b = 0; b < nb; b++)
-                for (int l = 0; l < V; l++) { s[V * b + l] = exp_approx(s[V * b + l] - mx); parts[l] += s[V * b + l]; }
-            float sum = hsum(parts);
-            row_dropout(mult, len, i, n, p, seed, 1.0f / ((1.0f - p) * sum));
-            for (int j = 0; j < V * nb; j++) s[j] *= mult[j];
-            float *oi = out + ((size_t)n * T + i) * d;
-            for (int c = 0; c < d; c++) {
-                const float *vc = vtn + (size_t)c * Tp;
-                float acc[V] = {0};
-                for (int b = 0; b < nb; b++)
-                    for (int l = 0; l < V; l++) acc[l] += s[V * b + l] * vc[V * b + l];
-                oi[c] = hsum(acc);
-            }
-            lse[(size_t)n * T + i] = mx + logf(sum);
+                for (int l = 0; l < V; l++) acc[l] += s[V * b + l] * vc[V * b + l];
+            oi[c] = hsum(acc);
         }
+        lse[(size_t)n * T + i] = mx + logf(sum);
     }
 }
 
-/* Gradients of matrices n0..n1-1 from dout (N,T,d): dq (N,T,d), dkt and dvt (N,d,Tp). With A = softmax(S) and
+/* Gradients of matrix n from dout (N,T,d): dq (N,T,d), dkt and dvt (N,d,Tp). With A = softmax(S) and
    A~ = A * keep / (1 - p): dV = A~^T dO, dA~ = dO V^T, dS = A * (dA~ * keep / (1 - p) - rowsum(dO * O)).
    Queries go R at a time, so that each read-modify-write of dK and dV serves R rows. */
 #define R 4
-static void backward_range(const float *q, const float *kt, const float *vt, const float *out, const float *lse,
-                           const float *dout, float *dq, float *dkt, float *dvt, int n0, int n1, int T, int Tp, int d,
-                           int causal, float scale, float p, uint64_t seed)
+static void backward_matrix(const float *q, const float *kt, const float *vt, const float *out, const float *lse,
+                            const float *dout, float *dq, float *dkt, float *dvt, int n, int T, int Tp, int d,
+                            int causal, float scale, float p, uint64_t seed)
 {
     float a[R][T + 32], mult[T + 32], ds[R][T + 32];
-    for (int n = n0; n < n1; n++) {
-        const float *ktn = kt + (size_t)n * d * Tp, *vtn = vt + (size_t)n * d * Tp;
-        float *dktn = dkt + (size_t)n * d * Tp, *dvtn = dvt + (size_t)n * d * Tp;
-        memset(dktn, 0, sizeof(float) * d * Tp);
-        memset(dvtn, 0, sizeof(float) * d * Tp);
-        for (int i0 = 0; i0 < T; i0 += R) {
-            int rows = T - i0 < R ? T - i0 : R, width = causal ? i0 + rows : T, nb = blocks(width);
-            for (int r = 0; r < rows; r++) {  /* a[r] = A~ and ds[r] = dS * scale of row i0 + r, zero past its keys */
-                int i = i0 + r, len = causal ? i + 1 : T;
-                const float *doi = dout + ((size_t)n * T + i) * d, *oi = out + ((size_t)n * T + i) * d;
-                float l_i = lse[(size_t)n * T + i], rowsum = 0.0f;
-                row_products(a[r], q + ((size_t)n * T + i) * d, ktn, d, Tp, len, width, scale, -INFINITY);
-                for (int j = 0; j < V * nb; j++) a[r][j] = exp_approx(a[r][j] - l_i);
-                row_dropout(mult, width, i, n, p, seed, 1.0f / (1.0f - p));
-                row_products(ds[r], doi, vtn, d, Tp, len, width, 1.0f, 0.0f);  /* dA~ */
-                for (int c = 0; c < d; c++) rowsum += doi[c] * oi[c];
-                for (int j = 0; j < V * nb; j++) {
-                    ds[r][j] = a[r][j] * (ds[r][j] * mult[j] - rowsum) * scale;
-                    a[r][j] *= mult[j];
-                }
+    const float *ktn = kt + (size_t)n * d * Tp, *vtn = vt + (size_t)n * d * Tp;
+    float *dktn = dkt + (size_t)n * d * Tp, *dvtn = dvt + (size_t)n * d * Tp;
+    memset(dktn, 0, sizeof(float) * d * Tp);
+    memset(dvtn, 0, sizeof(float) * d * Tp);
+    for (int i0 = 0; i0 < T; i0 += R) {
+        int rows = T - i0 < R ? T - i0 : R, width = causal ? i0 + rows : T, nb = blocks(width);
+        for (int r = 0; r < rows; r++) {  /* a[r] = A~ and ds[r] = dS * scale of row i0 + r, zero past its keys */
+            int i = i0 + r, len = causal ? i + 1 : T;
+            const float *doi = dout + ((size_t)n * T + i) * d, *oi = out + ((size_t)n * T + i) * d;
+            float l_i = lse[(size_t)n * T + i], rowsum = 0.0f;
+            row_products(a[r], q + ((size_t)n * T + i) * d, ktn, d, Tp, len, width, scale, -INFINITY);
+            for (int j = 0; j < V * nb; j++) a[r][j] = exp_approx(a[r][j] - l_i);
+            row_dropout(mult, width, i, n, p, seed, 1.0f / (1.0f - p));
+            row_products(ds[r], doi, vtn, d, Tp, len, width, 1.0f, 0.0f);  /* dA~ */
+            for (int c = 0; c < d; c++) rowsum += doi[c] * oi[c];
+            for (int j = 0; j < V * nb; j++) {
+                ds[r][j] = a[r][j] * (ds[r][j] * mult[j] - rowsum) * scale;
+                a[r][j] *= mult[j];
             }
-            for (int r = rows; r < R; r++)  /* a short last group: rows of zeros */
-                for (int j = 0; j < V * nb; j++) a[r][j] = ds[r][j] = 0.0f;
-            const float *q0 = q + ((size_t)n * T + i0) * d, *do0 = dout + ((size_t)n * T + i0) * d;
-            float *dq0 = dq + ((size_t)n * T + i0) * d;
-            for (int c = 0; c < d; c++) {
-                const float *kc = ktn + (size_t)c * Tp;
-                float *dkc = dktn + (size_t)c * Tp, *dvc = dvtn + (size_t)c * Tp, qc[R], gc[R], acc[R][V] = {{0}};
-                for (int r = 0; r < R; r++) {
-                    qc[r] = r < rows ? q0[(size_t)r * d + c] : 0.0f;
-                    gc[r] = r < rows ? do0[(size_t)r * d + c] : 0.0f;
-                }
-                for (int b = 0; b < nb; b++)
-                    for (int l = 0; l < V; l++) {
-                        int j = V * b + l;
-                        float dk = dkc[j], dv = dvc[j];
-                        for (int r = 0; r < R; r++) {
-                            acc[r][l] += ds[r][j] * kc[j];
-                            dk += ds[r][j] * qc[r];
-                            dv += a[r][j] * gc[r];
-                        }
-                        dkc[j] = dk;
-                        dvc[j] = dv;
+        }
+        for (int r = rows; r < R; r++)  /* a short last group: rows of zeros */
+            for (int j = 0; j < V * nb; j++) a[r][j] = ds[r][j] = 0.0f;
+        const float *q0 = q + ((size_t)n * T + i0) * d, *do0 = dout + ((size_t)n * T + i0) * d;
+        float *dq0 = dq + ((size_t)n * T + i0) * d;
+        for (int c = 0; c < d; c++) {
+            const float *kc = ktn + (size_t)c * Tp;
+            float *dkc = dktn + (size_t)c * Tp, *dvc = dvtn + (size_t)c * Tp, qc[R], gc[R], acc[R][V] = {{0}};
+            for (int r = 0; r < R; r++) {
+                qc[r] = r < rows ? q0[(size_t)r * d + c] : 0.0f;
+                gc[r] = r < rows ? do0[(size_t)r * d + c] : 0.0f;
+            }
+            for (int b = 0; b < nb; b++)
+                for (int l = 0; l < V; l++) {
+                    int j = V * b + l;
+                    float dk = dkc[j], dv = dvc[j];
+                    for (int r = 0; r < R; r++) {
+                        acc[r][l] += ds[r][j] * kc[j];
+                        dk += ds[r][j] * qc[r];
+                        dv += a[r][j] * gc[r];
                     }
-                for (int r = 0; r < rows; r++) dq0[(size_t)r * d + c] = hsum(acc[r]);
-            }
+                    dkc[j] = dk;
+                    dvc[j] = dv;
+                }
+            for (int r = 0; r < rows; r++) dq0[(size_t)r * d + c] = hsum(acc[r]);
         }
     }
 }
@@ -274,7 +271,7 @@ void attention_forward(const float *q, const float *kt, const float *vt, float *
                        int T, int Tp, int d, int causal, float scale, float p, uint64_t seed)
 {
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) forward_range(q, kt, vt, out, lse, n, n + 1, T, Tp, d, causal, scale, p, seed);
+    for (int n = 0; n < N; n++) forward_matrix(q, kt, vt, out, lse, n, T, Tp, d, causal, scale, p, seed);
 }
 
 void attention_backward(const float *q, const float *kt, const float *vt, const float *out, const float *lse,
@@ -283,7 +280,7 @@ void attention_backward(const float *q, const float *kt, const float *vt, const 
 {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++)
-        backward_range(q, kt, vt, out, lse, dout, dq, dkt, dvt, n, n + 1, T, Tp, d, causal, scale, p, seed);
+        backward_matrix(q, kt, vt, out, lse, dout, dq, dkt, dvt, n, T, Tp, d, causal, scale, p, seed);
 }
 
 /* exp_approx over an array, for the tests. */
