@@ -16,8 +16,8 @@ torch's default generator once per call, kept when the word is >= round(p * 2^32
 regenerates the same bits from the saved key. torch.manual_seed and get_rng_state / set_rng_state govern it as they
 govern F.dropout, though the masks differ from F.dropout's (another generator).
 
-The kernel is C, compiled on first use with the system's C compiler ($CC, else cc, gcc or clang; under a second),
-kept in the user's cache for later processes, and called through ctypes. Its N matrices are shared among torch's intra-op
+The kernel is C, compiled on first use with the system's C compiler ($CC, else cc, gcc or clang), kept in the user's
+cache for later processes, and called through ctypes. Its N matrices are shared among torch's intra-op
 threads with OpenMP (linked after torch, it runs on torch's own OpenMP runtime); one matrix is computed by one
 thread in a fixed order, so results do not depend on the thread count. Without a working compiler `available()` is
 False and transformer.py keeps its PyTorch path (with a warning).
