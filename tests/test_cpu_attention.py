@@ -96,7 +96,7 @@ def test_portable_build_draws_the_same_bits_and_computes_the_same_attention():
     assert torch.allclose(cpu_attention.attention(q, k, v, 0.1, lib=portable), fast, atol=1e-6)
 
 
-@pytest.mark.parametrize("d, T, causal", [(4, 37, True), (16, 100, True), (64, 9, True), (8, 21, False)])
+@pytest.mark.parametrize("d, T, causal", [(4, 37, True), (16, 100, True), (64, 9, True), (8, 21, False), (3, 1, True)])
 def test_matches_float64_attention_without_dropout(d, T, causal):
     torch.manual_seed(d + T)
     q, k, v, grad = (torch.randn(2, 3, T, d) * 2 for _ in range(4))
@@ -106,13 +106,13 @@ def test_matches_float64_attention_without_dropout(d, T, causal):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (name, (a - b).abs().max().item())
 
 
-@pytest.mark.parametrize("d, T, p", [(4, 45, 0.1), (64, 33, 0.5)])
-def test_dropout_is_the_exact_computation_with_the_kernels_mask(d, T, p):
+@pytest.mark.parametrize("d, T, p, causal", [(4, 45, 0.1, True), (64, 33, 0.5, True), (5, 33, 0.3, False)])
+def test_dropout_is_the_exact_computation_with_the_kernels_mask(d, T, p, causal):
     torch.manual_seed(d)
     q, k, v, grad = (torch.randn(2, 4, T, d) for _ in range(4))
     keep = cpu_attention.keep_mask(2 * 4, T, p, seed_of_next_call()).view(2, 4, T, T)
-    fused = outputs_and_grads(lambda *x: cpu_attention.attention(*x, p), q, k, v, grad)
-    exact = outputs_and_grads(lambda *x: reference(*x, True, keep, p), q, k, v, grad)
+    fused = outputs_and_grads(lambda *x: cpu_attention.attention(*x, p, causal), q, k, v, grad)
+    exact = outputs_and_grads(lambda *x: reference(*x, causal, keep, p), q, k, v, grad)
     for name, a, b in zip(["out", "dq", "dk", "dv"], fused, exact):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (name, (a - b).abs().max().item())
 
