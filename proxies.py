@@ -20,6 +20,8 @@ attends to c) as a cumulative distribution, clipped at 1, and sends any deficit 
 are reproduced by default because the published numbers depend on them: a column's mass above 1 is cut off, and since
 A[0, 0] = 1 in every causal head, a walk started at position 0 never moves and scores max_steps.
 """
+import math
+
 import numpy as np
 import torch
 
@@ -99,12 +101,16 @@ def combine_heads(attn, head_weights=None):
     return (w @ attn.flatten(-2)).reshape(*attn.shape[:-3], T, T)  # one matmul, no (..., H, T, T) temporary
 
 
-def _over_chunks(fn, C):
-    """fn applied to (N, T, T) chunks of a batch (..., T, T); results reshaped back to the batch shape."""
-    batch_shape, T = C.shape[:-2], C.shape[-1]
-    flat = C.reshape(-1, T, T)
-    size = len(flat) if flat.is_cuda else CPU_CHUNK
-    out = torch.cat([fn(flat[i:i + size]) for i in range(0, len(flat), size)]) if len(flat) else fn(flat)
+def _over_chunks(fn, C, *aligned, item_dims=2):
+    """fn applied to chunks of a batch C (..., *item) of items of `item_dims` dims ((T, T) matrices by default, about
+    CPU_CHUNK matrices a chunk on the CPU), with the same rows of each `aligned` tensor (..., *rest); results
+    reshaped back to the batch shape."""
+    batch_shape, item = C.shape[:-item_dims], C.shape[-item_dims:]
+    flat = C.reshape(-1, *item)
+    rows = [a.reshape(len(flat), *a.shape[len(batch_shape):]) for a in aligned]
+    size = len(flat) if flat.is_cuda else max(1, CPU_CHUNK // math.prod(item[:-2]))
+    out = (torch.cat([fn(flat[i:i + size], *(r[i:i + size] for r in rows)) for i in range(0, len(flat), size)])
+           if len(flat) else fn(flat, *rows))
     return out.reshape(*batch_shape, *out.shape[1:])
 
 
@@ -250,13 +256,11 @@ def parallel_minimax_fidelity(attn, head_weights=None, horizon=100):
     attn = _check_layer(attn)
     w = _check_weights(head_weights, attn).expand(*attn.shape[:-2])  # (..., H)
     H, T = attn.shape[-3], attn.shape[-1]
-    flat, flat_w = attn.reshape(-1, H, T, T), w.reshape(-1, H)
-    size = len(flat) if flat.is_cuda else max(1, CPU_CHUNK // H)  # layers per chunk: about CPU_CHUNK matrices
-    phi = [torch.einsum("nh,nhtj->ntj", flat_w[i:i + size],
-                        _sink_rows(flat[i:i + size].reshape(-1, T, T), horizon).reshape(-1, H, horizon, T)).amax(1)
-           for i in range(0, len(flat), size)]
-    phi = torch.cat(phi) if phi else flat.new_zeros(0, T)
-    return 100 * np.min(_to_numpy(phi.reshape(*attn.shape[:-3], T)), axis=-1)
+
+    def phi(layers, weights):  # (n, H, T, T), (n, H) -> (n, T)
+        rows = _sink_rows(layers.reshape(-1, T, T), horizon).reshape(-1, H, horizon, T)
+        return torch.einsum("nh,nhtj->ntj", weights, rows).amax(1)
+    return 100 * np.min(_to_numpy(_over_chunks(phi, attn, w, item_dims=3)), axis=-1)
 
 
 def parallel_mixing_time(attn, head_weights=None, max_steps=100):
