@@ -176,15 +176,20 @@ static inline void row_dropout(float *restrict mult, int len, int i, int n, floa
     }
 }
 
-/* Matrix n of q (N,T,d), kt and vt (N,d,Tp): out (N,T,d), lse (N,T) = log-sum-exp of each score row. */
+/* Where row 0 of matrix n = (batch b, head h) starts in a (B, T, H, d) tensor: rows follow at a stride of H * d. */
+static inline size_t first_row(int n, int T, int H, int d) { return ((size_t)(n / H) * T * H + n % H) * d; }
+
+/* Matrix n of q (B,T,H,d), kt and vt (N,d,Tp), N = B * H: out (B,T,H,d), lse (N,T) = log-sum-exp of each score
+   row. */
 static void forward_matrix(const float *q, const float *kt, const float *vt, float *out, float *lse, int n, int T,
-                           int Tp, int d, int causal, float scale, float p, uint64_t seed)
+                           int Tp, int d, int H, int causal, float scale, float p, uint64_t seed)
 {
     float s[T + 32], mult[T + 32];
     const float *ktn = kt + (size_t)n * d * Tp, *vtn = vt + (size_t)n * d * Tp;
+    size_t row0 = first_row(n, T, H, d), ld = (size_t)H * d;
     for (int i = 0; i < T; i++) {
         int len = causal ? i + 1 : T, nb = blocks(len);
-        row_products(s, q + ((size_t)n * T + i) * d, ktn, d, Tp, len, len, scale, -INFINITY);
+        row_products(s, q + row0 + i * ld, ktn, d, Tp, len, len, scale, -INFINITY);
         float top[V], mx = -INFINITY, parts[V] = {0};
         for (int l = 0; l < V; l++) top[l] = -INFINITY;
         for (int b = 0; b < nb; b++)
@@ -195,7 +200,7 @@ static void forward_matrix(const float *q, const float *kt, const float *vt, flo
         float sum = hsum(parts);
         row_dropout(mult, len, i, n, p, seed, 1.0f / ((1.0f - p) * sum));
         for (int j = 0; j < V * nb; j++) s[j] *= mult[j];
-        float *oi = out + ((size_t)n * T + i) * d;
+        float *oi = out + row0 + i * ld;
         for (int c = 0; c < d; c++) {
             const float *vc = vtn + (size_t)c * Tp;
             float acc[V] = {0};
@@ -207,15 +212,16 @@ static void forward_matrix(const float *q, const float *kt, const float *vt, flo
     }
 }
 
-/* Gradients of matrix n from dout (N,T,d): dq (N,T,d), dkt and dvt (N,d,Tp). With A = softmax(S) and
+/* Gradients of matrix n from dout (B,T,H,d): dq (B,T,H,d), dkt and dvt (N,d,Tp). With A = softmax(S) and
    A~ = A * keep / (1 - p): dV = A~^T dO, dA~ = dO V^T, dS = A * (dA~ * keep / (1 - p) - rowsum(dO * O)).
    Queries go R at a time, so that each read-modify-write of dK and dV serves R rows. */
 #define R 4
 static void backward_matrix(const float *q, const float *kt, const float *vt, const float *out, const float *lse,
                             const float *dout, float *dq, float *dkt, float *dvt, int n, int T, int Tp, int d,
-                            int causal, float scale, float p, uint64_t seed)
+                            int H, int causal, float scale, float p, uint64_t seed)
 {
     float a[R][T + 32], mult[T + 32], ds[R][T + 32];
+    size_t row0 = first_row(n, T, H, d), ld = (size_t)H * d;
     const float *ktn = kt + (size_t)n * d * Tp, *vtn = vt + (size_t)n * d * Tp;
     float *dktn = dkt + (size_t)n * d * Tp, *dvtn = dvt + (size_t)n * d * Tp;
     memset(dktn, 0, sizeof(float) * d * Tp);
@@ -224,9 +230,9 @@ static void backward_matrix(const float *q, const float *kt, const float *vt, co
         int rows = T - i0 < R ? T - i0 : R, width = causal ? i0 + rows : T, nb = blocks(width);
         for (int r = 0; r < rows; r++) {  /* a[r] = A~ and ds[r] = dS * scale of row i0 + r, zero past its keys */
             int i = i0 + r, len = causal ? i + 1 : T;
-            const float *doi = dout + ((size_t)n * T + i) * d, *oi = out + ((size_t)n * T + i) * d;
+            const float *doi = dout + row0 + i * ld, *oi = out + row0 + i * ld;
             float l_i = lse[(size_t)n * T + i], rowsum = 0.0f;
-            row_products(a[r], q + ((size_t)n * T + i) * d, ktn, d, Tp, len, width, scale, -INFINITY);
+            row_products(a[r], q + row0 + i * ld, ktn, d, Tp, len, width, scale, -INFINITY);
             for (int j = 0; j < V * nb; j++) a[r][j] = exp_approx(a[r][j] - l_i);
             row_dropout(mult, width, i, n, p, seed, 1.0f / (1.0f - p));
             row_products(ds[r], doi, vtn, d, Tp, len, width, 1.0f, 0.0f);  /* dA~ */
@@ -238,14 +244,14 @@ static void backward_matrix(const float *q, const float *kt, const float *vt, co
         }
         for (int r = rows; r < R; r++)  /* a short last group: rows of zeros */
             for (int j = 0; j < V * nb; j++) a[r][j] = ds[r][j] = 0.0f;
-        const float *q0 = q + ((size_t)n * T + i0) * d, *do0 = dout + ((size_t)n * T + i0) * d;
-        float *dq0 = dq + ((size_t)n * T + i0) * d;
+        const float *q0 = q + row0 + i0 * ld, *do0 = dout + row0 + i0 * ld;
+        float *dq0 = dq + row0 + i0 * ld;
         for (int c = 0; c < d; c++) {
             const float *kc = ktn + (size_t)c * Tp;
             float *dkc = dktn + (size_t)c * Tp, *dvc = dvtn + (size_t)c * Tp, qc[R], gc[R], acc[R][V] = {{0}};
             for (int r = 0; r < R; r++) {
-                qc[r] = r < rows ? q0[(size_t)r * d + c] : 0.0f;
-                gc[r] = r < rows ? do0[(size_t)r * d + c] : 0.0f;
+                qc[r] = r < rows ? q0[r * ld + c] : 0.0f;
+                gc[r] = r < rows ? do0[r * ld + c] : 0.0f;
             }
             for (int b = 0; b < nb; b++)
                 for (int l = 0; l < V; l++) {
@@ -259,7 +265,7 @@ static void backward_matrix(const float *q, const float *kt, const float *vt, co
                     dkc[j] = dk;
                     dvc[j] = dv;
                 }
-            for (int r = 0; r < rows; r++) dq0[(size_t)r * d + c] = hsum(acc[r]);
+            for (int r = 0; r < rows; r++) dq0[r * ld + c] = hsum(acc[r]);
         }
     }
 }
@@ -268,19 +274,19 @@ static void backward_matrix(const float *q, const float *kt, const float *vt, co
    (so results do not depend on the thread count). Compiled with -fopenmp after torch is loaded, the OpenMP runtime
    is torch's own (same soname), whose threads are already running; without OpenMP the loop is serial. */
 void attention_forward(const float *q, const float *kt, const float *vt, float *out, float *lse, int N, int threads,
-                       int T, int Tp, int d, int causal, float scale, float p, uint64_t seed)
+                       int T, int Tp, int d, int H, int causal, float scale, float p, uint64_t seed)
 {
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) forward_matrix(q, kt, vt, out, lse, n, T, Tp, d, causal, scale, p, seed);
+    for (int n = 0; n < N; n++) forward_matrix(q, kt, vt, out, lse, n, T, Tp, d, H, causal, scale, p, seed);
 }
 
 void attention_backward(const float *q, const float *kt, const float *vt, const float *out, const float *lse,
                         const float *dout, float *dq, float *dkt, float *dvt, int N, int threads, int T, int Tp, int d,
-                        int causal, float scale, float p, uint64_t seed)
+                        int H, int causal, float scale, float p, uint64_t seed)
 {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++)
-        backward_matrix(q, kt, vt, out, lse, dout, dq, dkt, dvt, n, T, Tp, d, causal, scale, p, seed);
+        backward_matrix(q, kt, vt, out, lse, dout, dq, dkt, dvt, n, T, Tp, d, H, causal, scale, p, seed);
 }
 
 /* exp_approx over an array, for the tests. */
@@ -349,8 +355,8 @@ def compile_kernel(flags, compiler):
             os.replace(partial, target)  # whole, even when several processes build at once
     lib = ctypes.CDLL(str(target))
     ptr, i32, f32, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
-    lib.attention_forward.argtypes = [ptr] * 5 + [i32] * 6 + [f32, f32, u64]
-    lib.attention_backward.argtypes = [ptr] * 9 + [i32] * 6 + [f32, f32, u64]
+    lib.attention_forward.argtypes = [ptr] * 5 + [i32] * 7 + [f32, f32, u64]
+    lib.attention_backward.argtypes = [ptr] * 9 + [i32] * 7 + [f32, f32, u64]
     lib.keep_mask.argtypes = [ptr, i32, i32, f32, u64]
     lib.philox4x32_10.argtypes = [ptr] * 3
     lib.exp_approx_into.argtypes = [ptr, ptr, i32]
@@ -419,31 +425,38 @@ def _pointers(*tensors):
 
 
 class _FusedAttention(torch.autograd.Function):
-    """(N, T, d) q, k, v -> (N, T, d); saves q, the zero-padded K^T and V^T, the output and the row log-sum-exps."""
+    """(B, H, T, d) q, k, v -> (B, H, T, d). q, the output and their gradients live in (B, T, H, d) layout, the
+    layout of the projections around them, so no head split or merge is copied; K^T and V^T are copied once,
+    zero-padded to Tp keys. Saves q, K^T, V^T, the output and the row log-sum-exps."""
 
     @staticmethod
     def forward(ctx, q, k, v, dropout_p, causal, lib):
-        N, T, d = q.shape
+        B, H, T, d = q.shape
         Tp = -(-T // VECTOR) * VECTOR
-        q, kt, vt = q.contiguous(), q.new_zeros(N, d, Tp), q.new_zeros(N, d, Tp)
-        kt[..., :T], vt[..., :T] = k.transpose(1, 2), v.transpose(1, 2)
-        out, lse = torch.empty_like(q), q.new_empty(N, T)
+        q = q.transpose(1, 2).contiguous()  # a view already, when q comes from a (B, T, H * d) projection
+        kt, vt = q.new_zeros(B, H, d, Tp), q.new_zeros(B, H, d, Tp)
+        kt[..., :T], vt[..., :T] = k.transpose(2, 3), v.transpose(2, 3)
+        out, lse = torch.empty_like(q), q.new_empty(B * H, T)
         seed = int(torch.randint(0, 2 ** 63 - 1, (1,))) if dropout_p > 0 else 0
-        threads = max(1, min(torch.get_num_threads(), N))
-        ctx.lib, ctx.constants = lib, (T, Tp, d, int(causal), d ** -0.5, float(dropout_p), seed)
-        lib.attention_forward(*_pointers(q, kt, vt, out, lse), N, threads, *ctx.constants)
+        ctx.lib, ctx.constants = lib, (T, Tp, d, H, int(causal), d ** -0.5, float(dropout_p), seed)
+        lib.attention_forward(*_pointers(q, kt, vt, out, lse), B * H, _threads(B * H), *ctx.constants)
         ctx.save_for_backward(q, kt, vt, out, lse)
-        return out
+        return out.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         q, kt, vt, out, lse = ctx.saved_tensors
         dq, dkt, dvt = torch.empty_like(q), torch.empty_like(kt), torch.empty_like(vt)
-        N, T, _ = q.shape
-        ctx.lib.attention_backward(*_pointers(q, kt, vt, out, lse, dout.contiguous(), dq, dkt, dvt), N,
-                                   max(1, min(torch.get_num_threads(), N)), *ctx.constants)
-        return dq, dkt[..., :T].transpose(1, 2), dvt[..., :T].transpose(1, 2), None, None, None
+        dout = dout.transpose(1, 2).contiguous()
+        N, T = lse.shape
+        ctx.lib.attention_backward(*_pointers(q, kt, vt, out, lse, dout, dq, dkt, dvt), N, _threads(N),
+                                   *ctx.constants)
+        return dq.transpose(1, 2), dkt[..., :T].transpose(2, 3), dvt[..., :T].transpose(2, 3), None, None, None
+
+
+def _threads(N):
+    return max(1, min(torch.get_num_threads(), N))
 
 
 def attention(q, k, v, dropout_p=0.0, causal=True, lib=None):
@@ -458,9 +471,7 @@ def attention(q, k, v, dropout_p=0.0, causal=True, lib=None):
                          f"{tuple(v.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    B, H, T, d = q.shape
-    flat = [x.reshape(B * H, T, d) for x in (q, k, v)]
-    return _FusedAttention.apply(*flat, dropout_p, causal, lib or _library()).view(B, H, T, d)
+    return _FusedAttention.apply(q, k, v, dropout_p, causal, lib or _library())
 
 
 def keep_mask(N, T, p, seed, lib=None):
