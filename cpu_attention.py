@@ -130,40 +130,52 @@ static inline float exp_approx(float x)
 }
 
 /* Rows are processed in blocks of V keys (one AVX2 register): a row of length len covers V * blocks(len) keys, the
-   padding keys scoring -inf (weight 0). kt and vt are (d, Tp) per matrix, Tp = V * blocks(T), zero-padded. Each
-   `for (l < V)` loop compiles to single vector instructions; V partial sums are added in a fixed order. */
+   padding keys scoring -inf (weight 0). kt and vt are (d, Tp) per matrix, Tp = V * blocks(T), zero-padded. The hot
+   loops use GCC/Clang vector types (vf: V floats), so that they vectorize along the keys whatever the compiler's
+   heuristics; V partial sums are added in a fixed order. */
 #define V 8
+typedef float vf __attribute__((vector_size(4 * V)));
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline int blocks(int len) { return (len + V - 1) / V; }
 static inline float hsum(const float *a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+static inline float vsum(vf v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-/* s[j] = x . kt[:, j] * scale for blocks b0..b0+G-1: G independent sums at once, so that a long d does not make
-   one chain of dependent multiply-adds. */
-static inline void block_products(float *restrict s, const float *restrict x, const float *restrict kt, int d, int Tp,
-                                  float scale, int b0, int G)
+/* Queries go R at a time, so that each load of a key, a value or a dK/dV entry serves R rows. */
+#define R 4
+
+/* s[r][j] = x[r] . kt[:, j] * scale (s rows W floats apart) for the R rows of x (R x d, packed) and the keys of blocks
+   b0..b0+G-1 (G = 1 or 2): R x G independent sums, so that a long d does not make one chain of multiply-adds. */
+static inline void block_products(float *restrict s, int W, const float *restrict x, const float *restrict kt, int d,
+                                  int Tp, float scale, int b0, int G)
 {
-    float acc[4][V] = {{0}};
+    vf acc[R][2] = {{0}};
     for (int c = 0; c < d; c++) {
         const float *kc = kt + (size_t)c * Tp + V * b0;
-        float xc = x[c];
-        for (int g = 0; g < G; g++)
-            for (int l = 0; l < V; l++) acc[g][l] += xc * kc[V * g + l];
+        vf k0 = load(kc), k1 = G > 1 ? load(kc + V) : k0;
+        for (int r = 0; r < R; r++) {
+            acc[r][0] += x[r * d + c] * k0;
+            if (G > 1) acc[r][1] += x[r * d + c] * k1;
+        }
     }
-    for (int g = 0; g < G; g++)
-        for (int l = 0; l < V; l++) s[V * (b0 + g) + l] = acc[g][l] * scale;
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < G; g++) store(s + r * W + V * (b0 + g), acc[r][g] * scale);
 }
 
-/* s[j] = x . kt[:, j] * scale over `blocks(width)` blocks, `pad` from key len on (len <= width). */
-static inline void row_products(float *restrict s, const float *restrict x, const float *restrict kt, int d, int Tp,
-                                int len, int width, float scale, float pad)
+/* s[r][j] = x[r] . kt[:, j] * scale over blocks(width) blocks, for the R rows of a group. */
+static inline void group_products(float *restrict s, int W, const float *restrict x, const float *restrict kt, int d,
+                                  int Tp, int width, float scale)
 {
     int nb = blocks(width), b = 0;
-    for (; b + 4 <= nb; b += 4) block_products(s, x, kt, d, Tp, scale, b, 4);
-    switch (nb - b) {  /* constant G in each call: the compiler unrolls each */
-        case 3: block_products(s, x, kt, d, Tp, scale, b, 3); break;
-        case 2: block_products(s, x, kt, d, Tp, scale, b, 2); break;
-        case 1: block_products(s, x, kt, d, Tp, scale, b, 1); break;
-    }
-    for (int j = len; j < V * nb; j++) s[j] = pad;
+    for (; b + 2 <= nb; b += 2) block_products(s, W, x, kt, d, Tp, scale, b, 2);  /* constant G: unrolled */
+    if (b < nb) block_products(s, W, x, kt, d, Tp, scale, b, 1);
+}
+
+/* The rows of a group (src rows ld floats apart) packed into x (R x d), rows past `rows` zero. */
+static inline void gather_rows(float *restrict x, const float *restrict src, size_t ld, int rows, int d)
+{
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < d; c++) x[r * d + c] = r < rows ? src[r * ld + c] : 0.0f;
 }
 
 static inline void row_dropout(float *restrict mult, int len, int i, int n, float p, uint64_t seed, float kept)
@@ -184,43 +196,58 @@ static inline size_t first_row(int n, int T, int H, int d) { return ((size_t)(n 
 static void forward_matrix(const float *q, const float *kt, const float *vt, float *out, float *lse, int n, int T,
                            int Tp, int d, int H, int causal, float scale, float p, uint64_t seed)
 {
-    float s[T + 32], mult[T + 32];
+    const int W = T + 32;
+    float s[R][W], mult[W], x[R * d];
     const float *ktn = kt + (size_t)n * d * Tp, *vtn = vt + (size_t)n * d * Tp;
     size_t row0 = first_row(n, T, H, d), ld = (size_t)H * d;
-    for (int i = 0; i < T; i++) {
-        int len = causal ? i + 1 : T, nb = blocks(len);
-        row_products(s, q + row0 + i * ld, ktn, d, Tp, len, len, scale, -INFINITY);
-        float top[V], mx = -INFINITY, parts[V] = {0};
-        for (int l = 0; l < V; l++) top[l] = -INFINITY;
-        for (int b = 0; b < nb; b++)
-            for (int l = 0; l < V; l++) top[l] = s[V * b + l] > top[l] ? s[V * b + l] : top[l];
-        for (int l = 0; l < V; l++) mx = top[l] > mx ? top[l] : mx;
-        for (int b = 0; b < nb; b++)
-            for (int l = 0; l < V; l++) { s[V * b + l] = exp_approx(s[V * b + l] - mx); parts[l] += s[V * b + l]; }
-        float sum = hsum(parts);
-        row_dropout(mult, len, i, n, p, seed, 1.0f / ((1.0f - p) * sum));
-        for (int j = 0; j < V * nb; j++) s[j] *= mult[j];
-        float *oi = out + row0 + i * ld;
+    for (int i0 = 0; i0 < T; i0 += R) {
+        int rows = T - i0 < R ? T - i0 : R, width = causal ? i0 + rows : T, nb = blocks(width);
+        gather_rows(x, q + row0 + i0 * ld, ld, rows, d);
+        group_products(&s[0][0], W, x, ktn, d, Tp, width, scale);
+        for (int r = 0; r < R; r++) {  /* s[r] = A~ of row i0 + r: softmax, dropout, 1 / (1 - p); zero past its keys */
+            int i = i0 + r, len = causal ? i + 1 : T;
+            if (r >= rows) {  /* a short last group: a row of zeros */
+                for (int j = 0; j < V * nb; j++) s[r][j] = 0.0f;
+                continue;
+            }
+            for (int j = len; j < V * nb; j++) s[r][j] = -INFINITY;
+            float top[V], mx = -INFINITY, parts[V] = {0};
+            for (int l = 0; l < V; l++) top[l] = -INFINITY;
+            for (int b = 0; b < nb; b++)
+                for (int l = 0; l < V; l++) top[l] = s[r][V * b + l] > top[l] ? s[r][V * b + l] : top[l];
+            for (int l = 0; l < V; l++) mx = top[l] > mx ? top[l] : mx;
+            for (int b = 0; b < nb; b++)
+                for (int l = 0; l < V; l++) {
+                    s[r][V * b + l] = exp_approx(s[r][V * b + l] - mx);
+                    parts[l] += s[r][V * b + l];
+                }
+            float sum = hsum(parts);
+            row_dropout(mult, width, i, n, p, seed, 1.0f / ((1.0f - p) * sum));
+            for (int j = 0; j < V * nb; j++) s[r][j] *= mult[j];
+            lse[(size_t)n * T + i] = mx + logf(sum);
+        }
+        float *o0 = out + row0 + i0 * ld;
         for (int c = 0; c < d; c++) {
             const float *vc = vtn + (size_t)c * Tp;
-            float acc[V] = {0};
-            for (int b = 0; b < nb; b++)
-                for (int l = 0; l < V; l++) acc[l] += s[V * b + l] * vc[V * b + l];
-            oi[c] = hsum(acc);
+            vf acc[R] = {0};
+            for (int b = 0; b < nb; b++) {
+                vf v = load(vc + V * b);
+                for (int r = 0; r < R; r++) acc[r] += load(&s[r][V * b]) * v;
+            }
+            for (int r = 0; r < rows; r++) o0[r * ld + c] = vsum(acc[r]);
         }
-        lse[(size_t)n * T + i] = mx + logf(sum);
     }
 }
 
 /* Gradients of matrix n from dout (B,T,H,d): dq (B,T,H,d), dkt and dvt (N,d,Tp). With A = softmax(S) and
    A~ = A * keep / (1 - p): dV = A~^T dO, dA~ = dO V^T, dS = A * (dA~ * keep / (1 - p) - rowsum(dO * O)).
-   Queries go R at a time, so that each read-modify-write of dK and dV serves R rows. */
-#define R 4
+   Queries go R at a time. */
 static void backward_matrix(const float *q, const float *kt, const float *vt, const float *out, const float *lse,
                             const float *dout, float *dq, float *dkt, float *dvt, int n, int T, int Tp, int d,
                             int H, int causal, float scale, float p, uint64_t seed)
 {
-    float a[R][T + 32], mult[T + 32], ds[R][T + 32];
+    const int W = T + 32;
+    float a[R][W], mult[W], ds[R][W], x[R * d], g[R * d];
     size_t row0 = first_row(n, T, H, d), ld = (size_t)H * d;
     const float *ktn = kt + (size_t)n * d * Tp, *vtn = vt + (size_t)n * d * Tp;
     float *dktn = dkt + (size_t)n * d * Tp, *dvtn = dvt + (size_t)n * d * Tp;
@@ -228,15 +255,18 @@ static void backward_matrix(const float *q, const float *kt, const float *vt, co
     memset(dvtn, 0, sizeof(float) * d * Tp);
     for (int i0 = 0; i0 < T; i0 += R) {
         int rows = T - i0 < R ? T - i0 : R, width = causal ? i0 + rows : T, nb = blocks(width);
+        gather_rows(x, q + row0 + i0 * ld, ld, rows, d);
+        gather_rows(g, dout + row0 + i0 * ld, ld, rows, d);
+        group_products(&a[0][0], W, x, ktn, d, Tp, width, scale);   /* scores */
+        group_products(&ds[0][0], W, g, vtn, d, Tp, width, 1.0f);   /* dA~ */
         for (int r = 0; r < rows; r++) {  /* a[r] = A~ and ds[r] = dS * scale of row i0 + r, zero past its keys */
             int i = i0 + r, len = causal ? i + 1 : T;
-            const float *doi = dout + row0 + i * ld, *oi = out + row0 + i * ld;
+            const float *oi = out + row0 + i * ld;
             float l_i = lse[(size_t)n * T + i], rowsum = 0.0f;
-            row_products(a[r], q + row0 + i * ld, ktn, d, Tp, len, width, scale, -INFINITY);
+            for (int j = len; j < V * nb; j++) a[r][j] = -INFINITY;
             for (int j = 0; j < V * nb; j++) a[r][j] = exp_approx(a[r][j] - l_i);
             row_dropout(mult, width, i, n, p, seed, 1.0f / (1.0f - p));
-            row_products(ds[r], doi, vtn, d, Tp, len, width, 1.0f, 0.0f);  /* dA~ */
-            for (int c = 0; c < d; c++) rowsum += doi[c] * oi[c];
+            for (int c = 0; c < d; c++) rowsum += g[r * d + c] * oi[c];
             for (int j = 0; j < V * nb; j++) {
                 ds[r][j] = a[r][j] * (ds[r][j] * mult[j] - rowsum) * scale;
                 a[r][j] *= mult[j];
@@ -244,28 +274,23 @@ static void backward_matrix(const float *q, const float *kt, const float *vt, co
         }
         for (int r = rows; r < R; r++)  /* a short last group: rows of zeros */
             for (int j = 0; j < V * nb; j++) a[r][j] = ds[r][j] = 0.0f;
-        const float *q0 = q + row0 + i0 * ld, *do0 = dout + row0 + i0 * ld;
         float *dq0 = dq + row0 + i0 * ld;
         for (int c = 0; c < d; c++) {
             const float *kc = ktn + (size_t)c * Tp;
-            float *dkc = dktn + (size_t)c * Tp, *dvc = dvtn + (size_t)c * Tp, qc[R], gc[R], acc[R][V] = {{0}};
-            for (int r = 0; r < R; r++) {
-                qc[r] = r < rows ? q0[r * ld + c] : 0.0f;
-                gc[r] = r < rows ? do0[r * ld + c] : 0.0f;
-            }
-            for (int b = 0; b < nb; b++)
-                for (int l = 0; l < V; l++) {
-                    int j = V * b + l;
-                    float dk = dkc[j], dv = dvc[j];
-                    for (int r = 0; r < R; r++) {
-                        acc[r][l] += ds[r][j] * kc[j];
-                        dk += ds[r][j] * qc[r];
-                        dv += a[r][j] * gc[r];
-                    }
-                    dkc[j] = dk;
-                    dvc[j] = dv;
+            float *dkc = dktn + (size_t)c * Tp, *dvc = dvtn + (size_t)c * Tp;
+            vf acc[R] = {0};
+            for (int b = 0; b < nb; b++) {
+                vf k = load(kc + V * b), dk = load(dkc + V * b), dv = load(dvc + V * b);
+                for (int r = 0; r < R; r++) {
+                    vf dsr = load(&ds[r][V * b]);
+                    acc[r] += dsr * k;
+                    dk += dsr * x[r * d + c];
+                    dv += load(&a[r][V * b]) * g[r * d + c];
                 }
-            for (int r = 0; r < rows; r++) dq0[r * ld + c] = hsum(acc[r]);
+                store(dkc + V * b, dk);
+                store(dvc + V * b, dv);
+            }
+            for (int r = 0; r < rows; r++) dq0[r * ld + c] = vsum(acc[r]);
         }
     }
 }
