@@ -12,8 +12,8 @@ hundred bytes of stack, only the causal entries are computed, and only they draw
 Dropout: each weight is kept with probability 1 - p and the kept ones scaled by 1 / (1 - p), as F.dropout does. The
 keep bit of entry (matrix n, query i, key j) comes from Philox4x32-10 (Random123; the generator behind PyTorch's CUDA
 dropout): word (j // 8) % 4 of the block at counter ((j // 32) * 8 + j % 8, i, n, 0), under a 64-bit key drawn from
-torch's default generator once per call, kept when the word is >= round(p * 2^32): exact to 2^-33. Backward
-regenerates the same bits from the saved key. torch.manual_seed and get_rng_state / set_rng_state govern it as they
+torch's default generator once per call, kept when the word is >= round(p * 2^32): exact to 2^-33. Forward keeps the
+keep bits (1 bit a weight) for backward. torch.manual_seed and get_rng_state / set_rng_state govern it as they
 govern F.dropout, though the masks differ from F.dropout's (another generator).
 
 The kernel is C, compiled on first use with the system's C compiler ($CC, else cc, gcc or clang), kept in the user's
@@ -178,6 +178,22 @@ static inline void gather_rows(float *restrict x, const float *restrict src, siz
         for (int c = 0; c < d; c++) x[r * d + c] = r < rows ? src[r * ld + c] : 0.0f;
 }
 
+/* The keep bits of a row's mult (1 bit a key, 32 keys a word) for backward, and back. */
+static inline void pack_keep(uint32_t *restrict bits, const float *restrict mult, int width)
+{
+    for (int t = 0; t < (width + 31) / 32; t++) {
+        uint32_t word = 0;
+        for (int j = 0; j < 32; j++) word |= (uint32_t)(mult[32 * t + j] != 0.0f) << j;
+        bits[t] = word;
+    }
+}
+
+static inline void unpack_keep(float *restrict mult, const uint32_t *restrict bits, int width, float kept)
+{
+    for (int t = 0; t < (width + 31) / 32; t++)
+        for (int j = 0; j < 32; j++) mult[32 * t + j] = (bits[t] >> j) & 1u ? kept : 0.0f;
+}
+
 static inline void row_dropout(float *restrict mult, int len, int i, int n, float p, uint64_t seed, float kept)
 {
     if (p > 0.0f) {
@@ -192,9 +208,9 @@ static inline void row_dropout(float *restrict mult, int len, int i, int n, floa
 static inline size_t first_row(int n, int T, int H, int d) { return ((size_t)(n / H) * T * H + n % H) * d; }
 
 /* Matrix n of q (B,T,H,d), kt and vt (N,d,Tp), N = B * H: out (B,T,H,d), lse (N,T) = log-sum-exp of each score
-   row. */
-static void forward_matrix(const float *q, const float *kt, const float *vt, float *out, float *lse, int n, int T,
-                           int Tp, int d, int H, int causal, float scale, float p, uint64_t seed)
+   row, and with dropout the keep bits (N, T, ceil(T / 32) words) for backward. */
+static void forward_matrix(const float *q, const float *kt, const float *vt, float *out, float *lse, uint32_t *bits,
+                           int n, int T, int Tp, int d, int H, int causal, float scale, float p, uint64_t seed)
 {
     const int W = T + 32;
     float s[R][W], mult[W], x[R * d];
@@ -223,6 +239,7 @@ static void forward_matrix(const float *q, const float *kt, const float *vt, flo
                 }
             float sum = hsum(parts);
             row_dropout(mult, width, i, n, p, seed, 1.0f / ((1.0f - p) * sum));
+            if (p > 0.0f) pack_keep(bits + ((size_t)n * T + i) * ((T + 31) / 32), mult, width);
             for (int j = 0; j < V * nb; j++) s[r][j] *= mult[j];
             lse[(size_t)n * T + i] = mx + logf(sum);
         }
@@ -243,8 +260,8 @@ static void forward_matrix(const float *q, const float *kt, const float *vt, flo
    A~ = A * keep / (1 - p): dV = A~^T dO, dA~ = dO V^T, dS = A * (dA~ * keep / (1 - p) - rowsum(dO * O)).
    Queries go R at a time. */
 static void backward_matrix(const float *q, const float *kt, const float *vt, const float *out, const float *lse,
-                            const float *dout, float *dq, float *dkt, float *dvt, int n, int T, int Tp, int d,
-                            int H, int causal, float scale, float p, uint64_t seed)
+                            const uint32_t *bits, const float *dout, float *dq, float *dkt, float *dvt, int n, int T,
+                            int Tp, int d, int H, int causal, float scale, float p)
 {
     const int W = T + 32;
     float a[R][W], mult[W], ds[R][W], x[R * d], g[R * d];
@@ -265,7 +282,8 @@ static void backward_matrix(const float *q, const float *kt, const float *vt, co
             float l_i = lse[(size_t)n * T + i], rowsum = 0.0f;
             for (int j = len; j < V * nb; j++) a[r][j] = -INFINITY;
             for (int j = 0; j < V * nb; j++) a[r][j] = exp_approx(a[r][j] - l_i);
-            row_dropout(mult, width, i, n, p, seed, 1.0f / (1.0f - p));
+            if (p > 0.0f) unpack_keep(mult, bits + ((size_t)n * T + i) * ((T + 31) / 32), width, 1.0f / (1.0f - p));
+            else for (int j = 0; j < V * nb; j++) mult[j] = 1.0f;
             for (int c = 0; c < d; c++) rowsum += g[r * d + c] * oi[c];
             for (int j = 0; j < V * nb; j++) {
                 ds[r][j] = a[r][j] * (ds[r][j] * mult[j] - rowsum) * scale;
@@ -298,20 +316,20 @@ static void backward_matrix(const float *q, const float *kt, const float *vt, co
 /* The exported entry points: the N matrices shared among `threads` OpenMP threads, one matrix per thread at a time
    (so results do not depend on the thread count). Compiled with -fopenmp after torch is loaded, the OpenMP runtime
    is torch's own (same soname), whose threads are already running; without OpenMP the loop is serial. */
-void attention_forward(const float *q, const float *kt, const float *vt, float *out, float *lse, int N, int threads,
-                       int T, int Tp, int d, int H, int causal, float scale, float p, uint64_t seed)
+void attention_forward(const float *q, const float *kt, const float *vt, float *out, float *lse, uint32_t *bits, int N,
+                       int threads, int T, int Tp, int d, int H, int causal, float scale, float p, uint64_t seed)
 {
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) forward_matrix(q, kt, vt, out, lse, n, T, Tp, d, H, causal, scale, p, seed);
+    for (int n = 0; n < N; n++) forward_matrix(q, kt, vt, out, lse, bits, n, T, Tp, d, H, causal, scale, p, seed);
 }
 
 void attention_backward(const float *q, const float *kt, const float *vt, const float *out, const float *lse,
-                        const float *dout, float *dq, float *dkt, float *dvt, int N, int threads, int T, int Tp, int d,
-                        int H, int causal, float scale, float p, uint64_t seed)
+                        const uint32_t *bits, const float *dout, float *dq, float *dkt, float *dvt, int N, int threads,
+                        int T, int Tp, int d, int H, int causal, float scale, float p)
 {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int n = 0; n < N; n++)
-        backward_matrix(q, kt, vt, out, lse, dout, dq, dkt, dvt, n, T, Tp, d, H, causal, scale, p, seed);
+        backward_matrix(q, kt, vt, out, lse, bits, dout, dq, dkt, dvt, n, T, Tp, d, H, causal, scale, p);
 }
 
 /* exp_approx over an array, for the tests. */
@@ -380,8 +398,8 @@ def compile_kernel(flags, compiler):
             os.replace(partial, target)  # whole, even when several processes build at once
     lib = ctypes.CDLL(str(target))
     ptr, i32, f32, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_uint64
-    lib.attention_forward.argtypes = [ptr] * 5 + [i32] * 7 + [f32, f32, u64]
-    lib.attention_backward.argtypes = [ptr] * 9 + [i32] * 7 + [f32, f32, u64]
+    lib.attention_forward.argtypes = [ptr] * 6 + [i32] * 7 + [f32, f32, u64]
+    lib.attention_backward.argtypes = [ptr] * 10 + [i32] * 7 + [f32, f32]
     lib.keep_mask.argtypes = [ptr, i32, i32, f32, u64]
     lib.philox4x32_10.argtypes = [ptr] * 3
     lib.exp_approx_into.argtypes = [ptr, ptr, i32]
@@ -452,7 +470,7 @@ def _pointers(*tensors):
 class _FusedAttention(torch.autograd.Function):
     """(B, H, T, d) q, k, v -> (B, H, T, d). q, the output and their gradients live in (B, T, H, d) layout, the
     layout of the projections around them, so no head split or merge is copied; K^T and V^T are copied once,
-    zero-padded to Tp keys. Saves q, K^T, V^T, the output and the row log-sum-exps."""
+    zero-padded to Tp keys. Saves q, K^T, V^T, the output, the row log-sum-exps and the keep bits."""
 
     @staticmethod
     def forward(ctx, q, k, v, dropout_p, causal, lib):
@@ -462,20 +480,21 @@ class _FusedAttention(torch.autograd.Function):
         kt, vt = q.new_zeros(B, H, d, Tp), q.new_zeros(B, H, d, Tp)
         kt[..., :T], vt[..., :T] = k.transpose(2, 3), v.transpose(2, 3)
         out, lse = torch.empty_like(q), q.new_empty(B * H, T)
+        bits = torch.empty(B * H, T, -(-T // 32) if dropout_p > 0 else 0, dtype=torch.int32)  # the keep bits
         seed = int(torch.randint(0, 2 ** 63 - 1, (1,))) if dropout_p > 0 else 0
-        ctx.lib, ctx.constants = lib, (T, Tp, d, H, int(causal), d ** -0.5, float(dropout_p), seed)
-        lib.attention_forward(*_pointers(q, kt, vt, out, lse), B * H, _threads(B * H), *ctx.constants)
-        ctx.save_for_backward(q, kt, vt, out, lse)
+        ctx.lib, ctx.constants = lib, (T, Tp, d, H, int(causal), d ** -0.5, float(dropout_p))
+        lib.attention_forward(*_pointers(q, kt, vt, out, lse, bits), B * H, _threads(B * H), *ctx.constants, seed)
+        ctx.save_for_backward(q, kt, vt, out, lse, bits)
         return out.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, kt, vt, out, lse = ctx.saved_tensors
+        q, kt, vt, out, lse, bits = ctx.saved_tensors
         dq, dkt, dvt = torch.empty_like(q), torch.empty_like(kt), torch.empty_like(vt)
         dout = dout.transpose(1, 2).contiguous()
         N, T = lse.shape
-        ctx.lib.attention_backward(*_pointers(q, kt, vt, out, lse, dout, dq, dkt, dvt), N, _threads(N),
+        ctx.lib.attention_backward(*_pointers(q, kt, vt, out, lse, bits, dout, dq, dkt, dvt), N, _threads(N),
                                    *ctx.constants)
         return dq.transpose(1, 2), dkt[..., :T].transpose(2, 3), dvt[..., :T].transpose(2, 3), None, None, None
 
