@@ -189,7 +189,8 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
 
     threads: intra-op threads for this cell (None: leave torch's setting); recorded, since CPU results depend on it.
     deadline: a time.time() by which training stops: when the next epoch would end after it, the resume state is
-    saved and None is returned instead of the checkpoint's path."""
+    saved and None is returned instead of the checkpoint's path; a session's first epoch, which has no measured
+    length to plan with, is dropped (nothing saved) if the deadline passes during it."""
     device = torch.device(device)
     path = checkpoint_path(ckpt_dir, heads, task)
     resume_path = path.with_name(path.name + ".resume")
@@ -242,9 +243,16 @@ def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every
         model.train()
         order = torch.randperm(n, generator=shuffle).to(device)
         total = torch.zeros((), device=device)  # summed on the device: one host sync per epoch
+        cut = False
         for first in range(0, n, bs):
+            # A session's first epoch has no measured length to plan with: its steps watch the deadline themselves.
+            if cut := epoch == start and deadline is not None and time.time() >= deadline:
+                break
             batch = order[first:first + bs]
             total += train_step(step_model, optimizer, inputs[batch], targets[batch])
+        if cut:
+            log(f"{path.stem}: time budget reached during epoch {epoch + 1}/{cfg.epochs}, which is dropped")
+            break
         losses.append((total / -(-n // bs)).item())
         message = f"Epoch {epoch + 1}/{cfg.epochs}, Loss: {losses[-1]:.4f}"
         bar.set_postfix_str(f"loss {losses[-1]:.4f}")

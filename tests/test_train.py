@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import ROOT  # noqa: F401
 
+import train
 from script_io import resolve_device
 from train import (QUICK, build_model, cell_seed, estimated_training_seconds, load_checkpoint, seconds_per_step, train_cell,
                    train_cells)
@@ -97,6 +98,22 @@ def test_time_budget_stops_with_a_resume_state_and_resuming_finishes_the_same_mo
     assert same_weights(weights(full), weights(resumed))
     sessions = torch.load(resumed, weights_only=True)["training"]["sessions"]
     assert [(s["first_epoch"], s["last_epoch"]) for s in sessions] == [(1, 1), (2, 4)]
+
+
+def test_a_first_epoch_the_deadline_cuts_is_dropped_and_the_earlier_state_kept(tmp_path, monkeypatch):
+    cfg = dataclasses.replace(CFG, epochs=4)
+    with pytest.raises(KeyboardInterrupt):  # an earlier session leaves a resume state after epoch 2
+        train_cell(cfg, 4, "copy", ckpt_dir=tmp_path, save_every=1, progress=True, log=interrupt_at(3))
+    state = (tmp_path / "4_heads_copy.pt.resume").read_bytes()
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: time.sleep(0.05) or step(*args, **kwargs))
+    for folder, resume in ((tmp_path / "fresh", False), (tmp_path, True)):
+        messages = []
+        assert train_cell(cfg, 4, "copy", ckpt_dir=folder, resume=resume, progress=False, log=messages.append,
+                          deadline=time.time() + 0.08) is None
+        assert messages[-1] == f"4_heads_copy: time budget reached during epoch {3 if resume else 1}/4, which is dropped"
+    assert not (tmp_path / "fresh").exists() or not list((tmp_path / "fresh").glob("*"))
+    assert (tmp_path / "4_heads_copy.pt.resume").read_bytes() == state and not (tmp_path / "4_heads_copy.pt").exists()
 
 
 def test_device_flag_is_checked():
