@@ -9,7 +9,8 @@ import torch
 import cpu_attention
 import transformer
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason=f"no kernel: {cpu_attention.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not cpu_attention.available(),
+                                reason=f"no kernel: {cpu_attention.unavailable_reason()}")
 
 
 def reference(q, k, v, causal, keep=None, p=0.0):

@@ -111,7 +111,8 @@ def test_a_first_epoch_the_deadline_cuts_is_dropped_and_the_earlier_state_kept(t
         messages = []
         assert train_cell(cfg, 4, "copy", ckpt_dir=folder, resume=resume, progress=False, log=messages.append,
                           deadline=time.time() + 0.08) is None
-        assert messages[-1] == f"4_heads_copy: time budget reached during epoch {3 if resume else 1}/4, which is dropped"
+        epoch = 3 if resume else 1
+        assert messages[-1] == f"4_heads_copy: time budget reached during epoch {epoch}/4, which is dropped"
     assert not (tmp_path / "fresh").exists() or not list((tmp_path / "fresh").glob("*"))
     assert (tmp_path / "4_heads_copy.pt.resume").read_bytes() == state and not (tmp_path / "4_heads_copy.pt").exists()
 
