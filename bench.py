@@ -31,7 +31,7 @@ from test_amplification import AMPLIFICATION_HEADS, amplification, fresh_sequenc
 from script_io import add_common_args, resolve_common, write_atomic
 from transformer import MultiHeadAttention
 from train import (HEADS, TASKS, build_model, checkpoint_path, estimated_training_seconds, hardware_name, load_model,
-                   make_optimizer, seconds_per_step, train_step)
+                   seconds_per_step, timing_step)
 
 
 def sync(device):
@@ -65,10 +65,7 @@ def train_steps(cfg, heads, device):
     steps = {}
     for path in ["fast", "explicit"] + (["pytorch ops"] if device.type == "cpu" else []):
         torch.manual_seed(0)
-        model = build_model(cfg, heads).to(device).train()
-        optimizer = make_optimizer(model, cfg, device)
-        x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
-        steps[path] = partial(train_step, model, optimizer, x, x, explicit_attention=path == "explicit")
+        steps[path] = timing_step(cfg, heads, device, explicit_attention=path == "explicit")
         if path == "pytorch ops":
             steps[path] = partial(_without_kernel, steps[path])
     return steps

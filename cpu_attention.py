@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from script_io import cache_dir
 
-MAX_SEQ_LENGTH = 1024  # the kernel keeps ten rows of T floats on each thread's stack
+MAX_SEQ_LENGTH = 1024  # the kernel keeps nine rows of T + 32 floats on each thread's stack
 VECTOR = 8  # V in the C source: keys per block, rows padded to a multiple of it
 
 C_SOURCE = r"""
@@ -138,7 +138,6 @@ typedef float vf __attribute__((vector_size(4 * V)));
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline int blocks(int len) { return (len + V - 1) / V; }
-static inline float hsum(const float *a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
 static inline float vsum(vf v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* Queries go R at a time, so that each load of a key, a value or a dK/dV entry serves R rows. */
@@ -237,7 +236,7 @@ static void forward_matrix(const float *q, const float *kt, const float *vt, flo
                     s[r][V * b + l] = exp_approx(s[r][V * b + l] - mx);
                     parts[l] += s[r][V * b + l];
                 }
-            float sum = hsum(parts);
+            float sum = vsum(load(parts));
             row_dropout(mult, width, i, n, p, seed, 1.0f / ((1.0f - p) * sum));
             if (p > 0.0f) pack_keep(bits + ((size_t)n * T + i) * ((T + 31) / 32), mult, width);
             for (int j = 0; j < V * nb; j++) s[r][j] *= mult[j];

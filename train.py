@@ -283,17 +283,22 @@ def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every
     return path
 
 
+def timing_step(cfg, heads, device, explicit_attention=False):
+    """One training step of a fresh model on a random batch, as a callable returning the loss: for timing."""
+    model = build_model(cfg, heads).to(device).train()
+    optimizer = make_optimizer(model, cfg, device)
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
+    return lambda: train_step(model, optimizer, x, x, explicit_attention=explicit_attention)
+
+
 def seconds_per_step(cfg, heads, device, threads=1, steps=3):
     """Measured seconds of one training step of a fresh model on `threads` threads (median of `steps`, after a
     warm-up step)."""
     with intra_op_threads(threads):
-        model = build_model(cfg, heads).to(device).train()
-        optimizer = make_optimizer(model, cfg, device)
-        x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
-        times = []
+        step, times = timing_step(cfg, heads, device), []
         for _ in range(steps + 1):
             began = time.perf_counter()
-            train_step(model, optimizer, x, x).item()  # .item(): wait for the device
+            step().item()  # .item(): wait for the device
             times.append(time.perf_counter() - began)
         return sorted(times[1:])[len(times[1:]) // 2]
 

@@ -1,10 +1,25 @@
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT.parent / "shared" / "official_checkpoints"
 sys.path.insert(0, str(ROOT))
 
 needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason=f"authors' checkpoints not found at {OFFICIAL}")
+
+
+def reference_attention(q, k, v, causal, keep=None, p=0.0):
+    """softmax(q k^T / sqrt(d) + mask), dropout by `keep` rescaled by 1 / (1 - p), @ v, in float64."""
+    q, k, v = (x.double() for x in (q, k, v))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        T = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    weights = scores.softmax(-1)
+    if keep is not None:
+        weights = weights * keep / (1 - p)
+    return weights @ v

@@ -1,29 +1,16 @@
 """The fused CPU attention kernel (cpu_attention.py) against an independent float64 computation, its dropout bits
 against the Philox4x32-10 reference, and its statistics."""
-import math
 import warnings
 
 import pytest
 import torch
+from conftest import reference_attention
 
 import cpu_attention
 import transformer
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason=f"no kernel: {cpu_attention.unavailable_reason()}")
-
-
-def reference(q, k, v, causal, keep=None, p=0.0):
-    """softmax(q k^T / sqrt(d) + mask), dropout by `keep` rescaled by 1 / (1 - p), @ v, in float64."""
-    q, k, v = (x.double() for x in (q, k, v))
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if causal:
-        T = q.shape[-2]
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    weights = scores.softmax(-1)
-    if keep is not None:
-        weights = weights * keep / (1 - p)
-    return weights @ v
 
 
 def outputs_and_grads(fn, q, k, v, grad):
@@ -102,7 +89,7 @@ def test_matches_float64_attention_without_dropout(d, T, causal):
     torch.manual_seed(d + T)
     q, k, v, grad = (torch.randn(2, 3, T, d) * 2 for _ in range(4))
     fused = outputs_and_grads(lambda *x: cpu_attention.attention(*x, 0.0, causal), q, k, v, grad)
-    exact = outputs_and_grads(lambda *x: reference(*x, causal), q, k, v, grad)
+    exact = outputs_and_grads(lambda *x: reference_attention(*x, causal), q, k, v, grad)
     for name, a, b in zip(["out", "dq", "dk", "dv"], fused, exact):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (name, (a - b).abs().max().item())
 
@@ -113,7 +100,7 @@ def test_dropout_is_the_exact_computation_with_the_kernels_mask(d, T, p, causal)
     q, k, v, grad = (torch.randn(2, 4, T, d) for _ in range(4))
     keep = cpu_attention.keep_mask(2 * 4, T, p, seed_of_next_call()).view(2, 4, T, T)
     fused = outputs_and_grads(lambda *x: cpu_attention.attention(*x, p, causal), q, k, v, grad)
-    exact = outputs_and_grads(lambda *x: reference(*x, causal, keep, p), q, k, v, grad)
+    exact = outputs_and_grads(lambda *x: reference_attention(*x, causal, keep, p), q, k, v, grad)
     for name, a, b in zip(["out", "dq", "dk", "dv"], fused, exact):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (name, (a - b).abs().max().item())
 

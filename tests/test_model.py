@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import OFFICIAL, ROOT, needs_official
+from conftest import OFFICIAL, ROOT, needs_official, reference_attention
 
 import transformer
 from sequence_datasets import CopyDataset, CycleDataset, make_dataset
@@ -131,9 +131,8 @@ def test_cpu_training_attention_is_dropout_of_the_explicit_weights(monkeypatch):
     keep = torch.rand(2 * 3, 5, 5) > 0.3
     monkeypatch.setattr(transformer, "dropout_keep_mask", lambda shape, p, device=None: keep)
     out = transformer._attention_cpu_dropout(q, k, v, 0.3, causal=True)
-    scores = (q @ k.transpose(-2, -1) / 2.0).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
-    expected = (scores.softmax(-1) * keep.view(2, 3, 5, 5) / 0.7) @ v
-    assert torch.allclose(out, expected, atol=1e-6)
+    expected = reference_attention(q, k, v, True, keep.view(2, 3, 5, 5), 0.3)
+    assert torch.allclose(out.double(), expected, atol=1e-6)
 
 
 def test_causal_bias_masks_exactly_the_future():
