@@ -26,11 +26,12 @@ import torch
 
 import cpu_attention
 import proxies
+from config import AMPLIFICATION_HEADS, HEADS, TASKS
 from main import evaluate, evaluation_sequences
-from test_amplification import AMPLIFICATION_HEADS, amplification, fresh_sequences
+from test_amplification import amplification, fresh_sequences
 from script_io import add_common_args, resolve_common, write_atomic
 from transformer import MultiHeadAttention
-from train import (HEADS, TASKS, build_model, checkpoint_path, estimated_training_seconds, hardware_name, load_model,
+from train import (build_model, checkpoint_path, estimated_training_seconds, hardware_name, load_model,
                    seconds_per_step, timing_step)
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from script_io import cache_dir
+from config import cache_dir
 
 MAX_SEQ_LENGTH = 1024  # the kernel keeps nine rows of T + 32 floats on each thread's stack
 VECTOR = 8  # V in the C source: keys per block, rows padded to a multiple of it
@@ -375,7 +375,7 @@ def _machine():
 
 def compile_kernel(flags, compiler):
     """The kernel built with `compiler` and `flags`, loaded (a ctypes.CDLL); RuntimeError with the compiler's message
-    if it does not build. Builds are kept in the user's cache (script_io.cache_dir()/cpu_attention), keyed by the
+    if it does not build. Builds are kept in the user's cache (config.cache_dir()/cpu_attention), keyed by the
     source, compiler, flags and CPU, so that worker processes and later runs load instead of compiling."""
     compiler = os.path.realpath(compiler)
     key = hashlib.sha256(repr((C_SOURCE, compiler, os.stat(compiler).st_mtime, flags, _machine())).encode())

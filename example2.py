@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 import proxies
-from script_io import save_figure, save_table
+from script_io import check_writable, save_figure, save_table
 
 NODES = ("u", "v", "w", "tau")  # tau, the last node, is the sink
 HEAD_EDGES = {
@@ -81,6 +81,7 @@ def main():
     if args.steps < 1:
         parser.error(f"--steps must be a positive integer, got {args.steps}")
     args.out = args.out or Path("results/quick/figure3" if args.quick else "results/figure3")
+    check_writable(parser, args.out)
     result = analyse(args.steps)
     table = pd.DataFrame({"step": np.arange(1, args.steps + 1)})
     for name, r in result.items():

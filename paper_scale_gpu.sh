@@ -4,11 +4,13 @@
 #     OUT=/some/folder bash paper_scale_gpu.sh [MINUTES]      # MINUTES: wall budget of the whole run (default 9)
 #
 # 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds);
-# 2. the 8 paper cells (seed 42) with --time-budget, unfinished cells saving resume states;
-# 3. if all 8 finished and time is left: seeds 0-4 of the 8 cells, into checkpoints/seeds/seed_S;
-# 4. bench.py on the GPU; 5. whatever exists is archived under $OUT in 15 MB pieces (the device tool's
-#    file limit): paper_scale.tgz.part-* (checkpoints, resume states, bench, log) and seeds.tgz.part-*; cat, untar. No `set -e`: step 5 always runs.
-# Rehearse on a CPU: OUT=/tmp/o DEVICE=cpu QUICK=--quick bash paper_scale_gpu.sh 1
+# 2. the seed study: seeds 0-4 of the 8 cells with --resume and --time-budget, over a copy of the repo's finished
+#    checkpoints/seeds (skipped); an unfinished cell starts afresh here (a CPU resume state is not carried over:
+#    one device per cell);
+# 3. bench.py on the GPU; 4. what step 2 wrote (new checkpoints, resume states) is archived under $OUT in 15 MB
+#    pieces (the device tool's file limit): seeds.tgz.part-*, and bench + log in run.tgz.part-*; cat, untar into
+#    checkpoints/seeds (delete the CPU resume state of a cell that arrives finished). No `set -e`: step 4 always runs.
+# Rehearse on a CPU: OUT=/tmp/o DEVICE=cpu QUICK=--quick BENCH_SECONDS=240 bash paper_scale_gpu.sh 3
 export PYTHONUNBUFFERED=1
 MINUTES=${1:-9}
 DEVICE=${DEVICE:-cuda}
@@ -24,26 +26,22 @@ say "smoke: main.py and test_amplification.py --quick --device $DEVICE"
 if timeout 180 python3 main.py --quick --device "$DEVICE" --jobs 2 --ckpt-dir "$W/quick" --out "$W/quick_results" >>"$LOG" 2>&1 &&
    timeout 60 python3 test_amplification.py --quick --device "$DEVICE" --ckpt-dir "$W/quick" --out "$W/quick_results" --samples 4 >>"$LOG" 2>&1; then
     say "smoke passed"
-    # The training phases end by themselves (--time-budget); `timeout` is only a backstop 1 minute later.
-    TRAIN_END=$(awk -v m="$MINUTES" 'BEGIN { print m - 1.6 }')
+    # Training ends by itself (--time-budget); `timeout` is only a backstop 1 minute later.
     SEEDS_END=$(awk -v m="$MINUTES" 'BEGIN { print m - 1.1 }')
-    say "training the 8 paper cells (budget $(minutes_until "$TRAIN_END") min)"
+    mkdir -p "$W/checkpoints/seeds"
+    if [ -z "$QUICK" ]; then cp -r checkpoints/seeds/. "$W/checkpoints/seeds/"; find "$W/checkpoints" -name '*.resume' -delete; fi
+    touch "$W/started"
+    say "training seeds 0-4, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done before (budget $(minutes_until "$SEEDS_END") min)"
     timeout "${MINUTES}m" python3 train.py $QUICK --device "$DEVICE" --jobs 8 --resume --ckpt-dir "$W/checkpoints" \
-        --time-budget "$(minutes_until "$TRAIN_END")" >>"$LOG" 2>&1
-    say "train.py exit $?: $(ls "$W"/checkpoints/*.pt 2>/dev/null | wc -l) of 8 cells done"
-    if [ "$(ls "$W"/checkpoints/*.pt 2>/dev/null | wc -l)" = 8 ]; then
-        say "training seeds 0-4 (budget $(minutes_until "$SEEDS_END") min)"
-        timeout "${MINUTES}m" python3 train.py $QUICK --device "$DEVICE" --jobs 8 --resume --ckpt-dir "$W/checkpoints" \
-            --seeds 0 1 2 3 4 --time-budget "$(minutes_until "$SEEDS_END")" >>"$LOG" 2>&1
-        say "seeds: exit $?, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done"
-    fi
+        --seeds 0 1 2 3 4 --time-budget "$(minutes_until "$SEEDS_END")" >>"$LOG" 2>&1
+    say "seeds: exit $?, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done, $(find "$W/checkpoints/seeds" -name '*.pt' -newer "$W/started" | wc -l) new"
     say "bench"
-    timeout 50 python3 bench.py $QUICK --device "$DEVICE" --ckpt-dir "$W/checkpoints" --out "$W/results" >>"$LOG" 2>&1
+    timeout "${BENCH_SECONDS:-50}" python3 bench.py $QUICK --device "$DEVICE" --out "$W/results" >>"$LOG" 2>&1
     say "bench exit $?"
 else
     say "SMOKE FAILED: nothing trained"
 fi
 cp "$LOG" "$W/log.txt"
-tar czf - -C "$W" --exclude=checkpoints/seeds checkpoints results log.txt 2>>"$LOG" | split -b 15M - "$OUT/paper_scale.tgz.part-"
-[ -d "$W/checkpoints/seeds" ] && tar czf - -C "$W/checkpoints" seeds | split -b 15M - "$OUT/seeds.tgz.part-"
+tar czf - -C "$W" results log.txt 2>>"$LOG" | split -b 15M - "$OUT/run.tgz.part-"
+(cd "$W/checkpoints" 2>/dev/null && find seeds -type f -newer "$W/started" | tar czf - -T - 2>>"$LOG" | split -b 15M - "$OUT/seeds.tgz.part-")
 say "archived: $(ls "$OUT" | tr '\n' ' ')"

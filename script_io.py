@@ -1,9 +1,11 @@
-"""What the scripts share: their command-line flags and how they write results (atomically, CSV + Markdown tables,
-PNG + PDF figures).
+"""What the scripts share: their command-line flags, the training runs they read (--seeds), and how they write
+results (atomically, CSV + Markdown tables, PNG + PDF figures, summaries across runs).
 
     from script_io import add_common_args, resolve_common, save_table, save_figure, write_atomic
     from script_io import fetch_official   # the authors' 8 released checkpoints, verified, into the user's cache
+    from script_io import runs_of, across_runs   # --seeds: every training run, and their mean, std and t-interval
 """
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -12,8 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.hub
+from scipy import stats
+
+from config import CKPT_DIR, PAPER, QUICK, SEED, TASKS, cache_dir
 
 # The authors' released checkpoints: their repository at a pinned commit, and each file's SHA-256.
 OFFICIAL_REPO, OFFICIAL_COMMIT = "haitzsaezdeocariz/beyondparallelism", "0de5787e624f2cc4b274c87b93a6f6d662dee9ad"
@@ -29,6 +36,27 @@ OFFICIAL_SHA256 = {
     "8_heads_cycle.pt": "96ab0694ee8b1d3439423d74ea8cddfe26e8af89ad8fb51bd99d1137eee63b06",
     "16_heads_cycle.pt": "733be35e05143fac18a8c998466d85fc6730c5aef83f75a8c565a8607bfc84a2",
 }
+
+
+@contextlib.contextmanager
+def input_errors(parser):
+    """Bad input met while running (a truncated or foreign checkpoint, a file that cannot be written) as one line on
+    stderr, `prog: error: ...`, exit status 2, no traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def check_writable(parser, folder, flag="--out"):
+    """Create `folder` and write a file in it now, so that a run that could not save its results refuses at once."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        parser.error(f"{flag} {folder}: expected a folder this user can create and write, but "
+                     f"{error.strerror or error}")
 
 
 def resolve_device(name):
@@ -79,8 +107,9 @@ def add_training_args(parser):
     parser.add_argument("--jobs", type=int, default=None,
                         help="cells trained at once, in worker processes (default: one per CPU core, at most one per "
                              "cell; a cell's result does not depend on it)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads per cell (default 1; a cell's CPU arithmetic depends on it)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per cell (default: the CPU's cores shared among the cells that train "
+                             "at once; a cell's CPU arithmetic depends on it, and it is recorded)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                         help="stop training before MINUTES have passed, saving resume states of unfinished cells")
 
@@ -88,9 +117,12 @@ def add_training_args(parser):
 def add_evaluation_args(parser, heads):
     """The flags of the scripts that evaluate the (heads, task) models: --heads (default `heads`), --tasks, the
     training flags (for missing checkpoints), the common flags, --out and --official."""
-    from train import TASKS
     parser.add_argument("--heads", type=int, nargs="+", default=list(heads), help=f"head counts (default {heads})")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                        help="evaluate every training run instead of one: seed --seed's checkpoints in CKPT_DIR, "
+                             "seed S's in CKPT_DIR/seeds/seed_S, and the authors' released models where present "
+                             "(shown beside ours, never pooled); trains nothing; writes OUT/seeds/")
     add_training_args(parser)
     add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
                                      "results/official with --official)", official=True)
@@ -98,7 +130,6 @@ def add_evaluation_args(parser, heads):
 
 def add_common_args(parser, out_help=None, official=False):
     """The flags every experiment script shares; official=True adds --official (the authors' released models)."""
-    from train import CKPT_DIR, SEED  # train.py imports this module, so its facts are read at call time
     if official:
         parser.add_argument("--official", action="store_true",
                             help="evaluate the authors' 8 released checkpoints: fetched once from their repository "
@@ -116,7 +147,6 @@ def add_common_args(parser, out_help=None, official=False):
 def resolve_common(parser, args, default_out=None):
     """(config, device, ckpt_dir, out) from the common flags, each checked (a usage error names the bad flag);
     --quick changes the defaults, not explicit paths."""
-    from train import CKPT_DIR, PAPER, QUICK
     cfg = QUICK if args.quick else PAPER
     if getattr(args, "epochs", None) is not None:
         if args.epochs < 1:
@@ -137,6 +167,16 @@ def resolve_common(parser, args, default_out=None):
         parser.error(str(error))
     ckpt_dir = args.ckpt_dir or (CKPT_DIR / "quick" if args.quick else CKPT_DIR)
     out = getattr(args, "out", None) or (default_out and (Path("results/quick") if args.quick else Path(default_out)))
+    if default_out and getattr(args, "seeds", None) is not None:  # the evaluation scripts' --seeds
+        clash = [flag for flag, given in (("--official", getattr(args, "official", False)),
+                                          ("--retrain", getattr(args, "retrain", False))) if given]
+        if clash:
+            parser.error(f"--seeds evaluates the checkpoints that exist (the authors' among them); it cannot be "
+                         f"combined with {', '.join(clash)}")
+        repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1} | ({args.seed} & set(args.seeds)))
+        if repeated:
+            parser.error(f"--seeds: each training run once, and not --seed ({args.seed}, read from CKPT_DIR itself); "
+                         f"repeated: {' '.join(map(str, repeated))}")
     if getattr(args, "official", False):
         clash = [flag for flag, given in (("--ckpt-dir", args.ckpt_dir), ("--quick", args.quick),
                                           ("--retrain", getattr(args, "retrain", False))) if given]
@@ -148,7 +188,71 @@ def resolve_common(parser, args, default_out=None):
         except RuntimeError as error:
             parser.exit(1, f"{parser.prog}: error: {error}\n")
         out = getattr(args, "out", None) or (default_out and Path(default_out) / "official")
+    if default_out and getattr(args, "seeds", None) is not None:
+        out = out / "seeds"
+    if out:
+        check_writable(parser, out)
     return cfg, device, ckpt_dir, out
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of every cell: its name in the tables, its seed (the evaluation protocol's too) and folder."""
+    name: str
+    seed: int
+    folder: Path
+
+
+AUTHORS = "authors"  # the run name of the authors' released models: shown beside ours, never pooled with them
+SHARED_OFFICIAL = Path(__file__).resolve().parent.parent / "shared" / "official_checkpoints"  # a workplace's copy
+
+
+def authors_folder():
+    """A folder holding the authors' 8 released checkpoints, each checked against its SHA-256, without fetching:
+    the --official cache, else ../shared/official_checkpoints; None when neither holds all 8."""
+    for folder in (official_cache_dir(), SHARED_OFFICIAL):
+        if all((folder / name).is_file() and sha256_of(folder / name) == sha for name, sha in OFFICIAL_SHA256.items()):
+            return folder
+    return None
+
+
+def runs_of(args, ckpt_dir, quick=False):
+    """The runs --seeds names: seed --seed's in ckpt_dir, seed S's in ckpt_dir/seeds/seed_S, then the authors' where
+    present (not with --quick: they are paper-scale). The authors' seed is the paper's, 42, as in their code."""
+    runs = [Run(str(args.seed), args.seed, Path(ckpt_dir))]
+    runs += [Run(str(s), s, Path(ckpt_dir) / "seeds" / f"seed_{s}") for s in args.seeds]
+    folder = None if quick else authors_folder()
+    return runs + ([Run(AUTHORS, SEED, folder)] if folder else [])
+
+
+def across_runs(per_run, keys, values, name="quantity"):
+    """Across our runs (the authors' left out, shown in their own column): for each group of `keys` and each
+    values[label] column, n_runs, the runs, mean, std (ddof 1), Student-t 95% interval of the mean, min and max."""
+    ours, theirs = per_run[per_run.run != AUTHORS], per_run[per_run.run == AUTHORS].set_index(keys)
+    rows = []
+    for key, part in ours.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for label, column in values.items():
+            x = part[column].to_numpy(dtype=float)
+            n, mean = len(x), float(x.mean())
+            std = float(x.std(ddof=1)) if n > 1 else float("nan")
+            half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+            authors = theirs[column].get(key if len(key) > 1 else key[0], float("nan")) if len(theirs) else float("nan")
+            rows.append({**dict(zip(keys, key)), name: label, "n_runs": n, "runs": " ".join(part.run.astype(str)),
+                         "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half,
+                         "min": float(x.min()), "max": float(x.max()), "authors": float(authors)})
+    return pd.DataFrame(rows)
+
+
+def across_runs_view(table, digits=2):
+    """The Markdown view of an across_runs table: mean ± std [95% interval] (min–max), n and the authors' value."""
+    f = lambda x: "–" if pd.isna(x) else f"{x:.{digits}f}"
+    view = table.drop(columns=["runs", "mean", "std", "ci_low", "ci_high", "min", "max", "authors"]).copy()
+    view["mean ± std [95% t-interval]"] = [f"{f(m)} ± {f(s)} [{f(lo)}, {f(hi)}]" for m, s, lo, hi in
+                                          zip(table["mean"], table["std"], table.ci_low, table.ci_high)]
+    view["min – max"] = [f"{f(lo)} – {f(hi)}" for lo, hi in zip(table["min"], table["max"])]
+    view["authors'"] = table.authors.map(f)
+    return view
 
 
 def deadline_of(minutes):
@@ -162,11 +266,6 @@ def sha256_of(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def cache_dir():
-    """This repo's folder in the user's cache: $XDG_CACHE_HOME (else ~/.cache)/beyondparallelism."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "beyondparallelism"
 
 
 def official_cache_dir():

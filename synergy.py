@@ -3,6 +3,7 @@
     python synergy.py                 # our checkpoints (checkpoints/), writes results/synergy.*
     python synergy.py --official      # the authors' released models, writes results/official/synergy.*
     python synergy.py --quick         # tiny end-to-end run, seconds on a CPU
+    python synergy.py --seeds 0 1 2 3 4   # every training run: results/seeds/synergy_*
 
 For the 4/8/16-head models of both tasks, every layer, the 50 evaluation sequences of Section 4 (those of main.py):
 the layer's combination C = sum_h w_h A_h against the counterfactual in which the same heads act as parallel
@@ -12,12 +13,16 @@ combination helps), as the mean paired per-sequence difference with a t 95% conf
 Wilcoxon signed-rank p-value (scipy.stats). Beside it, head diversity: the mean total-variation distance between
 two heads' attention rows, over head pairs, query rows 1..T-1 (row 0 is the same in every causal head) and
 sequences, and its Spearman rank correlation with synergy. Writes synergy.csv (long format), synergy.md and
-synergy.png/.pdf under --out.
+synergy.png/.pdf under --out. With --seeds, every training run (each on its own evaluation sequences), into
+OUT/seeds/: synergy_runs (one row per run, with each run's interval and p), synergy_across_runs (mean, std and
+t-interval over our runs of synergy and gain over the best head, the authors' beside), synergy_runs.png/.pdf and the
+claims (main.write_claims).
 """
 import argparse
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -27,12 +32,13 @@ import torch
 from scipy import stats
 
 import proxies
-from main import evaluation_sequences
-from script_io import add_evaluation_args, deadline_of, resolve_common, save_figure, write_atomic
-from test_amplification import AMPLIFICATION_HEADS
-from train import ensure_models
+from config import AMPLIFICATION_HEADS
+from main import evaluate_runs, evaluation_sequences, models_of, write_claims
+from script_io import (AUTHORS, across_runs, across_runs_view, add_evaluation_args, resolve_common, save_figure,
+                       save_table, write_atomic)
 
 PROXIES = {"fidelity": "minimax fidelity (%)", "mixing_time": "mixing time (steps)"}
+ACROSS_RUNS = {"synergy": "synergy", "gain_over_best": "gain_over_best"}
 
 
 def head_diversity(attn):
@@ -122,6 +128,17 @@ def markdown(table, correlation, source):
     return "\n".join(lines + ["", view.to_markdown(index=False), ""])
 
 
+def _decorate(ax, task, label, layers, row, col):
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_title(f"{task}: synergy in {label}", fontsize=10)
+    ax.set_xticks(sorted(layers))
+    ax.grid(alpha=0.3)
+    if row == len(PROXIES) - 1:
+        ax.set_xlabel("Layer")
+    if col == 0:
+        ax.set_ylabel("combined vs parallel\n(> 0: combination helps)")
+
+
 def plot(table):
     tasks = list(dict.fromkeys(table.task))
     fig, axes = plt.subplots(len(PROXIES), len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False, sharex=True)
@@ -135,36 +152,84 @@ def plot(table):
                 x = p.layer + (i - (len(heads) - 1) / 2) * 0.12  # side by side, so the bars do not overlap
                 ax.errorbar(x, p.synergy, yerr=[p.synergy - p.ci_low, p.ci_high - p.synergy], marker="o",
                             capsize=3, label=f"{h} heads")
-            ax.axhline(0, color="black", linewidth=0.8)
-            ax.set_title(f"{task}: synergy in {label}", fontsize=10)
-            ax.set_xticks(sorted(part.layer.unique()))
-            ax.grid(alpha=0.3)
-            if row == len(PROXIES) - 1:
-                ax.set_xlabel("Layer")
-            if col == 0:
-                ax.set_ylabel("combined vs parallel\n(> 0: combination helps)")
+            _decorate(ax, task, label, part.layer.unique(), row, col)
     axes[0, 0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_runs(per_run, across):
+    """Synergy per layer: every run a small point (the authors' a cross), the mean over our runs with its 95%
+    t-interval over runs."""
+    tasks = list(dict.fromkeys(per_run.task))
+    fig, axes = plt.subplots(len(PROXIES), len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False, sharex=True)
+    mean = across[across.quantity == "synergy"]
+    for row, (proxy, label) in enumerate(PROXIES.items()):
+        for col, task in enumerate(tasks):
+            ax = axes[row, col]
+            heads = sorted(per_run[per_run.task == task].heads.unique())
+            for i, h in enumerate(heads):
+                offset = (i - (len(heads) - 1) / 2) * 0.22  # side by side within a layer
+                colour = f"C{i}"
+                cell = (per_run.proxy == proxy) & (per_run.task == task) & (per_run.heads == h)
+                ours, theirs = per_run[cell & (per_run.run != AUTHORS)], per_run[cell & (per_run.run == AUTHORS)]
+                ax.scatter(ours.layer + offset - 0.06, ours.synergy, s=10, color=colour, alpha=0.6, linewidths=0)
+                ax.scatter(theirs.layer + offset - 0.06, theirs.synergy, s=20, color=colour, marker="x")
+                m = mean[(mean.proxy == proxy) & (mean.task == task) & (mean.heads == h)].sort_values("layer")
+                ax.errorbar(m.layer + offset, m["mean"], yerr=[m["mean"] - m.ci_low, m.ci_high - m["mean"]],
+                            color=colour, marker="o", markersize=4, linestyle="", capsize=3, label=f"{h} heads")
+            linthresh = 0.01 if proxy == "fidelity" else 0.1
+            ax.set_yscale("symlog", linthresh=linthresh)  # small and large effects both
+            shown = pd.concat([per_run[(per_run.proxy == proxy) & (per_run.task == task)].synergy,
+                               mean[(mean.proxy == proxy) & (mean.task == task)][["ci_low", "ci_high"]].stack()])
+            ax.set_ylim(1.6 * min(shown.min(), 0) - linthresh / 2, 1.6 * max(shown.max(), 0) + linthresh / 2)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            _decorate(ax, task, label, per_run.layer.unique(), row, col)
+    handles = axes[0, 0].get_legend_handles_labels()[0] + [
+        plt.Line2D([], [], color="grey", marker="o", linestyle="", markersize=3, alpha=0.6, label="one run of ours"),
+        plt.Line2D([], [], color="grey", marker="x", linestyle="", label="the authors' models")]
+    fig.legend(handles=handles, loc="lower center", ncol=5, frameon=False, fontsize=8,
+               title="mean over our runs with its 95% t-interval; points: single runs", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def synergy_rows(models, cfg, seed):
+    """summary_rows of every (heads, task) model, each task's models on its evaluation sequences for `seed`."""
+    rows = []
+    for task in dict.fromkeys(task for _, task in models):
+        tokens = evaluation_sequences(cfg, task, seed)
+        rows += [row for (heads, t), model in models.items() if t == task
+                 for row in summary_rows(task, heads, *layer_values(model, tokens, cfg))]
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_evaluation_args(parser, AMPLIFICATION_HEADS)
     args = parser.parse_args()
+    if min(args.heads) < 2:
+        parser.error(f"--heads: the synergy study compares a combination of heads with its single heads, so every head "
+                     f"count must be at least 2, got {min(args.heads)}")
     cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
-    models = ensure_models(cfg, [(h, t) for t in args.tasks for h in args.heads], args.seed, device, ckpt_dir,
-                           jobs=args.jobs, threads=args.threads, deadline=deadline_of(args.time_budget))
-    rows = []
-    for task in args.tasks:
-        tokens = evaluation_sequences(cfg, task, args.seed)
-        for heads in args.heads:
-            values, diversity = layer_values(models[heads, task][0], tokens, cfg)
-            rows += summary_rows(task, heads, values, diversity)
-            for r in rows[-2 * values["fidelity"]["combined"].shape[1]:]:
-                print(f"{task} {heads:2d} heads layer {r['layer']} {r['proxy']:11s}: combined {r['combined']:8.3f} "
-                      f"parallel {r['parallel']:8.3f} best head {r['best_head']:8.3f} | synergy {r['synergy']:+.3f} "
-                      f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] p={r['p_value']:.2g}")
+    cells = [(h, t) for t in args.tasks for h in args.heads]
+    if args.seeds is not None:
+        per_run = evaluate_runs(parser, args, cfg, device, ckpt_dir, cells,
+                                lambda models, seed: synergy_rows(models, cfg, seed))
+        across = across_runs(per_run, ["task", "heads", "layer", "proxy"], ACROSS_RUNS, name="quantity")
+        save_table(per_run, out / "synergy_runs")
+        save_table(across, out / "synergy_across_runs", view=across_runs_view(across, digits=3))
+        fig = plot_runs(per_run, across)
+        save_figure(fig, out / "synergy_runs")
+        plt.close(fig)
+        write_claims(out)
+        print(f"wrote {out}/synergy_runs.*, synergy_across_runs.*, claims.*")
+        return
+    rows = synergy_rows(models_of(parser, args, cfg, device, ckpt_dir, cells), cfg, args.seed)
+    for r in rows:
+        print(f"{r['task']} {r['heads']:2d} heads layer {r['layer']} {r['proxy']:11s}: combined {r['combined']:8.3f} "
+              f"parallel {r['parallel']:8.3f} best head {r['best_head']:8.3f} | synergy {r['synergy']:+.3f} "
+              f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] p={r['p_value']:.2g}")
     table = pd.DataFrame(rows)
     correlation = correlations(table)
     report = markdown(table, correlation, "the authors' models" if args.official else f"models in {ckpt_dir}")

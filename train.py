@@ -1,12 +1,13 @@
-"""Train one (heads, task) cell of Section 4 and save its checkpoint; also the one config and the checkpoint I/O.
+"""Train one (heads, task) cell of Section 4 and save its checkpoint; also the checkpoint I/O.
 
     python train.py --heads 4 --task copy [--epochs 200] [--device auto] [--seed 42] [--resume] [--quick]
     python train.py [--heads 1 4 8 16] [--task copy cycle] [--seeds 0 1 2 3 4] [--jobs 8] [--time-budget 6]
 
 writes checkpoints/4_heads_copy.pt (checkpoints/quick/ with --quick); with --seeds, checkpoints/seeds/seed_S/.
 The task's data depends only on (seed, task); initialisation, dropout and shuffling are seeded from
-(seed, heads, task), and every cell trains with the same fixed number of intra-op threads (--threads, recorded), so
-a cell gives the same model whether it is trained alone, in any order, or in parallel with others.
+(seed, heads, task). A cell's CPU arithmetic depends on its intra-op thread count (--threads; default: the cores
+shared among the cells that train at once; recorded in the checkpoint): with the same --threads a cell gives the same
+model whether it is trained alone, in any order, or in parallel with others.
 --time-budget stops training before the budget runs out, each unfinished cell saving its resume state.
 """
 import argparse
@@ -25,38 +26,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from config import CKPT_DIR, FORMAT, HEADS, PAPER, QUICK, SEED, TASKS
 from script_io import add_common_args, add_training_args, deadline_of, resolve_common, write_atomic
 from sequence_datasets import make_dataset
 from transformer import Transformer
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every hyperparameter of the experiments; the defaults are the paper's (facts file, section 4)."""
-    vocab_size: int = 256
-    embed_dim: int = 64
-    num_layers: int = 4
-    mlp_hidden_dim: int = 128
-    seq_length: int = 100
-    dropout: float = 0.1
-    num_sequences: int = 5000
-    batch_size: int = 50
-    epochs: int = 200
-    lr: float = 1e-3
-    eval_sequences: int = 50  # sequences per layer for the proxies' mean +- std
-    horizon: int = 100  # fidelity: diffusion steps
-    max_steps: int = 100  # mixing time: cap on a walk's steps
-    num_simulations: int = 500  # mixing time: Monte Carlo walks per start (--estimator mc)
-
-
-PAPER = Config()
-QUICK = Config(vocab_size=16, embed_dim=16, num_layers=2, mlp_hidden_dim=32, seq_length=12, num_sequences=120,
-               batch_size=20, epochs=3, eval_sequences=6, num_simulations=50)
-HEADS = (1, 4, 8, 16)
-TASKS = ("copy", "cycle")
-SEED = 42
-CKPT_DIR = Path("checkpoints")
-FORMAT = "beyondparallelism-checkpoint-v1"
 
 
 def build_model(cfg, heads):
@@ -90,6 +63,11 @@ def intra_op_threads(threads):
 def default_jobs(jobs, cells):
     """--jobs as given, else one worker per CPU core, at most one per cell."""
     return jobs or min(len(cells), os.cpu_count() or 1)
+
+
+def default_threads(threads, cells_at_once):
+    """--threads as given, else the CPU's cores shared among the cells that train at once (at least 1 each)."""
+    return threads or max(1, (os.cpu_count() or 1) // cells_at_once)
 
 
 def cell_seed(seed, heads, task):
@@ -185,7 +163,8 @@ def train_step(model, optimizer, inputs, targets, explicit_attention=False):
 
 def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, resume=False, save_every=10,
                tf32=False, compile=False, progress=True, log=print, deadline=None, threads=None):
-    """Train one cell and write its checkpoint atomically; with resume, continue from its last saved epoch.
+    """Train one cell and write its checkpoint atomically; with resume, continue from its last saved epoch (a cell
+    whose checkpoint exists is finished: skipped, its path returned).
 
     threads: intra-op threads for this cell (None: leave torch's setting); recorded, since CPU results depend on it.
     deadline: a time.time() by which training stops: when the next epoch would end after it, the resume state is
@@ -194,6 +173,9 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
     device = torch.device(device)
     path = checkpoint_path(ckpt_dir, heads, task)
     resume_path = path.with_name(path.name + ".resume")
+    if resume and path.is_file():  # finished earlier (a resume state beside it is stale): go on with the rest
+        log(f"{path.stem}: already trained ({path}), skipped")
+        return path
     with intra_op_threads(threads):
         return _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every, tf32, compile, progress,
                       log, deadline)
@@ -317,14 +299,15 @@ def _train_cell_in_worker(kwargs):
     return train_cell(**kwargs, progress=False)
 
 
-def train_cells(cells, jobs=None, threads=1, **kwargs):
+def train_cells(cells, jobs=None, threads=None, **kwargs):
     """Train the cells, `jobs` worker processes at once (None: one per CPU core), each cell on `threads` intra-op
-    threads whatever `jobs` is (CPU arithmetic depends on the thread count, so this keeps a cell's checkpoint
-    independent of the scheduling).
+    threads (None: default_threads). CPU arithmetic depends on the thread count, not on `jobs`: with `threads` given,
+    a cell's checkpoint does not depend on the scheduling.
     A cell is a (heads, task) pair or a dict of train_cell arguments that override kwargs. Returns the checkpoint
     paths, None for cells stopped by the deadline."""
     cells = [cell if isinstance(cell, dict) else dict(heads=cell[0], task=cell[1]) for cell in cells]
     jobs = default_jobs(jobs, cells)
+    threads = default_threads(threads, min(jobs, len(cells)))
     if jobs <= 1 or len(cells) <= 1:
         return [train_cell(**dict(kwargs, threads=threads, **cell)) for cell in cells]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
@@ -351,11 +334,15 @@ def load_model(cfg, heads, path, device):
     return model.eval(), facts
 
 
-def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, threads=1, deadline=None):
-    """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first."""
+def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, threads=None, deadline=None):
+    """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first. The
+    checkpoints that exist are read and checked before any training starts: a bad one fails in seconds, not hours."""
     todo = [(h, t) for h, t in cells if retrain or not checkpoint_path(ckpt_dir, h, t).is_file()]
+    models = {cell: load_model(cfg, cell[0], checkpoint_path(ckpt_dir, *cell), device) for cell in cells
+              if cell not in todo}
     if todo:
         jobs = default_jobs(jobs, todo)
+        threads = default_threads(threads, min(jobs, len(todo)))
         print(f"training {len(todo)} cell(s) on {device} ({cfg.epochs} epochs each, {jobs} at a time): "
               + ", ".join(f"{h}_heads_{t}" for h, t in todo))
         if device.type == "cpu":
@@ -367,14 +354,36 @@ def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, 
         if unfinished:
             raise SystemExit(f"time budget reached: {', '.join(unfinished)} unfinished, resume states saved in "
                              f"{ckpt_dir}; run the same command again to continue")
-    models = {}
     for h, t in cells:
         path = checkpoint_path(ckpt_dir, h, t)
-        models[h, t] = load_model(cfg, h, path, device)
+        if (h, t) in todo:
+            models[h, t] = load_model(cfg, h, path, device)
         facts = models[h, t][1]
         print(f"loaded {path}: " + (f"{facts['epochs']} epochs on {facts['device']}, seed {facts['seed']}, "
                                     f"final loss {facts['final_loss']:.4f}" if "epochs" in facts else facts["source"]))
-    return models
+    return {cell: models[cell] for cell in cells}
+
+
+def load_runs(cfg, cells, runs, device, log=print):
+    """Each run's models among `cells` (a list of (heads, task)), every checkpoint read and checked; nothing is
+    trained, and the missing cells are named. Returns [(run, {(heads, task): model})] for runs with any cell."""
+    loaded, missing = [], []
+    for run in runs:
+        models = {}
+        for heads, task in cells:
+            path = checkpoint_path(run.folder, heads, task)
+            if path.is_file():
+                models[heads, task] = load_model(cfg, heads, path, device)[0]
+            else:
+                unfinished = path.with_name(path.name + ".resume").is_file()
+                missing.append(f"{path}{' (unfinished: resume state present)' if unfinished else ''}")
+        if models:
+            loaded.append((run, models))
+    complete = [run.name for run, models in loaded if len(models) == len(cells)]
+    log(f"runs: {len(loaded)} with checkpoints ({', '.join(run.name for run, _ in loaded) or 'none'}), complete: "
+        f"{', '.join(complete) or 'none'}" + (f"; {len(missing)} cell(s) missing, left out: " + "; ".join(missing)
+                                               if missing else ""))
+    return loaded
 
 
 def main():

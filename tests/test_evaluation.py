@@ -1,16 +1,19 @@
 """The batched evaluations of main.py and test_amplification.py equal one-sequence-at-a-time evaluation."""
+import copy
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 import pandas as pd
-from conftest import ROOT
+from conftest import OFFICIAL, ROOT
 
 import proxies
 from main import CROSS_MACHINE_ATOL, evaluate, evaluation_sequences, summarise
 from test_amplification import amplification, fresh_sequences
-from train import HEADS, PAPER, QUICK, TASKS, build_model, load_model
+from config import HEADS, PAPER, QUICK, TASKS
+from sequence_datasets import make_dataset
+from train import build_model, load_model
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +38,23 @@ def test_section4_batch_equals_per_sequence(model):
 
 
 def test_evaluation_sequences_are_first_of_shuffled_batches():
+    """The protocol pinned: the first sequence of each batch of one seeded shuffle of the training set."""
     tokens = evaluation_sequences(QUICK, "copy", seed=2)
-    assert len({tuple(t.tolist()) for t in tokens}) == len(tokens)
+    data = make_dataset("copy", QUICK.num_sequences, QUICK.seq_length, QUICK.vocab_size, 2)
+    chosen = [int((data.inputs == t).all(1).nonzero()[0]) for t in tokens]  # which training sequences they are
+    shuffle = torch.randperm(QUICK.num_sequences, generator=torch.Generator().manual_seed(2))
+    batches = [shuffle[i:i + QUICK.batch_size] for i in range(0, QUICK.num_sequences, QUICK.batch_size)]
+    assert chosen == [int(b[0]) for b in batches][:QUICK.eval_sequences] == [48, 20, 108, 90, 57, 21]
     with pytest.raises(ValueError, match="evaluation sequences need"):
         evaluation_sequences(dataclasses.replace(QUICK, eval_sequences=100), "copy", seed=2)
 
 
 def test_amplification_batch_equals_per_sequence_and_per_head(model):
+    model = copy.deepcopy(model)
+    d = QUICK.embed_dim // 4
+    with torch.no_grad():  # far from uniform head weights, so that the learned weights decide "combined"
+        for layer in model.layers:
+            layer.attn.out_proj.weight[:, :d] *= 6
     tokens = fresh_sequences(QUICK, 3, seed=5)
     best, combined = amplification(model, tokens, QUICK.horizon)
     attn = model.attention(tokens)
@@ -51,6 +64,12 @@ def test_amplification_batch_equals_per_sequence_and_per_head(model):
         for layer in range(QUICK.num_layers):
             heads = [proxies.minimax_fidelity(attn[s, layer, h]) for h in range(4)]
             assert best[s, layer] == pytest.approx(max(heads))
+            # the combination with the learned weights, worked out here: each head's block norm of out_proj
+            weight = model.layers[layer].attn.out_proj.weight.detach().double()
+            norms = np.array([weight[:, h * d:(h + 1) * d].norm().item() for h in range(4)])
+            by_hand = proxies.minimax_fidelity(attn[s, layer], norms / norms.sum())
+            assert combined[s, layer] == pytest.approx(by_hand, rel=1e-9)
+            assert by_hand != pytest.approx(proxies.minimax_fidelity(attn[s, layer]), rel=1e-6)  # not uniform
 
 
 def test_committed_section4_reproduces_from_committed_checkpoints():
@@ -92,3 +111,70 @@ def test_synergy_statistics_and_diversity_by_hand():
     one_hot = [[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]  # row 0 alike in every head; row 1 differs
     assert head_diversity(np.array(one_hot)) == pytest.approx(1.0)
     assert head_diversity(np.array([*one_hot, one_hot[0]])) == pytest.approx(2 / 3)  # pairs: 1, 0, 1
+
+
+def test_synergy_layer_values_from_their_definitions():
+    """synergy.layer_values on two known heads with weights 3:1: best head = max fidelity and min mixing time over
+    the heads, parallel mixing time = the weighted mean of the heads' own, combined = the proxies of 0.75 A + 0.25 B."""
+    from types import SimpleNamespace
+
+    from synergy import layer_values
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(3, 1, 2, 5, 5, generator=generator, dtype=torch.float64) * 4
+    attn = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    out_proj = SimpleNamespace(weight=torch.tensor([[3.0, 1.0], [0.0, 0.0]]))  # head blocks of norm 3 and 1
+    model = SimpleNamespace(attention=lambda tokens: attn,
+                            layers=[SimpleNamespace(attn=SimpleNamespace(num_heads=2, out_proj=out_proj))])
+    cfg = dataclasses.replace(QUICK, horizon=7, max_steps=30)
+    values, diversity = layer_values(model, None, cfg)
+    for s in range(3):
+        a, b = attn[s, 0, 0].numpy(), attn[s, 0, 1].numpy()
+        mixing = [proxies.mixing_time(a, max_steps=30), proxies.mixing_time(b, max_steps=30)]
+        fidelity = [proxies.minimax_fidelity(a, horizon=7), proxies.minimax_fidelity(b, horizon=7)]
+        assert values["mixing_time"]["best_head"][s, 0] == pytest.approx(min(mixing))
+        assert values["fidelity"]["best_head"][s, 0] == pytest.approx(max(fidelity))
+        assert values["mixing_time"]["parallel"][s, 0] == pytest.approx(0.75 * mixing[0] + 0.25 * mixing[1])
+        assert values["mixing_time"]["combined"][s, 0] == pytest.approx(
+            proxies.mixing_time(0.75 * a + 0.25 * b, max_steps=30))
+        assert values["fidelity"]["combined"][s, 0] == pytest.approx(proxies.minimax_fidelity(0.75 * a + 0.25 * b,
+                                                                                             horizon=7))
+        rows = 0.5 * np.abs(a[1:] - b[1:]).sum(-1)  # total variation of each query row past row 0
+        assert diversity[s, 0] == pytest.approx(rows.mean())
+
+
+def committed_checkpoints():
+    folders = [("checkpoints", ROOT / "checkpoints", ROOT / "results")]
+    if OFFICIAL.is_dir():
+        folders.append(("official", OFFICIAL, ROOT / "results" / "official"))
+    return folders
+
+
+@pytest.mark.parametrize("name, folder, results", committed_checkpoints(),
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_committed_tables56_and_synergy_reproduce(name, folder, results):
+    """results/table5_copy.csv, table6_cycle.csv and synergy.csv (ours, and the authors' in results/official/) are
+    what the checkpoints give, within the cross-machine tolerance: two cells of each, to keep the suite short."""
+    from synergy import synergy_rows
+    from test_amplification import amplification_rows
+    cells = [(4, "copy"), (16, "cycle")]
+    models = {(h, t): load_model(PAPER, h, folder / f"{h}_heads_{t}.pt", "cpu")[0] for h, t in cells}
+
+    def committed(path, keys):
+        table = pd.read_csv(path)
+        table = table[[(h, t) in cells for h, t in zip(table.heads, table.task)]]
+        return table.sort_values(keys).reset_index(drop=True)
+
+    keys = ["task", "heads", "layer"]
+    fresh = pd.DataFrame(amplification_rows(models, PAPER, 50, 42)).sort_values(keys).reset_index(drop=True)
+    tables = pd.concat([committed(results / f"{t}.csv", ["heads", "layer"]) for t in ("table5_copy", "table6_cycle")])
+    tables = tables.sort_values(keys).reset_index(drop=True)
+    assert (fresh[keys].values == tables[keys].values).all() and len(fresh) == 8
+    percent = [c for c in tables.columns if c.endswith("_%")]
+    assert np.allclose(fresh[percent], tables[percent], rtol=0, atol=CROSS_MACHINE_ATOL)
+    assert (np.abs(fresh.wins - tables.wins) <= 1).all()  # a near-tie may fall either way on another CPU
+    keys = ["task", "heads", "layer", "proxy"]
+    fresh = pd.DataFrame(synergy_rows(models, PAPER, 42)).sort_values(keys).reset_index(drop=True)
+    synergy = committed(results / "synergy.csv", keys)
+    assert (fresh[keys].values == synergy[keys].values).all() and len(fresh) == 16
+    columns = ["combined", "parallel", "best_head", "synergy", "ci_low", "ci_high", "gain_over_best", "diversity"]
+    assert np.allclose(fresh[columns], synergy[columns], rtol=0, atol=CROSS_MACHINE_ATOL)

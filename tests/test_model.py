@@ -7,8 +7,8 @@ from conftest import OFFICIAL, ROOT, needs_official, reference_attention
 
 import transformer
 from sequence_datasets import CopyDataset, CycleDataset, make_dataset
-from train import (HEADS, PAPER, QUICK, build_model, load_checkpoint, make_optimizer, save_checkpoint, train_cell,
-                   train_step)
+from config import HEADS, PAPER, QUICK
+from train import build_model, load_checkpoint, make_optimizer, save_checkpoint, train_cell, train_step
 from transformer import dropout_keep_mask
 
 
@@ -90,6 +90,23 @@ def test_paper_scale_checkpoints_load_and_solve_both_tasks(folder, heads):
             predictions = model.eval()(data.inputs).argmax(-1)
         accuracy = (predictions == data.targets)[:, 1:].float().mean().item()
         assert accuracy >= 0.999, f"{heads} heads, {task}: accuracy {accuracy:.4f}"
+
+
+SEED_CHECKPOINTS = sorted((OWN / "seeds").glob("seed_*/*_heads_*.pt"))
+
+
+@pytest.mark.skipif(not SEED_CHECKPOINTS, reason="no seed-study checkpoint committed")
+@pytest.mark.parametrize("path", SEED_CHECKPOINTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_seed_study_checkpoints_are_finished_and_solve_their_task(path):
+    heads, task = int(path.name.split("_")[0]), path.stem.split("_")[-1]
+    model = build_model(PAPER, heads)
+    facts = load_checkpoint(model, path)
+    assert facts["seed"] == int(path.parent.name.removeprefix("seed_")) and facts["task"] == task
+    assert facts["epochs"] == PAPER.epochs == len(facts["losses"]) and facts["sessions"][-1]["last_epoch"] == 200
+    data = make_dataset(task, 200, PAPER.seq_length, PAPER.vocab_size, seed=123)
+    with torch.no_grad():
+        predictions = model.eval()(data.inputs).argmax(-1)
+    assert (predictions == data.targets)[:, 1:].float().mean().item() >= 0.999
 
 
 @needs_official

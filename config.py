@@ -1,0 +1,45 @@
+"""The one configuration: every hyperparameter, the experiment grid and the repo's fixed names and places.
+
+    from config import PAPER, QUICK, HEADS, TASKS, SEED, CKPT_DIR
+
+Everything else imports from here; this module imports nothing of the repo's.
+"""
+import dataclasses
+import os
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every hyperparameter of the experiments; the defaults are the paper's (facts file, section 4)."""
+    vocab_size: int = 256
+    embed_dim: int = 64
+    num_layers: int = 4
+    mlp_hidden_dim: int = 128
+    seq_length: int = 100
+    dropout: float = 0.1
+    num_sequences: int = 5000
+    batch_size: int = 50
+    epochs: int = 200
+    lr: float = 1e-3
+    eval_sequences: int = 50  # sequences per layer for the proxies' mean +- std
+    horizon: int = 100  # fidelity: diffusion steps
+    max_steps: int = 100  # mixing time: cap on a walk's steps
+    num_simulations: int = 500  # mixing time: Monte Carlo walks per start (--estimator mc)
+
+
+PAPER = Config()
+QUICK = Config(vocab_size=16, embed_dim=16, num_layers=2, mlp_hidden_dim=32, seq_length=12, num_sequences=120,
+               batch_size=20, epochs=3, eval_sequences=6, num_simulations=50)
+HEADS = (1, 4, 8, 16)
+AMPLIFICATION_HEADS = (4, 8, 16)  # Tables 5-6 and the synergy study: the multi-head models
+TASKS = ("copy", "cycle")
+SEED = 42  # the paper's
+SEEDS = (0, 1, 2, 3, 4)  # the seed study's training runs, beside seed 42
+CKPT_DIR = Path("checkpoints")
+FORMAT = "beyondparallelism-checkpoint-v1"
+
+
+def cache_dir():
+    """This repo's folder in the user's cache: $XDG_CACHE_HOME (else ~/.cache)/beyondparallelism."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "beyondparallelism"

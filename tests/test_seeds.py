@@ -1,0 +1,145 @@
+"""The seed study: the across-run summary against hand-worked numbers, the claims on constructed tables whose
+answers are known, and --seeds end to end on quick checkpoints of several runs (a missing cell named, not hidden)."""
+import argparse
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from main import count_claims
+from script_io import AUTHORS, across_runs, add_evaluation_args, resolve_common
+
+
+def test_across_runs_by_hand():
+    per_run = pd.DataFrame({"run": ["0", "1", "2", "3", AUTHORS, "0"], "task": ["copy"] * 5 + ["cycle"],
+                            "x": [1.0, 2.0, 3.0, 6.0, 100.0, 5.0]})
+    table = across_runs(per_run, ["task"], {"x_label": "x"}).set_index("task")
+    copy = table.loc["copy"]
+    # mean 3; squared deviations 4 + 1 + 0 + 9 = 14, std = sqrt(14 / 3); t(0.975, df 3) = 3.182446305
+    half = 3.182446305 * np.sqrt(14 / 3) / 2
+    assert copy.n_runs == 4 and copy.runs == "0 1 2 3" and copy.quantity == "x_label"
+    assert copy["mean"] == pytest.approx(3.0) and copy["std"] == pytest.approx(np.sqrt(14 / 3))
+    assert copy.ci_low == pytest.approx(3 - half, rel=1e-8) and copy.ci_high == pytest.approx(3 + half, rel=1e-8)
+    assert (copy["min"], copy["max"], copy.authors) == (1.0, 6.0, 100.0)  # the authors' beside, never pooled
+    cycle = table.loc["cycle"]  # one run: no spread to speak of
+    assert cycle.n_runs == 1 and cycle["mean"] == 5.0 and np.isnan(cycle["std"]) and np.isnan(cycle.ci_low)
+    assert np.isnan(cycle.authors)
+
+
+def section4_run(run, mixing, fidelity):
+    """A constructed per-run Section 4 table: mixing[heads] and fidelity[heads] are per-layer lists, copy task."""
+    return [{"run": run, "task": task, "heads": h, "layer": layer + 1, "mixing_time_mean": mixing[h][layer],
+             "fidelity_mean": fidelity[h][layer]} for task in ("copy", "cycle") for h in mixing
+            for layer in range(len(mixing[h]))]
+
+
+def test_section4_claims_on_constructed_runs():
+    # Run "a": the paper's picture (1 head slowest, fidelity rising, last layer poorest, layer 1 under 4 steps).
+    a = section4_run("a", {1: [3.9, 40, 60], 4: [3.8, 5, 45], 16: [3.7, 4, 50]},
+                     {1: [0.1, 0.0, 0.0], 4: [0.3, 0.2, 0.0], 16: [0.5, 0.4, 0.01]})
+    # Run "b": 4 heads slower than 1 in layer 2, fidelity not rising in layer 1, the 16-head last layer fast.
+    b = section4_run("b", {1: [3.9, 40, 60], 4: [3.8, 41, 45], 16: [3.7, 4, 3.9]},
+                     {1: [0.1, 0.0, 0.0], 4: [0.6, 0.2, 0.0], 16: [0.5, 0.4, 0.3]})
+    authors = section4_run(AUTHORS, {1: [3.0, 40, 60], 4: [3.8, 5, 45], 16: [3.7, 4, 50]},
+                           {1: [0.1, 0.0, 0.0], 4: [0.3, 0.2, 0.0], 16: [0.5, 0.4, 0.01]})
+    claims = count_claims({"section4": pd.DataFrame(a + b + authors)}).set_index(["claim", "task", "heads", "layer"])
+    one_head = claims.loc["one_head_mixes_slowest"]
+    assert list(one_head.loc["copy", "1 vs all"].runs_holding) == [2, 1, 2]  # layer 2: 41 > 40 in b
+    assert one_head.loc[("copy", "1 vs all", 2), "holding"] == "a"
+    assert one_head.loc[("copy", "1 vs all", 2), "authors_holds"] == True  # noqa: E712 (a numpy bool)
+    assert one_head.loc[("copy", "1 vs all", 1), "authors_holds"] == False  # noqa: E712 (3.0 < 3.8: theirs fails)
+    rises = claims.loc["fidelity_rises_with_heads"]
+    assert list(rises.loc["copy", "all"].runs_holding) == [1, 2, 0] and (rises.runs == 2).all()  # layer 3: 0 = 0
+    last = claims.loc["last_cycle_layer_poorest_both"].loc["cycle"]
+    assert last.loc[(1, "last"), "runs_holding"] == 2 and last.loc[(16, "last"), "runs_holding"] == 1
+    assert claims.loc[("layer1_mixes_under_4_steps", "copy", 1, 1), "runs_holding"] == 2
+    collapse = claims.loc["cycle_deep_layer_collapses"].loc["cycle"]
+    assert collapse.loc[(4, ">= 3"), "runs_holding"] == 2 and collapse.loc[(16, ">= 3"), "runs_holding"] == 1
+
+
+def test_amplification_and_synergy_claims_on_constructed_runs():
+    amp = pd.DataFrame([  # run, layer, sample-0 amplification, wins, ties, samples, p
+        {"run": r, "task": "copy", "heads": 4, "layer": layer, "amplification": amp, "wins": w, "ties": t,
+         "samples": 50, "p_value": p} for r, layer, amp, w, t, p in
+        [("0", 1, True, 40, 0, 1e-5), ("0", 2, False, 10, 0, 1e-5), ("1", 1, True, 26, 0, 0.9),
+         ("1", 2, True, 30, 10, 0.03)]])  # run 1 layer 2: 30 of 40 decided, p < 0.05: a majority
+    syn = pd.DataFrame([
+        {"run": r, "task": "cycle", "heads": 8, "layer": 1, "proxy": proxy, "synergy": s, "p_value": p,
+         "gain_over_best": g, "gain_over_best_p": gp, "diversity": 0.5} for r, proxy, s, p, g, gp in
+        [("0", "fidelity", 0.01, 0.01, 0.02, 0.001), ("0", "mixing_time", -0.2, 0.001, -1.0, 0.001),
+         ("1", "fidelity", 0.01, 0.2, -0.02, 0.001), ("1", "mixing_time", 0.3, 0.04, -1.0, 0.3)]])
+    claims = count_claims({"tables56": amp, "synergy": syn}).set_index(["claim", "layer"])
+    count = lambda claim, layer: (claims.loc[(claim, layer), "runs_holding"], claims.loc[(claim, layer), "runs"])
+    assert count("combination_beats_best_head_one_sequence", 1) == (2, 2)
+    assert count("combination_beats_best_head_one_sequence", 2) == (1, 2)
+    assert count("combination_wins_majority", 1) == (1, 2) and count("combination_wins_majority", 2) == (1, 2)
+    assert count("combination_loses_majority", 2) == (1, 2) and claims.loc[("combination_loses_majority", 2),
+                                                                           "holding"] == "0"
+    assert count("synergy_positive_fidelity", 1) == (1, 2) and count("synergy_negative_fidelity", 1) == (0, 2)
+    assert count("synergy_positive_mixing_time", 1) == (1, 2) and count("synergy_negative_mixing_time", 1) == (1, 2)
+    assert count("best_head_mixes_faster", 1) == (1, 2) and count("combination_beats_best_head_fidelity", 1) == (1, 2)
+    assert (claims.authors_holds == "").all()  # no authors' run given
+    assert "diversity_goes_with_synergy_fidelity" not in claims.index.get_level_values(0)  # 1 layer: no correlation
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_seeds_end_to_end_on_quick_runs(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    run("train.py", "--quick", "--heads", 1, 4, "--seeds", 0, 1, 42, "--ckpt-dir", ckpt)
+    (ckpt / "seeds" / "seed_42").rename(tmp_path / "r42")  # seed 42's run lives in CKPT_DIR itself
+    for path in (tmp_path / "r42").iterdir():
+        path.rename(ckpt / path.name)
+    (ckpt / "seeds" / "seed_1" / "4_heads_cycle.pt").unlink()  # seed 1 incomplete; seed 7 has no folder at all
+    run("main.py", "--quick", "--heads", 1, 4, "--ckpt-dir", ckpt / "seeds" / "seed_0", "--seed", 0,
+        "--out", tmp_path / "single")
+    runs = ("--quick", "--ckpt-dir", ckpt, "--out", out)  # no authors' run with --quick
+    text = run("main.py", *runs, "--heads", 1, 4, "--seeds", 0, 1, 7)
+    assert "complete: 42, 0;" in text and "5 cell(s) missing" in text
+    assert "seed_1/4_heads_cycle.pt" in text and "seed_7/1_heads_copy.pt" in text
+    per_run = pd.read_csv(out / "seeds" / "section4_runs.csv", dtype={"run": str})
+    assert list(per_run.run.unique()) == ["42", "0", "1"] and len(per_run) == (3 * 4 - 1) * 2
+    # a run's rows are what the one-run command gives for that seed, to the last digit
+    single = pd.read_csv(tmp_path / "single" / "section4.csv")
+    mine = per_run[per_run.run == "0"].drop(columns="run").reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine, single)
+    across = pd.read_csv(out / "seeds" / "section4_across_runs.csv")
+    cell = across[(across.task == "copy") & (across.heads == 4) & (across.layer == 2) & (across.proxy == "fidelity")]
+    values = per_run[(per_run.task == "copy") & (per_run.heads == 4) & (per_run.layer == 2)].fidelity_mean
+    assert int(cell.n_runs.iloc[0]) == 3 and cell["mean"].iloc[0] == pytest.approx(values.mean())
+    assert cell["std"].iloc[0] == pytest.approx(values.std(ddof=1))
+    assert int(across[(across.task == "cycle") & (across.heads == 4)].n_runs.iloc[0]) == 2
+    run("test_amplification.py", *runs, "--heads", 4, "--seeds", 0, 1, "--samples", 5)
+    run("synergy.py", *runs, "--heads", 4, "--seeds", 0, 1)
+    for name in ("section4_runs.png", "section4_runs.pdf", "synergy_runs.png", "tables56_runs.md",
+                 "tables56_across_runs.md", "synergy_across_runs.md", "claims.md"):
+        assert (out / "seeds" / name).stat().st_size > 500, name
+    claims = pd.read_csv(out / "seeds" / "claims.csv")
+    assert {"one_head_mixes_slowest", "combination_wins_majority", "synergy_positive_fidelity",
+            "best_head_mixes_faster"} <= set(claims.claim)
+    assert (claims.runs_holding <= claims.runs).all() and claims.runs.max() == 3
+    fresh = claims[claims.claim == "combination_beats_best_head_one_sequence"]
+    tables = pd.read_csv(out / "seeds" / "tables56_runs.csv", dtype={"run": str})
+    wins = tables.groupby(["task", "heads", "layer"]).amplification.sum()
+    assert list(fresh.runs_holding) == list(wins.loc[list(zip(fresh.task, fresh.heads.astype(int),
+                                                                   fresh.layer.astype(int)))])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0", "--official"], "cannot be combined with --official"),
+    (["--seeds", "0", "42"], "repeated: 42"),
+    (["--seeds", "3", "3"], "repeated: 3"),
+])
+def test_bad_seeds_flags(args, message, capsys):
+    parser = argparse.ArgumentParser(prog="main.py")
+    add_evaluation_args(parser, (4,))
+    with pytest.raises(SystemExit) as exit_status:
+        resolve_common(parser, parser.parse_args(args), default_out="results")
+    assert exit_status.value.code == 2 and message in capsys.readouterr().err
