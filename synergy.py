@@ -102,10 +102,11 @@ def correlations(table):
     return out
 
 
-def markdown(table, correlation, source):
+def markdown_view(table):
+    """The formatted table, one row per (task, heads, layer, proxy) (and run, where the table has runs)."""
     fmt = lambda x: f"{x:.3f}"
-    view = pd.DataFrame({
-        "task": table.task, "heads": table.heads, "layer": table.layer, "proxy": table.proxy,
+    return pd.DataFrame({
+        **({"run": table.run} if "run" in table else {}), "task": table.task, "heads": table.heads, "layer": table.layer, "proxy": table.proxy,
         "combined": table.combined.map(fmt), "parallel": table.parallel.map(fmt), "best head": table.best_head.map(fmt),
         "synergy [95% CI]": [f"{s:+.3f} [{lo:+.3f}, {hi:+.3f}]" for s, lo, hi in
                              zip(table.synergy, table.ci_low, table.ci_high)],
@@ -113,6 +114,10 @@ def markdown(table, correlation, source):
         "gain over best head": table.gain_over_best.map(lambda g: f"{g:+.3f}"),
         "p (gain)": table.gain_over_best_p.map(lambda p: f"{p:.2g}"),
         "head diversity (TV)": table.diversity.map(fmt)})
+
+
+def markdown(table, correlation, source):
+    view = markdown_view(table)
     lines = [f"# Synergy: combined heads against the same heads as parallel channels ({source})", "",
              "Positive synergy or gain = the combination helps (higher fidelity, lower mixing time). Means over "
              f"{int(table.sequences.iloc[0])} sequences; 95% t intervals of the mean paired difference; two-sided "
@@ -217,7 +222,7 @@ def main():
         per_run = evaluate_runs(parser, args, cfg, device, ckpt_dir, cells,
                                 lambda models, seed: synergy_rows(models, cfg, seed))
         across = across_runs(per_run, ["task", "heads", "layer", "proxy"], ACROSS_RUNS, name="quantity")
-        save_table(per_run, out / "synergy_runs")
+        save_table(per_run, out / "synergy_runs", view=markdown_view(per_run))
         save_table(across, out / "synergy_across_runs", view=across_runs_view(across, digits=3))
         fig = plot_runs(per_run, across)
         save_figure(fig, out / "synergy_runs")
