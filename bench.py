@@ -31,8 +31,8 @@ from main import evaluate, evaluation_sequences
 from test_amplification import amplification, fresh_sequences
 from script_io import add_common_args, resolve_common, write_atomic
 from transformer import MultiHeadAttention
-from train import (build_model, checkpoint_path, estimated_training_seconds, hardware_name, load_model,
-                   seconds_per_step, timing_step)
+from train import (build_model, checkpoint_path, estimated_training_seconds, group_timing_step, hardware_name,
+                   load_model, seconds_per_step, timing_step)
 
 
 def sync(device):
@@ -159,6 +159,23 @@ def scheduling(cfg, device):
     return pd.DataFrame(rows + [one_thread])
 
 
+def many_cells(cfg, device, fast_ms, repeats):
+    """Wall time of the 8 paper cells and of the 40 seed-study cells, one after another or in groups of one head
+    count (2 and 10 cells a group), from measured ms per step of each head count; ms per cell-step of the groups."""
+    steps = cfg.epochs * -(-cfg.num_sequences // cfg.batch_size)
+    group_ms = {(h, m): timed(group_timing_step(cfg, h, m, device), device, repeats) * 1000 / m
+                for m in (2, 10) for h in HEADS}
+    rows = []
+    for cells, per_group in ((8, 2), (40, 10)):
+        rows.append({"cells": cells, "schedule": "one after another, one cell a step",
+                     "seconds": round(per_group * steps * sum(fast_ms[h] for h in HEADS) / 1000),
+                     **{f"{h} heads ms/cell-step": round(fast_ms[h], 2) for h in HEADS}})
+        rows.append({"cells": cells, "schedule": f"groups of {per_group} (one per head count)",
+                     "seconds": round(per_group * steps * sum(group_ms[h, per_group] for h in HEADS) / 1000),
+                     **{f"{h} heads ms/cell-step": round(group_ms[h, per_group], 2) for h in HEADS}})
+    return pd.DataFrame(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
@@ -202,6 +219,14 @@ def main():
                   f"measured steps of each head count; {cfg.epochs} epochs of {-(-cfg.num_sequences // cfg.batch_size)} "
                   f"steps per cell)", "", plans.to_markdown(index=False), "",
                   f"Best: {best['schedule']}, {best['8 cells, hours']} h for the 8 cells.", ""]
+
+    if device.type == "cuda" or args.quick:  # on a CPU the fused kernel's one cell per process is faster
+        many = many_cells(cfg, device, table.set_index("heads")["fast ms/step"], repeats)
+        print(many.to_string(index=False))
+        lines += ["## Training many cells", "", f"Estimated from measured steps ({cfg.epochs} epochs of "
+                  f"{-(-cfg.num_sequences // cfg.batch_size)} steps per cell): one cell after another on the fast "
+                  f"path, or grouped (`train.py --group yes`: the cells of each head count in one vmapped step, the "
+                  f"groups one after another).", "", many.to_markdown(index=False), ""]
 
     cells = [(h, t) for t in TASKS for h in HEADS]
     models, source = models_for(cfg, cells, device, ckpt_dir)

@@ -331,7 +331,7 @@ def models_of(parser, args, cfg, device, ckpt_dir, cells):
     one-line error."""
     with input_errors(parser):
         models = ensure_models(cfg, cells, args.seed, device, ckpt_dir, getattr(args, "retrain", False), args.jobs,
-                               args.threads, deadline_of(args.time_budget))
+                               args.threads, deadline_of(args.time_budget), args.group)
     return {cell: model for cell, (model, _) in models.items()}
 
 

@@ -3,10 +3,11 @@
 #
 #     OUT=/some/folder bash paper_scale_gpu.sh [MINUTES]      # MINUTES: wall budget of the whole run (default 9)
 #
-# 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds);
+# 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds), and
+#    of train.py's grouped path (--group yes: the cells of a head count in one vmapped step);
 # 2. the seed study: seeds 0-4 of the 8 cells with --resume and --time-budget, over a copy of the repo's finished
-#    checkpoints/seeds (skipped); an unfinished cell starts afresh here (a CPU resume state is not carried over:
-#    one device per cell);
+#    checkpoints/seeds (skipped); grouped on CUDA if its smoke run passed, else one cell per process (--jobs 8);
+#    an unfinished cell starts afresh here (a CPU resume state is not carried over: one device per cell);
 # 3. bench.py on the GPU; 4. what step 2 wrote (new checkpoints, resume states) is archived under $OUT in 15 MB
 #    pieces (the device tool's file limit): seeds.tgz.part-*, and bench + log in run.tgz.part-*; cat, untar into
 #    checkpoints/seeds (delete the CPU resume state of a cell that arrives finished). No `set -e`: step 4 always runs.
@@ -26,13 +27,18 @@ say "smoke: main.py and test_amplification.py --quick --device $DEVICE"
 if timeout 180 python3 main.py --quick --device "$DEVICE" --jobs 2 --ckpt-dir "$W/quick" --out "$W/quick_results" >>"$LOG" 2>&1 &&
    timeout 60 python3 test_amplification.py --quick --device "$DEVICE" --ckpt-dir "$W/quick" --out "$W/quick_results" --samples 4 >>"$LOG" 2>&1; then
     say "smoke passed"
+    if timeout 120 python3 train.py --quick --device "$DEVICE" --group yes --seeds 0 1 --heads 4 8 --ckpt-dir "$W/quick_group" >>"$LOG" 2>&1; then
+        GROUP=auto; say "grouped smoke passed"
+    else
+        GROUP=no; say "GROUPED SMOKE FAILED: one cell per process"
+    fi
     # Training ends by itself (--time-budget); `timeout` is only a backstop 1 minute later.
     SEEDS_END=$(awk -v m="$MINUTES" 'BEGIN { print m - 1.1 }')
     mkdir -p "$W/checkpoints/seeds"
     if [ -z "$QUICK" ]; then cp -r checkpoints/seeds/. "$W/checkpoints/seeds/"; find "$W/checkpoints" -name '*.resume' -delete; fi
     touch "$W/started"
     say "training seeds 0-4, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done before (budget $(minutes_until "$SEEDS_END") min)"
-    timeout "${MINUTES}m" python3 train.py $QUICK --device "$DEVICE" --jobs 8 --resume --ckpt-dir "$W/checkpoints" \
+    timeout "${MINUTES}m" python3 train.py $QUICK --device "$DEVICE" --group "$GROUP" --jobs 8 --resume --ckpt-dir "$W/checkpoints" \
         --seeds 0 1 2 3 4 --time-budget "$(minutes_until "$SEEDS_END")" >>"$LOG" 2>&1
     say "seeds: exit $?, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done, $(find "$W/checkpoints/seeds" -name '*.pt' -newer "$W/started" | wc -l) new"
     say "bench"

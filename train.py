@@ -12,6 +12,7 @@ model whether it is trained alone, in any order, or in parallel with others.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import os
 import platform
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
 from config import CKPT_DIR, FORMAT, HEADS, PAPER, QUICK, SEED, TASKS
@@ -252,17 +254,154 @@ def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every
             save_resume_state(len(losses))
         return None
     session.update(last_epoch=cfg.epochs, seconds=round(time.perf_counter() - began, 1))
-    sessions = sessions + [session]
-    facts = dict(task=task, epochs=cfg.epochs, seed=seed, cell_seed=cseed, final_loss=losses[-1] if losses else None,
-                 losses=losses, torch_version=str(torch.__version__), device=str(device),
-                 hardware=session["hardware"], threads=session["threads"], tf32=tf32,
+    return _save_finished(path, model.state_dict(), model.config, run, losses, sessions + [session], tf32)
+
+
+def _save_finished(path, state_dict, model_config, run, losses, sessions, tf32, **extra):
+    """A finished cell's checkpoint (weights, model config, training facts), written atomically; its resume state
+    deleted. Returns the path."""
+    facts = dict(task=run["task"], epochs=len(losses), seed=run["seed"],
+                 cell_seed=cell_seed(run["seed"], run["heads"], run["task"]), final_loss=losses[-1] if losses else None,
+                 losses=losses, torch_version=str(torch.__version__), device=sessions[-1]["device"],
+                 hardware=sessions[-1]["hardware"], threads=sessions[-1]["threads"], tf32=tf32,
                  train_seconds=round(sum(s["seconds"] for s in sessions), 1), sessions=sessions,
-                 hyperparameters=run["hyperparameters"])
-    state = {k: v.cpu() for k, v in model.state_dict().items()}  # loadable on any machine, GPU or not
-    save_checkpoint(path, {"format": FORMAT, "state_dict": state, "config": model.config,
-                           "training": facts})
-    resume_path.unlink(missing_ok=True)
+                 hyperparameters=run["hyperparameters"], **extra)
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}  # loadable on any machine, GPU or not
+    save_checkpoint(path, {"format": FORMAT, "state_dict": state, "config": model_config, "training": facts})
+    path.with_name(path.name + ".resume").unlink(missing_ok=True)
     return path
+
+
+def group_loss(model):
+    """A function (stacked params, stacked buffers, inputs (M, B, T), targets (M, B, T)) -> the M cells' mean
+    cross-entropies, one vmapped forward over M stacked copies of `model`'s architecture. It takes the explicit
+    attention path (PyTorch's fused attention has no vmap rule for its backward), and dropout draws another mask for
+    every cell (randomness="different") from torch's default generator."""
+    base = copy.deepcopy(model).to("meta").train()
+
+    def cell_loss(params, buffers, inputs, targets):
+        logits, _ = functional_call(base, (params, buffers), (inputs,), {"return_attn": True})
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return vmap(cell_loss, randomness="different")
+
+
+def _stack_optimizer_state(states):
+    """One Adam state over stacked parameters from the cells' own (the inverse of _cell_optimizer_state)."""
+    return {"state": {i: {k: v if k == "step" else torch.stack([s["state"][i][k] for s in states])
+                          for k, v in entry.items()} for i, entry in states[0]["state"].items()},
+            "param_groups": states[0]["param_groups"]}
+
+
+def _cell_optimizer_state(state, m):
+    """Cell m's Adam state, as a one-cell optimizer over its own parameters would hold it."""
+    return {"state": {i: {k: v if k == "step" else v[m] for k, v in entry.items()}
+                      for i, entry in state["state"].items()}, "param_groups": state["param_groups"]}
+
+
+def train_group(cfg, cells, device="cpu", resume=False, save_every=10, tf32=False, log=print, deadline=None):
+    """Train cells of one head count together, in one process, all cells in every step.
+
+    A cell stays a cell: its initialisation from its cell seed, its own data and shuffling generator, its own Adam
+    moments (one Adam over the stacked weights is elementwise), its own resume state and checkpoint in train_cell's
+    formats. Their weights are stacked, and one vmapped forward and backward (group_loss) and one Adam step serve
+    them all. Dropout masks come from the group's own generator (seeded from its cells), a different mask for every
+    cell: a cell's masks depend on its group and differ from a single-cell run's, and a group resumes only as the same
+    group. cells: dicts of heads, task, seed and ckpt_dir. Returns the checkpoint paths, None for cells the deadline
+    stopped (their resume states saved)."""
+    device = torch.device(device)
+    if len({c["heads"] for c in cells}) != 1:
+        raise ValueError(f"a group trains one head count, got {sorted({c['heads'] for c in cells})}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    paths = [checkpoint_path(c["ckpt_dir"], c["heads"], c["task"]) for c in cells]
+    resume_paths = [path.with_name(path.name + ".resume") for path in paths]
+    group = [f"seed {c['seed']}, {c['heads']} heads, {c['task']}" for c in cells]
+    runs = [dict(heads=c["heads"], task=c["task"], seed=c["seed"], hyperparameters=dataclasses.asdict(cfg))
+            for c in cells]
+    data = [make_dataset(c["task"], cfg.num_sequences, cfg.seq_length, cfg.vocab_size, c["seed"]) for c in cells]
+    inputs, targets = (torch.stack([getattr(d, name) for d in data]).to(device) for name in ("inputs", "targets"))
+    models = []
+    for c in cells:
+        torch.manual_seed(cell_seed(c["seed"], c["heads"], c["task"]))  # each cell's own initialisation
+        models.append(build_model(cfg, c["heads"]).to(device))
+    shuffles = [torch.Generator().manual_seed(cell_seed(c["seed"], c["heads"], c["task"])) for c in cells]
+    torch.manual_seed(zlib.crc32("; ".join(group).encode()))  # the group's dropout stream
+    params, buffers = stack_module_state(models)
+    optimizer = torch.optim.Adam(list(params.values()), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    losses, start, sessions = [[] for _ in cells], 0, [[] for _ in cells]
+    present = [path.is_file() for path in resume_paths]
+    if resume and any(present):
+        if not all(present):
+            raise ValueError(f"a group resumes whole: resume states found for {sum(present)} of its {len(cells)} "
+                             f"cells ({', '.join(str(p) for p, ok in zip(resume_paths, present) if not ok)} missing)")
+        states = [_read(path, device) for path in resume_paths]
+        for path, state, run in zip(resume_paths, states, runs):
+            if state.get("run") != run or state.get("group") != group or state["epoch"] != states[0]["epoch"]:
+                raise ValueError(f"{path} belongs to another run or group ({state.get('run')}, {state.get('group')}, "
+                                 f"epoch {state['epoch']}), not to {run} in {group}: delete the group's resume states "
+                                 f"to start afresh")
+        with torch.no_grad():
+            for name, value in params.items():
+                value.copy_(torch.stack([state["model"][name] for state in states]))
+        optimizer.load_state_dict(_stack_optimizer_state([state["optimizer"] for state in states]))
+        for shuffle, state in zip(shuffles, states):
+            shuffle.set_state(state["shuffle"].cpu())
+        _set_rng_state(states[0]["rng"], device)
+        losses, start = [state["losses"] for state in states], states[0]["epoch"]
+        sessions = [state.get("sessions", []) for state in states]
+        log(f"group of {len(cells)} ({group[0]}, ...): resuming after epoch {start}/{cfg.epochs}")
+    loss_of = group_loss(models[0])
+    n, bs, cell = len(data[0]), cfg.batch_size, torch.arange(len(cells), device=device)[:, None]
+    began = time.perf_counter()
+    session = dict(first_epoch=start + 1, last_epoch=start, device=str(device), hardware=hardware_name(device),
+                   threads=torch.get_num_threads(), torch_version=str(torch.__version__), seconds=0.0,
+                   group=len(cells))
+
+    def save_resume_states(epoch):
+        session.update(last_epoch=epoch, seconds=round(time.perf_counter() - began, 1))
+        optimizer_state = optimizer.state_dict()
+        for m, path in enumerate(resume_paths):
+            save_checkpoint(path, {"model": {k: v[m].detach() for k, v in params.items()},
+                                   "optimizer": _cell_optimizer_state(optimizer_state, m),
+                                   "shuffle": shuffles[m].get_state(), "rng": _rng_state(device),
+                                   "losses": losses[m], "epoch": epoch, "run": runs[m], "group": group,
+                                   "sessions": sessions[m] + [session]})
+
+    for epoch in range(start, cfg.epochs):
+        epoch_began = time.time()
+        if deadline is not None and epoch_began >= deadline:
+            break
+        order = torch.stack([torch.randperm(n, generator=shuffle) for shuffle in shuffles]).to(device)
+        total, cut = torch.zeros(len(cells), device=device), False
+        for first in range(0, n, bs):
+            if cut := epoch == start and deadline is not None and time.time() >= deadline:
+                break
+            batch = order[:, first:first + bs]
+            loss = loss_of(params, buffers, inputs[cell, batch], targets[cell, batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.sum().backward()  # each cell's weights get the gradient of its own loss
+            optimizer.step()
+            total += loss.detach()
+        if cut:
+            log(f"group of {len(cells)}: time budget reached during epoch {epoch + 1}/{cfg.epochs}, which is dropped")
+            break
+        for m, value in enumerate((total / -(-n // bs)).tolist()):
+            losses[m].append(value)
+            log(f"{paths[m].stem} (seed {cells[m]['seed']}): Epoch {epoch + 1}/{cfg.epochs}, Loss: {value:.4f}")
+        if epoch + 1 == cfg.epochs:
+            break
+        if deadline is not None and time.time() + 1.2 * (time.time() - epoch_began) > deadline:
+            log(f"group of {len(cells)}: time budget reached after epoch {epoch + 1}/{cfg.epochs}")
+            break
+        if save_every and (epoch + 1) % save_every == 0:
+            save_resume_states(epoch + 1)
+    if len(losses[0]) < cfg.epochs:
+        if len(losses[0]) > start:
+            save_resume_states(len(losses[0]))
+        return [None] * len(cells)
+    session.update(last_epoch=cfg.epochs, seconds=round(time.perf_counter() - began, 1))
+    return [_save_finished(path, {k: v[m] for k, v in params.items()}, models[m].config, runs[m], losses[m],
+                           sessions[m] + [session], tf32, group=group) for m, path in enumerate(paths)]
 
 
 def timing_step(cfg, heads, device, explicit_attention=False):
@@ -271,6 +410,24 @@ def timing_step(cfg, heads, device, explicit_attention=False):
     optimizer = make_optimizer(model, cfg, device)
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
     return lambda: train_step(model, optimizer, x, x, explicit_attention=explicit_attention)
+
+
+def group_timing_step(cfg, heads, cells, device):
+    """One grouped training step (train_group's) of `cells` fresh stacked models on random batches, as a callable
+    returning the cells' losses: for timing."""
+    models = [build_model(cfg, heads).to(device) for _ in range(cells)]
+    params, buffers = stack_module_state(models)
+    optimizer = torch.optim.Adam(list(params.values()), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    loss_of = group_loss(models[0])
+    x = torch.randint(0, cfg.vocab_size, (cells, cfg.batch_size, cfg.seq_length), device=device)
+
+    def step():
+        loss = loss_of(params, buffers, x, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimizer.step()
+        return loss.detach()
+    return step
 
 
 def seconds_per_step(cfg, heads, device, threads=1, steps=3):
@@ -299,13 +456,17 @@ def _train_cell_in_worker(kwargs):
     return train_cell(**kwargs, progress=False)
 
 
-def train_cells(cells, jobs=None, threads=None, **kwargs):
-    """Train the cells, `jobs` worker processes at once (None: one per CPU core), each cell on `threads` intra-op
-    threads (None: default_threads). CPU arithmetic depends on the thread count, not on `jobs`: with `threads` given,
-    a cell's checkpoint does not depend on the scheduling.
+def train_cells(cells, jobs=None, threads=None, group=None, **kwargs):
+    """Train the cells: in groups (train_group, one per head count, in this process) when `group` is true (None: on
+    CUDA), else `jobs` worker processes at once (None: one per CPU core), each cell on `threads` intra-op threads
+    (None: default_threads). CPU arithmetic depends on the thread count, not on `jobs`: with `threads` given, a cell's
+    checkpoint does not depend on the scheduling.
     A cell is a (heads, task) pair or a dict of train_cell arguments that override kwargs. Returns the checkpoint
     paths, None for cells stopped by the deadline."""
     cells = [cell if isinstance(cell, dict) else dict(heads=cell[0], task=cell[1]) for cell in cells]
+    if group if group is not None else torch.device(kwargs.get("device", "cpu")).type == "cuda":
+        with intra_op_threads(threads):
+            return _train_in_groups(cells, **kwargs)
     jobs = default_jobs(jobs, cells)
     threads = default_threads(threads, min(jobs, len(cells)))
     if jobs <= 1 or len(cells) <= 1:
@@ -313,6 +474,23 @@ def train_cells(cells, jobs=None, threads=None, **kwargs):
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(_train_cell_in_worker, dict(kwargs, threads=threads, **cell)) for cell in cells]
         return [f.result() for f in futures]
+
+
+def _train_in_groups(cells, cfg, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, resume=False, save_every=10,
+                      tf32=False, compile=False, progress=True, log=print, deadline=None):
+    """train_group for the cells of each head count (finished ones skipped with resume); paths in the cells' order.
+    compile and progress bars are per-cell features: a group logs its epochs instead."""
+    cells = [dict(dict(seed=seed, ckpt_dir=ckpt_dir), **cell) for cell in cells]
+    paths = [checkpoint_path(c["ckpt_dir"], c["heads"], c["task"]) for c in cells]
+    done = [resume and path.is_file() for path in paths]
+    for path in (path for path, finished in zip(paths, done) if finished):
+        log(f"{path.stem}: already trained ({path}), skipped")
+    results = dict(zip(map(id, cells), (path if finished else None for path, finished in zip(paths, done))))
+    for heads in dict.fromkeys(c["heads"] for c, finished in zip(cells, done) if not finished):
+        todo = [c for c, finished in zip(cells, done) if not finished and c["heads"] == heads]
+        log(f"training a group of {len(todo)} cells of {heads} heads on {device}")
+        results.update(zip(map(id, todo), train_group(cfg, todo, device, resume, save_every, tf32, log, deadline)))
+    return [results[id(c)] for c in cells]
 
 
 def warn_of_long_training(cfg, heads_of_cells, jobs, threads, device, longer_than=300):
@@ -334,7 +512,8 @@ def load_model(cfg, heads, path, device):
     return model.eval(), facts
 
 
-def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, threads=None, deadline=None):
+def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, threads=None, deadline=None,
+                  group=None):
     """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first. The
     checkpoints that exist are read and checked before any training starts: a bad one fails in seconds, not hours."""
     todo = [(h, t) for h, t in cells if retrain or not checkpoint_path(ckpt_dir, h, t).is_file()]
@@ -348,7 +527,7 @@ def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, 
         if device.type == "cpu":
             warn_of_long_training(cfg, [h for h, _ in todo], jobs, threads, device)
         # resume=True: a cell interrupted earlier continues from its last saved epoch (its run facts are checked)
-        paths = train_cells(todo, jobs, threads, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir,
+        paths = train_cells(todo, jobs, threads, group, cfg=cfg, seed=seed, device=device, ckpt_dir=ckpt_dir,
                             resume=not retrain, log=tqdm.write, deadline=deadline)
         unfinished = [f"{h}_heads_{t}" for (h, t), path in zip(todo, paths) if path is None]
         if unfinished:
@@ -407,9 +586,9 @@ def main():
     else:
         grid = [dict(heads=h, task=t, seed=s, ckpt_dir=ckpt_dir / "seeds" / f"seed_{s}")
                 for s in args.seeds for t in args.task for h in args.heads]
-    paths = train_cells(grid, args.jobs, args.threads, cfg=cfg, seed=args.seed, device=device, ckpt_dir=ckpt_dir,
-                        resume=args.resume, save_every=args.save_every, tf32=args.tf32, compile=args.compile,
-                        log=tqdm.write, deadline=deadline_of(args.time_budget))
+    paths = train_cells(grid, args.jobs, args.threads, args.group, cfg=cfg, seed=args.seed, device=device,
+                        ckpt_dir=ckpt_dir, resume=args.resume, save_every=args.save_every, tf32=args.tf32,
+                        compile=args.compile, log=tqdm.write, deadline=deadline_of(args.time_budget))
     for cell, path in zip(grid, paths):
         print(f"wrote {path}" if path else f"unfinished (time budget): {cell['heads']} heads {cell['task']}"
               + (f" seed {cell['seed']}" if "seed" in cell else "") + " -- rerun with --resume to continue")

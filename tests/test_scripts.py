@@ -122,7 +122,8 @@ def test_gpu_run_script_rehearsed_on_the_cpu(tmp_path):
                             timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (out / "log.txt").read_text()
-    assert "smoke passed" in log and "40 of 40 cells done, 40 new" in log and "bench exit 0" in log
+    assert "smoke passed" in log and "grouped smoke passed" in log and "bench exit 0" in log
+    assert "40 of 40 cells done, 40 new" in log
 
     def names(prefix):
         archive = tmp_path / f"{prefix}.tgz"

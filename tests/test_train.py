@@ -1,4 +1,5 @@
 """Training is deterministic per cell, resumable, and the same in worker processes as in one process."""
+import copy
 import dataclasses
 import io
 import time
@@ -15,6 +16,7 @@ from train import (build_model, cell_seed, estimated_training_seconds, load_chec
 
 CFG = dataclasses.replace(QUICK, epochs=3)
 quiet = dict(progress=False, log=lambda *_: None)
+quiet_group = dict(log=lambda *_: None)
 
 
 def weights(path):
@@ -47,6 +49,14 @@ def interrupt_at(epoch):
     """A log function that stops training (as Ctrl-C would) when epoch `epoch` ends, before its state is saved."""
     def log(message):
         if message.startswith(f"Epoch {epoch}/"):
+            raise KeyboardInterrupt
+    return log
+
+
+def interrupt_on(text):
+    """A log function that stops training (as Ctrl-C would) at the first message containing `text`."""
+    def log(message):
+        if text in message:
             raise KeyboardInterrupt
     return log
 
@@ -166,3 +176,64 @@ def test_resume_skips_finished_cells_and_continues_the_rest(tmp_path):
     retrained = train_cell(CFG, 1, "copy", ckpt_dir=tmp_path, resume=False, **quiet)  # without --resume: trains
     assert retrained == done and same_weights(weights(done), torch.load(io.BytesIO(before), weights_only=True)[
         "state_dict"])
+
+
+def group_cells(folder, heads=(4, 4, 4)):
+    return [dict(heads=h, task=t, seed=s, ckpt_dir=folder / f"seed_{s}")
+            for h, (t, s) in zip(heads, [("copy", 0), ("cycle", 0), ("copy", 1)])]
+
+
+def test_a_group_trains_each_cell_as_it_would_train_alone_without_dropout(tmp_path):
+    """Dropout off: cells trained together (stacked weights, one vmapped step, one Adam) match the same cells trained
+    one by one, in losses and weights, within float tolerance; two head counts make two groups."""
+    cfg = dataclasses.replace(CFG, dropout=0.0)
+    cells = group_cells(tmp_path / "group", heads=(4, 4, 8))
+    messages = []
+    paths = train_cells(cells, threads=1, group=True, cfg=cfg, log=messages.append)
+    assert sum(m.startswith("training a group of") for m in messages) == 2  # 4 heads (2 cells), 8 heads (1 cell)
+    for cell, path in zip(cells, paths):
+        alone = train_cell(cfg, cell["heads"], cell["task"], seed=cell["seed"], threads=1,
+                           ckpt_dir=tmp_path / "alone" / str(cell["seed"]), **quiet)
+        grouped, single = (torch.load(p, weights_only=True) for p in (path, alone))
+        assert grouped["training"]["losses"] == pytest.approx(single["training"]["losses"], rel=1e-5)
+        for name, value in single["state_dict"].items():
+            assert torch.allclose(grouped["state_dict"][name], value, atol=2e-3, rtol=0), name
+        assert grouped["training"]["cell_seed"] == single["training"]["cell_seed"] and grouped["training"]["group"]
+        load_checkpoint(build_model(cfg, cell["heads"]), path)  # today's format
+
+
+def test_a_groups_dropout_draws_other_masks_for_every_cell():
+    torch.manual_seed(0)
+    model = build_model(CFG, 4)
+    params, buffers = torch.func.stack_module_state([model, copy.deepcopy(model), copy.deepcopy(model)])
+    tokens = torch.randint(0, CFG.vocab_size, (1, 5, CFG.seq_length)).expand(3, 5, CFG.seq_length)
+    losses = train.group_loss(model)(params, buffers, tokens, tokens)  # the same weights and data in every cell
+    assert len(set(losses.tolist())) == 3  # so the masks differ
+    ones = torch.func.vmap(lambda x: torch.nn.functional.dropout(x, CFG.dropout), randomness="different")(
+        torch.ones(3, 200_000))  # the mechanism group_loss relies on: keep rate 1 - p in every cell
+    keep = (ones != 0).float().mean(1)
+    assert torch.allclose(keep, torch.full((3,), 1 - CFG.dropout), atol=0.004)
+    assert not torch.equal(ones[0], ones[1])
+
+
+def test_a_group_resumed_from_its_resume_states_equals_an_uninterrupted_group(tmp_path):
+    full = train.train_group(CFG, group_cells(tmp_path / "full")[:2], **quiet_group)
+    cut = group_cells(tmp_path / "cut")[:2]
+    with pytest.raises(KeyboardInterrupt):
+        train.train_group(CFG, cut, save_every=1, log=interrupt_on("4_heads_copy (seed 0): Epoch 3/"))
+    messages = []
+    resumed = train.train_group(CFG, cut, resume=True, log=messages.append)
+    assert "resuming after epoch 2/3" in messages[0]
+    for a, b in zip(full, resumed):
+        assert same_weights(weights(a), weights(b))
+        sessions = torch.load(b, weights_only=True)["training"]["sessions"]
+        assert [(s["first_epoch"], s["last_epoch"], s["group"]) for s in sessions] == [(1, 2, 2), (3, 3, 2)]
+    with pytest.raises(ValueError, match="one head count"):
+        train.train_group(CFG, group_cells(tmp_path / "mixed", heads=(4, 8)), **quiet_group)
+    partial = group_cells(tmp_path / "partial")[:2]
+    with pytest.raises(KeyboardInterrupt):
+        train.train_group(CFG, partial, save_every=1, log=interrupt_on("Epoch 2/"))
+    next((tmp_path / "partial").rglob("4_heads_cycle.pt.resume")).unlink()
+    with pytest.raises(ValueError, match="a group resumes whole"):
+        train.train_group(CFG, partial, resume=True, **quiet_group)
+
