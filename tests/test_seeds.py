@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from main import count_claims
+from config import HEADS, PAPER, TASKS
+from main import CROSS_MACHINE_ATOL, SECTION4_PROXIES, count_claims, section4_rows
+from train import load_model
 from script_io import AUTHORS, across_runs, add_evaluation_args, resolve_common
 
 
@@ -143,3 +145,53 @@ def test_bad_seeds_flags(args, message, capsys):
     with pytest.raises(SystemExit) as exit_status:
         resolve_common(parser, parser.parse_args(args), default_out="results")
     assert exit_status.value.code == 2 and message in capsys.readouterr().err
+
+
+SEED_RESULTS = ROOT / "results" / "seeds"
+needs_seed_results = pytest.mark.skipif(not (SEED_RESULTS / "section4_runs.csv").is_file(),
+                                        reason="no committed results/seeds/")
+
+
+def committed(name):
+    return pd.read_csv(SEED_RESULTS / name, dtype={"run": str}, keep_default_na=False)
+
+
+@needs_seed_results
+def test_committed_seed_results_agree_with_each_other_and_with_the_one_run_results():
+    per_run = committed("section4_runs.csv")
+    values = [c for c in per_run.columns if c.endswith(("_mean", "_std"))]
+    for run, one_run in (("42", ROOT / "results" / "section4.csv"),
+                         (AUTHORS, ROOT / "results" / "official" / "section4.csv")):
+        mine = per_run[per_run.run == run].drop(columns="run").reset_index(drop=True)
+        if run == AUTHORS and mine.empty:
+            continue
+        single = pd.read_csv(one_run)
+        assert (mine[["task", "heads", "layer"]].values == single[["task", "heads", "layer"]].values).all()
+        assert np.allclose(mine[values].astype(float), single[values], rtol=0, atol=CROSS_MACHINE_ATOL)
+    across = across_runs(per_run.assign(**{c: per_run[c].astype(float) for c in values}),
+                         ["task", "heads", "layer"], SECTION4_PROXIES, name="proxy")
+    stored = committed("section4_across_runs.csv")
+    assert np.allclose(across["mean"], stored["mean"].astype(float)) and (across.n_runs == stored.n_runs).all()
+    tables = {"section4": per_run.assign(**{c: per_run[c].astype(float) for c in values}),
+              "tables56": pd.read_csv(SEED_RESULTS / "tables56_runs.csv", dtype={"run": str}),
+              "synergy": pd.read_csv(SEED_RESULTS / "synergy_runs.csv", dtype={"run": str})}
+    claims, stored = count_claims(tables), committed("claims.csv")
+    assert list(claims.claim) == list(stored.claim)
+    assert list(claims.runs_holding) == list(stored.runs_holding) and list(claims.runs) == list(stored.runs)
+
+
+@needs_seed_results
+def test_committed_seed_runs_reproduce_from_their_checkpoints():
+    """Every seed run in results/seeds/section4_runs.csv is what its committed checkpoints give (cross-machine
+    tolerance), evaluated as the one-run protocol does for that seed."""
+    per_run = committed("section4_runs.csv")
+    seeds = sorted({run for run in per_run.run if run not in ("42", AUTHORS)})
+    assert seeds, "results/seeds/ holds no seed run"
+    for seed in seeds:
+        folder = ROOT / "checkpoints" / "seeds" / f"seed_{seed}"
+        models = {(h, t): load_model(PAPER, h, folder / f"{h}_heads_{t}.pt", "cpu")[0] for t in TASKS for h in HEADS}
+        fresh = pd.DataFrame(section4_rows(models, PAPER, int(seed)))
+        mine = per_run[per_run.run == seed].drop(columns="run").reset_index(drop=True)
+        values = [c for c in fresh.columns if c.endswith(("_mean", "_std"))]
+        assert (mine[["task", "heads", "layer"]].values == fresh[["task", "heads", "layer"]].values).all()
+        assert np.allclose(mine[values].astype(float), fresh[values], rtol=0, atol=CROSS_MACHINE_ATOL)
