@@ -17,6 +17,7 @@ import dataclasses
 import os
 import platform
 import re
+import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -452,7 +453,16 @@ def estimated_training_seconds(cfg, heads_of_cells, jobs, step_seconds):
     return max(workers)
 
 
+def _exit_with(parent, poll_seconds=1.0):
+    """Exit this worker process once `parent` has died (it is then re-parented): a killed train.py must not leave
+    workers training on, and writing checkpoints, behind it. Writes are atomic, so nothing is left half written."""
+    while os.getppid() == parent:
+        time.sleep(poll_seconds)
+    os._exit(1)
+
+
 def _train_cell_in_worker(kwargs):
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     return train_cell(**kwargs, progress=False)
 
 

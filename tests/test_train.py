@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import io
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,28 @@ def test_a_group_resumed_from_its_resume_states_equals_an_uninterrupted_group(tm
     with pytest.raises(ValueError, match="a group resumes whole"):
         train.train_group(CFG, partial, resume=True, **quiet_group)
 
+
+
+def test_killing_train_py_stops_its_workers(tmp_path):
+    """A train.py killed outright (SIGKILL: no clean-up of its own) leaves no worker training on behind it."""
+    import signal
+    import subprocess
+    import sys
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie is dead
+        except FileNotFoundError:
+            return False
+    main = subprocess.Popen([sys.executable, "train.py", "--quick", "--epochs", "400", "--jobs", "2", "--heads", "1",
+                             "4", "--task", "copy", "--ckpt-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert "Epoch 1/400" in main.stdout.readline()  # the workers are training
+    children = subprocess.run(["pgrep", "-P", str(main.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) >= 2
+    main.send_signal(signal.SIGKILL)
+    main.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in children) and not list(tmp_path.glob("*.pt"))
