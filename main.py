@@ -11,7 +11,7 @@ time of the principled (column-normalised) walk. Writes section4.csv, section4.m
 With --seeds, the same for every training run (each evaluated on its own training data's sequences), into
 OUT/seeds/: section4_runs (one row per run), section4_across_runs (mean, std and t-interval over our runs, the
 authors' beside), section4_runs.png/.pdf, and claims.{csv,md}: each claim of the paper and of our README, tested on
-each run (CLAIMS below) and counted over runs, from whichever of section4_runs, tables56_runs (test_amplification.py
+each run (main.CLAIMS) and counted over runs, from whichever of section4_runs, tables56_runs (test_amplification.py
 --seeds) and synergy_runs (synergy.py --seeds) are in that folder.
 """
 import argparse
