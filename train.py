@@ -147,9 +147,9 @@ def _set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def make_optimizer(model, cfg, device):
-    """Adam at the config's learning rate; the fused kernel on CUDA."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+def make_optimizer(parameters, cfg, device):
+    """Adam over `parameters` (a model's, or a group's stacked ones) at the config's learning rate; fused on CUDA."""
+    return torch.optim.Adam(list(parameters), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
 
 
 def train_step(model, optimizer, inputs, targets, explicit_attention=False):
@@ -193,7 +193,7 @@ def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every
     cseed = cell_seed(seed, heads, task)
     torch.manual_seed(cseed)  # initialisation and dropout
     model = build_model(cfg, heads).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model.parameters(), cfg, device)
     shuffle = torch.Generator().manual_seed(cseed)
     losses, start, sessions = [], 0, []
     run = dict(heads=heads, task=task, seed=seed, hyperparameters=dataclasses.asdict(cfg))
@@ -328,7 +328,7 @@ def train_group(cfg, cells, device="cpu", resume=False, save_every=10, tf32=Fals
     shuffles = [torch.Generator().manual_seed(cell_seed(c["seed"], c["heads"], c["task"])) for c in cells]
     torch.manual_seed(zlib.crc32("; ".join(group).encode()))  # the group's dropout stream
     params, buffers = stack_module_state(models)
-    optimizer = torch.optim.Adam(list(params.values()), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = make_optimizer(params.values(), cfg, device)
     losses, start, sessions = [[] for _ in cells], 0, [[] for _ in cells]
     present = [path.is_file() for path in resume_paths]
     if resume and any(present):
@@ -408,7 +408,7 @@ def train_group(cfg, cells, device="cpu", resume=False, save_every=10, tf32=Fals
 def timing_step(cfg, heads, device, explicit_attention=False):
     """One training step of a fresh model on a random batch, as a callable returning the loss: for timing."""
     model = build_model(cfg, heads).to(device).train()
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model.parameters(), cfg, device)
     x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
     return lambda: train_step(model, optimizer, x, x, explicit_attention=explicit_attention)
 
@@ -418,7 +418,7 @@ def group_timing_step(cfg, heads, cells, device):
     returning the cells' losses: for timing."""
     models = [build_model(cfg, heads).to(device) for _ in range(cells)]
     params, buffers = stack_module_state(models)
-    optimizer = torch.optim.Adam(list(params.values()), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = make_optimizer(params.values(), cfg, device)
     loss_of = group_loss(models[0])
     x = torch.randint(0, cfg.vocab_size, (cells, cfg.batch_size, cfg.seq_length), device=device)
 

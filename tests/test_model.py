@@ -54,7 +54,7 @@ def test_fused_and_explicit_attention_agree():
     target, losses, grads = tokens(seed=1), [], []
     for explicit in (False, True):
         model = quick_model(dropout=0.0).train()
-        optimizer = make_optimizer(model, QUICK, torch.device("cpu"))
+        optimizer = make_optimizer(model.parameters(), QUICK, torch.device("cpu"))
         losses.append(train_step(model, optimizer, x, target, explicit_attention=explicit).item())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
