@@ -209,53 +209,76 @@ def _train(cfg, heads, task, seed, device, path, resume_path, resume, save_every
         losses, start, sessions = state["losses"], state["epoch"], state.get("sessions", [])
         log(f"{path.name}: resuming after epoch {start}/{cfg.epochs}")
     step_model = torch.compile(model) if compile else model
-    n, bs = len(inputs), cfg.batch_size
-    began = time.perf_counter()
-    session = dict(first_epoch=start + 1, last_epoch=start, device=str(device), hardware=hardware_name(device),
-                   threads=torch.get_num_threads(), torch_version=str(torch.__version__), seconds=0.0)
+    n, bs, name = len(inputs), cfg.batch_size, f"{path.stem} (seed {seed})"
+    session = _session_clock(start, device)
 
     def save_resume_state(epoch):
-        session.update(last_epoch=epoch, seconds=round(time.perf_counter() - began, 1))
         save_checkpoint(resume_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                       "shuffle": shuffle.get_state(), "rng": _rng_state(device), "losses": losses,
-                                      "epoch": epoch, "run": run, "sessions": sessions + [session]})
+                                      "epoch": epoch, "run": run, "sessions": sessions + [session(epoch)]})
 
-    bar = tqdm(range(start, cfg.epochs), desc=path.stem, disable=not progress, leave=False)
-    for epoch in bar:
-        epoch_began = time.time()
-        if deadline is not None and epoch_began >= deadline:
-            break
+    bar = tqdm(total=cfg.epochs, initial=start, desc=path.stem, disable=not progress, leave=False)
+
+    def train_epoch(out_of_time):
         model.train()
         order = torch.randperm(n, generator=shuffle).to(device)
         total = torch.zeros((), device=device)  # summed on the device: one host sync per epoch
-        cut = False
         for first in range(0, n, bs):
-            # A session's first epoch has no measured length to plan with: its steps watch the deadline themselves.
-            if cut := epoch == start and deadline is not None and time.time() >= deadline:
-                break
+            if out_of_time():
+                return False
             batch = order[first:first + bs]
             total += train_step(step_model, optimizer, inputs[batch], targets[batch])
-        if cut:
-            log(f"{path.stem}: time budget reached during epoch {epoch + 1}/{cfg.epochs}, which is dropped")
-            break
         losses.append((total / -(-n // bs)).item())
-        message = f"Epoch {epoch + 1}/{cfg.epochs}, Loss: {losses[-1]:.4f}"
+        message = f"Epoch {len(losses)}/{cfg.epochs}, Loss: {losses[-1]:.4f}"
+        bar.update()
         bar.set_postfix_str(f"loss {losses[-1]:.4f}")
-        log(message if progress else f"{path.stem}: {message}")
-        if epoch + 1 == cfg.epochs:
+        log(message if progress else f"{name}: {message}")
+        return True
+
+    finished = _epochs(cfg, start, train_epoch, save_resume_state, deadline, save_every, log, name)
+    bar.close()
+    if not finished:
+        return None
+    return _save_finished(path, model.state_dict(), model.config, run, losses, sessions + [session(cfg.epochs)], tf32)
+
+
+def _session_clock(start, device, **extra):
+    """A function epoch -> this training session's facts (device, threads, seconds so far) when it reaches `epoch`;
+    kept in resume states and checkpoints, since CPU results depend on the thread count."""
+    began = time.perf_counter()
+    facts = dict(first_epoch=start + 1, device=str(device), hardware=hardware_name(device),
+                 threads=torch.get_num_threads(), torch_version=str(torch.__version__), **extra)
+    return lambda epoch: dict(facts, last_epoch=epoch, seconds=round(time.perf_counter() - began, 1))
+
+
+def _epochs(cfg, start, train_epoch, save_resume_state, deadline, save_every, log, name):
+    """The epoch loop of a cell and of a group: epochs start + 1 .. cfg.epochs under the deadline (a time.time());
+    returns True when the last one is trained.
+
+    train_epoch(out_of_time) trains, records and logs one epoch, or returns False when out_of_time() (asked before
+    each step) stopped it part way. Only a session's first epoch asks the deadline, since it has no measured length to
+    plan with; a cut epoch is dropped. After an epoch, training stops when the next one would end after the deadline.
+    save_resume_state(epochs) runs every save_every epochs, and on stopping when this session trained."""
+    done = start
+    for epoch in range(start, cfg.epochs):
+        epoch_began = time.time()
+        if deadline is not None and epoch_began >= deadline:
+            break
+        watch = epoch == start and deadline is not None
+        if not train_epoch(lambda: watch and time.time() >= deadline):
+            log(f"{name}: time budget reached during epoch {epoch + 1}/{cfg.epochs}, which is dropped")
+            break
+        done = epoch + 1
+        if done == cfg.epochs:
             break
         if deadline is not None and time.time() + 1.2 * (time.time() - epoch_began) > deadline:
-            log(f"{path.stem}: time budget reached after epoch {epoch + 1}/{cfg.epochs}; resume state {resume_path}")
-            break  # the next epoch would end after the deadline
-        if save_every and (epoch + 1) % save_every == 0:
-            save_resume_state(epoch + 1)
-    bar.close()
-    if len(losses) < cfg.epochs:  # stopped by the deadline
-        if len(losses) > start:  # this session trained: keep its progress
-            save_resume_state(len(losses))
-        return None
-    session.update(last_epoch=cfg.epochs, seconds=round(time.perf_counter() - began, 1))
-    return _save_finished(path, model.state_dict(), model.config, run, losses, sessions + [session], tf32)
+            log(f"{name}: time budget reached after epoch {done}/{cfg.epochs}; resume state saved")
+            break
+        if save_every and done % save_every == 0:
+            save_resume_state(done)
+    if start < done < cfg.epochs:  # stopped by the deadline after training in this session: keep the progress
+        save_resume_state(done)
+    return done == cfg.epochs
 
 
 def _save_finished(path, state_dict, model_config, run, losses, sessions, tf32, **extra):
@@ -317,6 +340,7 @@ def train_group(cfg, cells, device="cpu", resume=False, save_every=10, tf32=Fals
     paths = [checkpoint_path(c["ckpt_dir"], c["heads"], c["task"]) for c in cells]
     resume_paths = [path.with_name(path.name + ".resume") for path in paths]
     group = [f"seed {c['seed']}, {c['heads']} heads, {c['task']}" for c in cells]
+    names = [f"{path.stem} (seed {c['seed']})" for path, c in zip(paths, cells)]
     runs = [dict(heads=c["heads"], task=c["task"], seed=c["seed"], hyperparameters=dataclasses.asdict(cfg))
             for c in cells]
     data = [make_dataset(c["task"], cfg.num_sequences, cfg.seq_length, cfg.vocab_size, c["seed"]) for c in cells]
@@ -353,56 +377,38 @@ def train_group(cfg, cells, device="cpu", resume=False, save_every=10, tf32=Fals
         log(f"group of {len(cells)} ({group[0]}, ...): resuming after epoch {start}/{cfg.epochs}")
     loss_of = group_loss(models[0])
     n, bs, cell = len(data[0]), cfg.batch_size, torch.arange(len(cells), device=device)[:, None]
-    began = time.perf_counter()
-    session = dict(first_epoch=start + 1, last_epoch=start, device=str(device), hardware=hardware_name(device),
-                   threads=torch.get_num_threads(), torch_version=str(torch.__version__), seconds=0.0,
-                   group=len(cells))
+    session = _session_clock(start, device, group=len(cells))
 
     def save_resume_states(epoch):
-        session.update(last_epoch=epoch, seconds=round(time.perf_counter() - began, 1))
         optimizer_state = optimizer.state_dict()
         for m, path in enumerate(resume_paths):
             save_checkpoint(path, {"model": {k: v[m].detach() for k, v in params.items()},
                                    "optimizer": _cell_optimizer_state(optimizer_state, m),
                                    "shuffle": shuffles[m].get_state(), "rng": _rng_state(device),
                                    "losses": losses[m], "epoch": epoch, "run": runs[m], "group": group,
-                                   "sessions": sessions[m] + [session]})
+                                   "sessions": sessions[m] + [session(epoch)]})
 
-    for epoch in range(start, cfg.epochs):
-        epoch_began = time.time()
-        if deadline is not None and epoch_began >= deadline:
-            break
+    def train_epoch(out_of_time):
         order = torch.stack([torch.randperm(n, generator=shuffle) for shuffle in shuffles]).to(device)
-        total, cut = torch.zeros(len(cells), device=device), False
+        total = torch.zeros(len(cells), device=device)
         for first in range(0, n, bs):
-            if cut := epoch == start and deadline is not None and time.time() >= deadline:
-                break
+            if out_of_time():
+                return False
             batch = order[:, first:first + bs]
             loss = loss_of(params, buffers, inputs[cell, batch], targets[cell, batch])
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()  # each cell's weights get the gradient of its own loss
             optimizer.step()
             total += loss.detach()
-        if cut:
-            log(f"group of {len(cells)}: time budget reached during epoch {epoch + 1}/{cfg.epochs}, which is dropped")
-            break
         for m, value in enumerate((total / -(-n // bs)).tolist()):
             losses[m].append(value)
-            log(f"{paths[m].stem} (seed {cells[m]['seed']}): Epoch {epoch + 1}/{cfg.epochs}, Loss: {value:.4f}")
-        if epoch + 1 == cfg.epochs:
-            break
-        if deadline is not None and time.time() + 1.2 * (time.time() - epoch_began) > deadline:
-            log(f"group of {len(cells)}: time budget reached after epoch {epoch + 1}/{cfg.epochs}")
-            break
-        if save_every and (epoch + 1) % save_every == 0:
-            save_resume_states(epoch + 1)
-    if len(losses[0]) < cfg.epochs:
-        if len(losses[0]) > start:
-            save_resume_states(len(losses[0]))
+            log(f"{names[m]}: Epoch {len(losses[m])}/{cfg.epochs}, Loss: {value:.4f}")
+        return True
+
+    if not _epochs(cfg, start, train_epoch, save_resume_states, deadline, save_every, log, f"group of {len(cells)}"):
         return [None] * len(cells)
-    session.update(last_epoch=cfg.epochs, seconds=round(time.perf_counter() - began, 1))
     return [_save_finished(path, {k: v[m] for k, v in params.items()}, models[m].config, runs[m], losses[m],
-                           sessions[m] + [session], tf32, group=group) for m, path in enumerate(paths)]
+                           sessions[m] + [session(cfg.epochs)], tf32, group=group) for m, path in enumerate(paths)]
 
 
 def timing_step(cfg, heads, device, explicit_attention=False):
@@ -582,7 +588,8 @@ def main():
     parser.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS), help="default: both tasks")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="train every cell for each of these seeds, into CKPT_DIR/seeds/seed_S (overrides --seed)")
-    parser.add_argument("--epochs", type=int, default=None, help=f"default {PAPER.epochs} ({QUICK.epochs} with --quick)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"default {PAPER.epochs} ({QUICK.epochs} with --quick)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved epoch")
     parser.add_argument("--save-every", type=int, default=10, help="epochs between resume states (0: never)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (the paper is float32)")

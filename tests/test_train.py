@@ -66,7 +66,8 @@ def test_resume_gives_the_uninterrupted_model(tmp_path):
     full = train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "full", **quiet)
     with pytest.raises(KeyboardInterrupt):
         train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", save_every=1, progress=True, log=interrupt_at(3))
-    assert (tmp_path / "cut" / "4_heads_copy.pt.resume").is_file() and not (tmp_path / "cut" / "4_heads_copy.pt").exists()
+    cut = tmp_path / "cut"
+    assert (cut / "4_heads_copy.pt.resume").is_file() and not (cut / "4_heads_copy.pt").exists()
     messages = []
     resumed = train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", resume=True, progress=False, log=messages.append)
     assert "resuming after epoch 2/3" in messages[0]
@@ -102,7 +103,7 @@ def test_time_budget_stops_with_a_resume_state_and_resuming_finishes_the_same_mo
     deadline = time.time() + 6  # room for one quick epoch on a busy CPU
 
     def wait_past_deadline_after_epoch_1(message):
-        if message.startswith("4_heads_copy: Epoch 1/"):
+        if message.startswith("4_heads_copy (seed 42): Epoch 1/"):
             time.sleep(max(0.0, deadline - time.time()))
 
     stopped = train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "cut", save_every=0, deadline=deadline, progress=False,
@@ -126,7 +127,7 @@ def test_a_first_epoch_the_deadline_cuts_is_dropped_and_the_earlier_state_kept(t
         assert train_cell(cfg, 4, "copy", ckpt_dir=folder, resume=resume, progress=False, log=messages.append,
                           deadline=time.time() + 0.08) is None
         epoch = 3 if resume else 1
-        assert messages[-1] == f"4_heads_copy: time budget reached during epoch {epoch}/4, which is dropped"
+        assert messages[-1] == f"4_heads_copy (seed 42): time budget reached during epoch {epoch}/4, which is dropped"
     assert not (tmp_path / "fresh").exists() or not list((tmp_path / "fresh").glob("*"))
     assert (tmp_path / "4_heads_copy.pt.resume").read_bytes() == state and not (tmp_path / "4_heads_copy.pt").exists()
 
