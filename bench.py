@@ -215,9 +215,10 @@ def main():
         plans = scheduling(cfg, device)
         print(plans.to_string(index=False))
         best = plans.dropna().sort_values("cells per hour").iloc[-1]
+        steps = -(-cfg.num_sequences // cfg.batch_size)
         lines += [f"## Training the 8 {'quick' if args.quick else 'paper'} cells on this machine (estimated from "
-                  f"measured steps of each head count; {cfg.epochs} epochs of {-(-cfg.num_sequences // cfg.batch_size)} "
-                  f"steps per cell)", "", plans.to_markdown(index=False), "",
+                  f"measured steps of each head count; {cfg.epochs} epochs of {steps} steps per cell)", "",
+                  plans.to_markdown(index=False), "",
                   f"Best: {best['schedule']}, {best['8 cells, hours']} h for the 8 cells.", ""]
 
     if device.type == "cuda" or args.quick:  # on a CPU the fused kernel's one cell per process is faster

@@ -106,7 +106,8 @@ def markdown_view(table):
     """The formatted table, one row per (task, heads, layer, proxy) (and run, where the table has runs)."""
     fmt = lambda x: f"{x:.3f}"
     return pd.DataFrame({
-        **({"run": table.run} if "run" in table else {}), "task": table.task, "heads": table.heads, "layer": table.layer, "proxy": table.proxy,
+        **({"run": table.run} if "run" in table else {}), "task": table.task, "heads": table.heads,
+        "layer": table.layer, "proxy": table.proxy,
         "combined": table.combined.map(fmt), "parallel": table.parallel.map(fmt), "best head": table.best_head.map(fmt),
         "synergy [95% CI]": [f"{s:+.3f} [{lo:+.3f}, {hi:+.3f}]" for s, lo, hi in
                              zip(table.synergy, table.ci_low, table.ci_high)],
@@ -123,12 +124,12 @@ def markdown(table, correlation, source):
              f"{int(table.sequences.iloc[0])} sequences; 95% t intervals of the mean paired difference; two-sided "
              "Wilcoxon signed-rank p-values.", ""]
     for proxy, part in table.groupby("proxy", sort=False):
-        significant = part[part.p_value < 0.05]
+        significant, gain_significant = part[part.p_value < 0.05], part[part.gain_over_best_p < 0.05]
         rho, p = correlation[proxy]
         lines.append(f"- {PROXIES[proxy]}: synergy > 0 at p < 0.05 in {int((significant.synergy > 0).sum())} of "
                      f"{len(part)} layers, < 0 in {int((significant.synergy < 0).sum())}; combination better than the "
-                     f"best head at p < 0.05 in {int(((part.gain_over_best > 0) & (part.gain_over_best_p < 0.05)).sum())}"
-                     f", worse in {int(((part.gain_over_best < 0) & (part.gain_over_best_p < 0.05)).sum())}; "
+                     f"best head at p < 0.05 in {int((gain_significant.gain_over_best > 0).sum())}"
+                     f", worse in {int((gain_significant.gain_over_best < 0).sum())}; "
                      f"Spearman rho(diversity, synergy) = {rho:+.2f} (p = {p:.2g})")
     return "\n".join(lines + ["", view.to_markdown(index=False), ""])
 

@@ -50,7 +50,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, embed_dim, num_heads, dropout, causal):
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, "
+                             f"num_heads={num_heads}")
         self.num_heads, self.head_dim, self.dropout, self.causal = num_heads, embed_dim // num_heads, dropout, causal
         self.W_q = nn.Linear(embed_dim, embed_dim)
         self.W_k = nn.Linear(embed_dim, embed_dim)

@@ -97,7 +97,8 @@ def test_win_statistics_by_hand():
     assert (s["wins"], s["ties"], s["samples"]) == (8, 1, 11) and s["win_rate"] == pytest.approx(8 / 11)
     assert s["p_value"] == pytest.approx(2 * (45 + 10 + 1) / 2 ** 10)  # sign test on the 10 untied: 2 P(X >= 8)
     z, n, p = 1.959963984540054, 11, 8 / 11  # Wilson's interval from its formula
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     assert (s["win_ci_low"], s["win_ci_high"]) == pytest.approx((centre - half, centre + half))
 
 

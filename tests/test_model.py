@@ -64,7 +64,8 @@ def test_fused_and_explicit_attention_agree():
 def test_datasets():
     copy, cycle = CopyDataset(10, 6, 8, seed=3), CycleDataset(10, 6, 8, seed=3)
     assert torch.equal(copy.targets, copy.inputs) and torch.equal(copy.inputs, cycle.inputs)
-    assert torch.equal(cycle.targets[:, 1:], cycle.inputs[:, :-1]) and torch.equal(cycle.targets[:, 0], cycle.inputs[:, -1])
+    assert torch.equal(cycle.targets[:, 1:], cycle.inputs[:, :-1])
+    assert torch.equal(cycle.targets[:, 0], cycle.inputs[:, -1])
     assert torch.equal(make_dataset("copy", 10, 6, 8, 3).inputs, copy.inputs)
     assert not torch.equal(make_dataset("copy", 10, 6, 8, 4).inputs, copy.inputs)
     assert int(copy.inputs.max()) < 8 and len(copy) == 10 and copy[2][0].shape == (6,)
