@@ -2,6 +2,7 @@
 
     python train.py --heads 4 --task copy [--epochs 200] [--device auto] [--seed 42] [--resume] [--quick]
     python train.py [--heads 1 4 8 16] [--task copy cycle] [--seeds 0 1 2 3 4] [--jobs 8] [--time-budget 6]
+    python train.py --seeds 0 1 2 3 4 --status    # what is trained, what is left and the hours it will take
 
 writes checkpoints/4_heads_copy.pt (checkpoints/quick/ with --quick); with --seeds, checkpoints/seeds/seed_S/.
 The task's data depends only on (seed, task); initialisation, dropout and shuffling are seeded from
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tabulate import tabulate
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
@@ -581,6 +583,52 @@ def load_runs(cfg, cells, runs, device, log=print):
     return loaded
 
 
+def training_status(cfg, cells, device_type, jobs):
+    """Where the training of `cells` (dicts of heads, task, seed and ckpt_dir) stands, read from their files.
+
+    Returns one row per cell (finished, stopped after epoch k, or not started; the hours it took and on what), a
+    summary line, and the cell-hours left: each unfinished cell's epochs times the seconds per epoch that these
+    cells' own sessions on `device_type` took at its head count (a grouped session's time shared among its cells;
+    nan where no session measured that head count)."""
+    rows, spent = [], {}
+    for c in cells:
+        path = checkpoint_path(c["ckpt_dir"], c["heads"], c["task"])
+        resume_path = path.with_name(path.name + ".resume")
+        if path.is_file():
+            facts = torch.load(path, map_location="cpu", weights_only=True).get("training", {})
+            epochs, sessions, state = facts.get("epochs", cfg.epochs), facts.get("sessions", []), "finished"
+        elif resume_path.is_file():
+            resumed = torch.load(resume_path, map_location="cpu", weights_only=True)
+            epochs, sessions = resumed["epoch"], resumed.get("sessions", [])
+            state = f"epoch {epochs}/{cfg.epochs}"
+        else:
+            epochs, sessions, state = 0, [], "not started"
+        cell_seconds = [s["seconds"] / s.get("group", 1) for s in sessions]
+        for s, seconds in zip(sessions, cell_seconds):
+            if torch.device(s["device"]).type == device_type:
+                total = spent.setdefault(c["heads"], [0.0, 0])
+                total[0] += seconds
+                total[1] += s["last_epoch"] - s["first_epoch"] + 1
+        rows.append(dict(seed=c["seed"], heads=c["heads"], task=c["task"], state=state, epochs=epochs,
+                         hours=round(sum(cell_seconds) / 3600, 2),
+                         on=", ".join(dict.fromkeys(f"{s['hardware']} ({s['device']}"
+                                                    + (f", {s['threads']} thread(s))" if s["device"] == "cpu" else ")")
+                                                    for s in sessions))))
+    per_epoch = {h: seconds / epochs for h, (seconds, epochs) in sorted(spent.items()) if epochs}
+    left = [r for r in rows if r["state"] != "finished"]
+    hours_left = sum((cfg.epochs - r["epochs"]) * per_epoch.get(r["heads"], float("nan")) for r in left) / 3600
+    summary = (f"{len(rows) - len(left)} of {len(rows)} cells finished, {sum(r['epochs'] > 0 for r in left)} "
+               f"unfinished, {sum(r['epochs'] == 0 for r in left)} not started; "
+               f"{sum(r['hours'] for r in rows):.1f} cell-hours spent. ")
+    if not left:
+        summary += "Nothing left."
+    else:
+        summary += (f"Left: about {hours_left:.1f} cell-hours on {device_type}, {hours_left / jobs:.1f} h with {jobs} "
+                    f"at a time, at the seconds per epoch these cells took on {device_type} ("
+                    + (", ".join(f"{h} heads {t:.1f} s" for h, t in per_epoch.items()) or "none measured") + ")")
+    return rows, summary, hours_left
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, nargs="+", default=list(HEADS),
@@ -594,6 +642,9 @@ def main():
     parser.add_argument("--save-every", type=int, default=10, help="epochs between resume states (0: never)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (the paper is float32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    parser.add_argument("--status", action="store_true",
+                        help="print where the training of these cells stands (finished, epochs of unfinished ones, "
+                             "hours spent and left) and exit; trains nothing")
     add_training_args(parser)
     add_common_args(parser)
     args = parser.parse_args()
@@ -603,6 +654,12 @@ def main():
     else:
         grid = [dict(heads=h, task=t, seed=s, ckpt_dir=ckpt_dir / "seeds" / f"seed_{s}")
                 for s in args.seeds for t in args.task for h in args.heads]
+    if args.status:
+        cells = [dict(dict(seed=args.seed, ckpt_dir=ckpt_dir), **cell) for cell in grid]
+        jobs = 1 if device.type == "cuda" else default_jobs(args.jobs, cells)
+        rows, summary, _ = training_status(cfg, cells, device.type, jobs)
+        print(tabulate(rows, headers="keys", tablefmt="github"), summary, sep="\n\n")
+        return
     paths = train_cells(grid, args.jobs, args.threads, args.group, cfg=cfg, seed=args.seed, device=device,
                         ckpt_dir=ckpt_dir, resume=args.resume, save_every=args.save_every, tf32=args.tf32,
                         compile=args.compile, log=tqdm.write, deadline=deadline_of(args.time_budget))

@@ -5,9 +5,10 @@ import io
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import ROOT  # noqa: F401
+from conftest import ROOT
 
 import train
 from config import QUICK
@@ -239,6 +240,42 @@ def test_a_group_resumed_from_its_resume_states_equals_an_uninterrupted_group(tm
     with pytest.raises(ValueError, match="a group resumes whole"):
         train.train_group(CFG, partial, resume=True, **quiet_group)
 
+
+
+def test_status_reads_each_cells_files_and_estimates_the_hours_left(tmp_path):
+    cells = group_cells(tmp_path)  # 4 heads: seed 0 copy, seed 0 cycle, seed 1 copy
+    grouped = train.train_group(CFG, cells[:2], **quiet_group)  # finished, one session shared by two cells
+    with pytest.raises(KeyboardInterrupt):  # stopped with a resume state after epoch 2
+        train_cell(CFG, 4, "copy", seed=1, ckpt_dir=tmp_path / "seed_1", save_every=1, progress=True,
+                   log=interrupt_at(3))
+    stopped = tmp_path / "seed_1" / "4_heads_copy.pt.resume"
+    for path, seconds in ((grouped[0], 7200.0), (grouped[1], 7200.0), (stopped, 1800.0)):  # known session times
+        state = torch.load(path, weights_only=True)
+        (state["training"] if "training" in state else state)["sessions"][0]["seconds"] = seconds
+        torch.save(state, path)
+    rows, summary, hours_left = train.training_status(CFG, cells + [dict(cells[2], heads=1)], "cpu", 2)
+    assert [r["state"] for r in rows] == ["finished", "finished", "epoch 2/3", "not started"]
+    assert [r["epochs"] for r in rows] == [3, 3, 2, 0] and rows[0]["on"].endswith("(cpu, 1 thread(s))")
+    assert [r["hours"] for r in rows] == [1.0, 1.0, 0.5, 0.0]  # the group's 2 h shared by its two cells
+    assert summary.startswith("2 of 4 cells finished, 1 unfinished, 1 not started; 2.5 cell-hours spent.")
+    assert np.isnan(hours_left)  # no 1-head session measured
+    # By hand: a 4-head epoch took (3600 + 3600 + 1800) s / (3 + 3 + 2) epochs = 1125 s; one epoch is left
+    _, summary, hours_left = train.training_status(CFG, cells, "cpu", 2)
+    assert hours_left == pytest.approx(1125 / 3600) and "0.3 cell-hours on cpu, 0.2 h with 2 at a time" in summary
+    assert "4 heads 1125.0 s" in summary
+    assert np.isnan(train.training_status(CFG, cells, "cuda", 1)[2])  # no session on a GPU
+    assert train.training_status(CFG, cells[:2], "cpu", 2)[1].endswith("Nothing left.")
+
+
+def test_status_flag_prints_and_trains_nothing(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "train.py", "--quick", "--seeds", "3", "--heads", "4", "--task", "copy",
+                          "--status", "--ckpt-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| not started |" in out.stdout and "0 of 1 cells finished, 0 unfinished, 1 not started" in out.stdout
+    assert not list(tmp_path.rglob("*"))
 
 
 def test_killing_train_py_stops_its_workers(tmp_path):
