@@ -255,7 +255,8 @@ def test_status_reads_each_cells_files_and_estimates_the_hours_left(tmp_path):
         torch.save(state, path)
     rows, summary, hours_left = train.training_status(CFG, cells + [dict(cells[2], heads=1)], "cpu", 2)
     assert [r["state"] for r in rows] == ["finished", "finished", "epoch 2/3", "not started"]
-    assert [r["epochs"] for r in rows] == [3, 3, 2, 0] and rows[0]["on"].endswith("(cpu, 1 thread(s))")
+    assert [r["epochs"] for r in rows] == [3, 3, 2, 0]
+    assert rows[0]["on"] == f"{train.hardware_name('cpu')} (cpu, {torch.get_num_threads()} thread(s))"
     assert [r["hours"] for r in rows] == [1.0, 1.0, 0.5, 0.0]  # the group's 2 h shared by its two cells
     assert summary.startswith("2 of 4 cells finished, 1 unfinished, 1 not started; 2.5 cell-hours spent.")
     assert np.isnan(hours_left)  # no 1-head session measured
