@@ -32,7 +32,7 @@ from test_amplification import amplification, fresh_sequences
 from script_io import add_common_args, resolve_common, write_atomic
 from transformer import MultiHeadAttention
 from train import (build_model, checkpoint_path, estimated_training_seconds, group_timing_step, hardware_name,
-                   load_model, seconds_per_step, timing_step)
+                   load_model, seconds_per_step, steps_per_epoch, timing_step)
 
 
 def sync(device):
@@ -162,7 +162,7 @@ def scheduling(cfg, device):
 def many_cells(cfg, device, fast_ms, repeats):
     """Wall time of the 8 paper cells and of the 40 seed-study cells, one after another or in groups of one head
     count (2 and 10 cells a group), from measured ms per step of each head count; ms per cell-step of the groups."""
-    steps = cfg.epochs * -(-cfg.num_sequences // cfg.batch_size)
+    steps = cfg.epochs * steps_per_epoch(cfg)
     group_ms = {(h, m): timed(group_timing_step(cfg, h, m, device), device, repeats) * 1000 / m
                 for m in (2, 10) for h in HEADS}
     rows = []
@@ -215,9 +215,9 @@ def main():
         plans = scheduling(cfg, device)
         print(plans.to_string(index=False))
         best = plans.dropna().sort_values("cells per hour").iloc[-1]
-        steps = -(-cfg.num_sequences // cfg.batch_size)
         lines += [f"## Training the 8 {'quick' if args.quick else 'paper'} cells on this machine (estimated from "
-                  f"measured steps of each head count; {cfg.epochs} epochs of {steps} steps per cell)", "",
+                  f"measured steps of each head count; {cfg.epochs} epochs of {steps_per_epoch(cfg)} steps per cell)",
+                  "",
                   plans.to_markdown(index=False), "",
                   f"Best: {best['schedule']}, {best['8 cells, hours']} h for the 8 cells.", ""]
 
@@ -225,7 +225,7 @@ def main():
         many = many_cells(cfg, device, table.set_index("heads")["fast ms/step"], repeats)
         print(many.to_string(index=False))
         lines += ["## Training many cells", "", f"Estimated from measured steps ({cfg.epochs} epochs of "
-                  f"{-(-cfg.num_sequences // cfg.batch_size)} steps per cell): one cell after another on the fast "
+                  f"{steps_per_epoch(cfg)} steps per cell): one cell after another on the fast "
                   f"path, or grouped (`train.py --group yes`: the cells of each head count in one vmapped step, the "
                   f"groups one after another).", "", many.to_markdown(index=False), ""]
 

@@ -84,6 +84,11 @@ def checkpoint_path(ckpt_dir, heads, task):
     return Path(ckpt_dir) / f"{heads}_heads_{task}.pt"
 
 
+def resume_path_of(path):
+    """Where an unfinished cell keeps its resume state: beside its checkpoint path, with .resume appended."""
+    return path.with_name(path.name + ".resume")
+
+
 def save_checkpoint(path, obj):
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
@@ -177,7 +182,7 @@ def train_cell(cfg, heads, task, seed=SEED, device="cpu", ckpt_dir=CKPT_DIR, res
     length to plan with, is dropped (nothing saved) if the deadline passes during it."""
     device = torch.device(device)
     path = checkpoint_path(ckpt_dir, heads, task)
-    resume_path = path.with_name(path.name + ".resume")
+    resume_path = resume_path_of(path)
     if resume and path.is_file():  # finished earlier (a resume state beside it is stale): go on with the rest
         log(f"{path.stem}: already trained ({path}), skipped")
         return path
@@ -294,7 +299,7 @@ def _save_finished(path, state_dict, model_config, run, losses, sessions, tf32, 
                  hyperparameters=run["hyperparameters"], **extra)
     state = {k: v.detach().cpu() for k, v in state_dict.items()}  # loadable on any machine, GPU or not
     save_checkpoint(path, {"format": FORMAT, "state_dict": state, "config": model_config, "training": facts})
-    path.with_name(path.name + ".resume").unlink(missing_ok=True)
+    resume_path_of(path).unlink(missing_ok=True)
     return path
 
 
@@ -340,7 +345,7 @@ def train_group(cfg, cells, device="cpu", resume=False, save_every=10, tf32=Fals
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     paths = [checkpoint_path(c["ckpt_dir"], c["heads"], c["task"]) for c in cells]
-    resume_paths = [path.with_name(path.name + ".resume") for path in paths]
+    resume_paths = [resume_path_of(path) for path in paths]
     group = [f"seed {c['seed']}, {c['heads']} heads, {c['task']}" for c in cells]
     names = [f"{path.stem} (seed {c['seed']})" for path, c in zip(paths, cells)]
     runs = [dict(heads=c["heads"], task=c["task"], seed=c["seed"], hyperparameters=dataclasses.asdict(cfg))
@@ -439,6 +444,11 @@ def group_timing_step(cfg, heads, cells, device):
     return step
 
 
+def steps_per_epoch(cfg):
+    """Training steps in one epoch: the config's sequences in batches, the last one possibly short."""
+    return -(-cfg.num_sequences // cfg.batch_size)
+
+
 def seconds_per_step(cfg, heads, device, threads=1, steps=3):
     """Measured seconds of one training step of a fresh model on `threads` threads (median of `steps`, after a
     warm-up step)."""
@@ -454,7 +464,7 @@ def seconds_per_step(cfg, heads, device, threads=1, steps=3):
 def estimated_training_seconds(cfg, heads_of_cells, jobs, step_seconds):
     """Wall time of training cells of these head counts, `jobs` at a time in the given order (each starts on the
     first free worker), from the seconds per step of each head count."""
-    steps = cfg.epochs * -(-cfg.num_sequences // cfg.batch_size)
+    steps = cfg.epochs * steps_per_epoch(cfg)
     workers = [0.0] * max(1, min(jobs, len(heads_of_cells)))
     for heads in heads_of_cells:
         workers[workers.index(min(workers))] += steps * step_seconds[heads]
@@ -572,7 +582,7 @@ def load_runs(cfg, cells, runs, device, log=print):
             if path.is_file():
                 models[heads, task] = load_model(cfg, heads, path, device)[0]
             else:
-                unfinished = path.with_name(path.name + ".resume").is_file()
+                unfinished = resume_path_of(path).is_file()
                 missing.append(f"{path}{' (unfinished: resume state present)' if unfinished else ''}")
         if models:
             loaded.append((run, models))
@@ -593,12 +603,12 @@ def training_status(cfg, cells, device_type, jobs):
     rows, spent = [], {}
     for c in cells:
         path = checkpoint_path(c["ckpt_dir"], c["heads"], c["task"])
-        resume_path = path.with_name(path.name + ".resume")
+        resume_path = resume_path_of(path)
         if path.is_file():
-            facts = torch.load(path, map_location="cpu", weights_only=True).get("training", {})
+            facts = _read(path, "cpu").get("training", {})
             epochs, sessions, state = facts.get("epochs", cfg.epochs), facts.get("sessions", []), "finished"
         elif resume_path.is_file():
-            resumed = torch.load(resume_path, map_location="cpu", weights_only=True)
+            resumed = _read(resume_path, "cpu")
             epochs, sessions = resumed["epoch"], resumed.get("sessions", [])
             state = f"epoch {epochs}/{cfg.epochs}"
         else:
