@@ -3,10 +3,12 @@
 #
 #     OUT=/some/folder bash paper_scale_gpu.sh [MINUTES]      # MINUTES: wall budget of the whole run (default 9)
 #
+# Optional: SEEDS="3" (the seeds to train, default "0 1 2 3 4": leave out those the CPU is training), GROUP=no (one
+# cell per process, no grouped smoke run), BENCH_SECONDS=0 (no bench: every second to the training).
 # 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds), and
 #    of train.py's grouped path (--group yes: the cells of a head count in one vmapped step);
-# 2. the seed study: seeds 0-4 of the 8 cells with --resume and --time-budget, over a copy of the repo's finished
-#    checkpoints/seeds (skipped); grouped on CUDA if its smoke run passed, else one cell per process (--jobs 8);
+# 2. the seed study: the 8 cells of each seed in $SEEDS with --resume and --time-budget, over a copy of the repo's
+#    finished checkpoints/seeds (skipped); grouped on CUDA if its smoke run passed, else one cell per process (--jobs 8);
 #    an unfinished cell starts afresh here (a CPU resume state is not carried over: one device per cell);
 # 3. bench.py on the GPU; 4. what step 2 wrote (new checkpoints, resume states) is archived under $OUT in 15 MB
 #    pieces (the device tool's file limit): seeds.tgz.part-*, and bench + log in run.tgz.part-*; cat, untar into
@@ -16,6 +18,8 @@ export PYTHONUNBUFFERED=1
 MINUTES=${1:-9}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
+SEEDS=${SEEDS:-0 1 2 3 4}
+BENCH_SECONDS=${BENCH_SECONDS:-50}
 W=$(mktemp -d)
 LOG=$OUT/log.txt
 START=$(date +%s)
@@ -27,27 +31,32 @@ say "smoke: main.py and test_amplification.py --quick --device $DEVICE"
 if timeout 180 python3 main.py --quick --device "$DEVICE" --jobs 2 --ckpt-dir "$W/quick" --out "$W/quick_results" >>"$LOG" 2>&1 &&
    timeout 60 python3 test_amplification.py --quick --device "$DEVICE" --ckpt-dir "$W/quick" --out "$W/quick_results" --samples 4 >>"$LOG" 2>&1; then
     say "smoke passed"
-    if timeout 120 python3 train.py --quick --device "$DEVICE" --group yes --seeds 0 1 --heads 4 8 --ckpt-dir "$W/quick_group" >>"$LOG" 2>&1; then
+    if [ "${GROUP:-}" = no ]; then
+        say "grouped path not asked for (GROUP=no): one cell per process"
+    elif timeout 120 python3 train.py --quick --device "$DEVICE" --group yes --seeds 0 1 --heads 4 8 --ckpt-dir "$W/quick_group" >>"$LOG" 2>&1; then
         GROUP=auto; say "grouped smoke passed"
     else
         GROUP=no; say "GROUPED SMOKE FAILED: one cell per process"
     fi
     # Training ends by itself (--time-budget); `timeout` is only a backstop 1 minute later.
-    SEEDS_END=$(awk -v m="$MINUTES" 'BEGIN { print m - 1.1 }')
+    MARGIN=$([ "$BENCH_SECONDS" = 0 ] && echo 0.3 || echo 1.1)  # minutes kept for the bench and the archive
+    SEEDS_END=$(awk -v m="$MINUTES" -v r="$MARGIN" 'BEGIN { print m - r }')
     mkdir -p "$W/checkpoints/seeds"
     if [ -z "$QUICK" ]; then cp -r checkpoints/seeds/. "$W/checkpoints/seeds/"; find "$W/checkpoints" -name '*.resume' -delete; fi
     touch "$W/started"
-    say "training seeds 0-4, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done before (budget $(minutes_until "$SEEDS_END") min)"
+    say "training seeds $SEEDS, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done before (budget $(minutes_until "$SEEDS_END") min)"
     timeout "${MINUTES}m" python3 train.py $QUICK --device "$DEVICE" --group "$GROUP" --jobs 8 --resume --ckpt-dir "$W/checkpoints" \
-        --seeds 0 1 2 3 4 --time-budget "$(minutes_until "$SEEDS_END")" >>"$LOG" 2>&1
+        --seeds $SEEDS --time-budget "$(minutes_until "$SEEDS_END")" >>"$LOG" 2>&1
     say "seeds: exit $?, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done, $(find "$W/checkpoints/seeds" -name '*.pt' -newer "$W/started" | wc -l) new"
-    say "bench"
-    timeout "${BENCH_SECONDS:-50}" python3 bench.py $QUICK --device "$DEVICE" --out "$W/results" >>"$LOG" 2>&1
-    say "bench exit $?"
+    if [ "$BENCH_SECONDS" != 0 ]; then
+        say "bench"
+        timeout "$BENCH_SECONDS" python3 bench.py $QUICK --device "$DEVICE" --out "$W/results" >>"$LOG" 2>&1
+        say "bench exit $?"
+    fi
 else
     say "SMOKE FAILED: nothing trained"
 fi
-cp "$LOG" "$W/log.txt"
+cp "$LOG" "$W/log.txt"; mkdir -p "$W/results"  # empty without bench; tar needs it
 tar czf - -C "$W" results log.txt 2>>"$LOG" | split -b 15M - "$OUT/run.tgz.part-"
 (cd "$W/checkpoints" 2>/dev/null && find seeds -type f -newer "$W/started" | tar czf - -T - 2>>"$LOG" | split -b 15M - "$OUT/seeds.tgz.part-")
 say "archived: $(ls "$OUT" | tr '\n' ' ')"

@@ -111,29 +111,46 @@ def test_bad_flags_are_usage_errors(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_gpu_run_script_rehearsed_on_the_cpu(tmp_path):
-    """paper_scale_gpu.sh end to end with --quick on the CPU: smoke run, the seed study's 40 cells, bench, archives."""
+def _rehearse_gpu_run(tmp_path, **env):
+    """paper_scale_gpu.sh with --quick on the CPU under a 3-minute budget (each phase ends when its work is done);
+    returns its log and the names in its two archives."""
+    import os
     import tarfile
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(__import__("os").environ, OUT=str(out), DEVICE="cpu", QUICK="--quick", BENCH_SECONDS="240")
-    # A 3-minute budget: each phase ends when its work is done; the 40 quick cells take well under a minute.
+    env = dict(os.environ, OUT=str(out), DEVICE="cpu", QUICK="--quick", **env)
     result = subprocess.run(["bash", "paper_scale_gpu.sh", "3"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = (out / "log.txt").read_text()
-    assert "smoke passed" in log and "grouped smoke passed" in log and "bench exit 0" in log
-    assert "40 of 40 cells done, 40 new" in log
 
     def names(prefix):
         archive = tmp_path / f"{prefix}.tgz"
         archive.write_bytes(b"".join(p.read_bytes() for p in sorted(out.glob(f"{prefix}.tgz.part-*"))))
         with tarfile.open(archive) as tar:
             return tar.getnames()
-    seeds = names("seeds")
-    assert sorted(n for n in seeds if n.endswith(".pt")) == sorted(
-        f"seeds/seed_{s}/{h}_heads_{t}.pt" for s in range(5) for h in (1, 4, 8, 16) for t in ("copy", "cycle"))
-    assert {"results/bench_cpu.md", "log.txt"} <= set(names("run"))
+    return (out / "log.txt").read_text(), names("seeds"), names("run")
+
+
+def _seed_cells(*seeds):
+    return sorted(f"seeds/seed_{s}/{h}_heads_{t}.pt" for s in seeds for h in (1, 4, 8, 16) for t in ("copy", "cycle"))
+
+
+def test_gpu_run_script_rehearsed_on_the_cpu(tmp_path):
+    """paper_scale_gpu.sh end to end: smoke run, grouped smoke run, the seed study's 40 cells, bench, archives."""
+    log, seeds, run = _rehearse_gpu_run(tmp_path, BENCH_SECONDS="240")
+    assert "smoke passed" in log and "grouped smoke passed" in log and "bench exit 0" in log
+    assert "40 of 40 cells done, 40 new" in log
+    assert sorted(n for n in seeds if n.endswith(".pt")) == _seed_cells(0, 1, 2, 3, 4)
+    assert {"results/bench_cpu.md", "log.txt"} <= set(run)
+
+
+def test_gpu_run_script_trains_only_the_seeds_asked_for(tmp_path):
+    """SEEDS, GROUP=no and BENCH_SECONDS=0: one seed, one cell per process, no grouped smoke run and no bench."""
+    log, seeds, run = _rehearse_gpu_run(tmp_path, SEEDS="3", GROUP="no", BENCH_SECONDS="0")
+    assert "smoke passed" in log and "grouped path not asked for" in log and "grouped smoke" not in log
+    assert "training seeds 3," in log and "8 new" in log and "bench" not in log
+    assert sorted(n for n in seeds if n.endswith(".pt")) == _seed_cells(3)
+    assert "log.txt" in run
 
 
 @pytest.fixture(scope="module")
