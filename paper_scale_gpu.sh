@@ -3,13 +3,14 @@
 #
 #     OUT=/some/folder bash paper_scale_gpu.sh [MINUTES]      # MINUTES: wall budget of the whole run (default 9)
 #
-# Optional: SEEDS="3" (the seeds to train, default "0 1 2 3 4": leave out those the CPU is training), GROUP=no (one
-# cell per process, no grouped smoke run), BENCH_SECONDS=0 (no bench: every second to the training).
-# 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds), and
-#    of train.py's grouped path (--group yes: the cells of a head count in one vmapped step);
+# Optional: SEEDS="3" (the seeds to train, default "0 1 2 3 4": leave out those the CPU is training), GROUP=yes (train
+# the cells of a head count in one vmapped step, after its own smoke run; default: one cell per process, the measured
+# path), BENCH_SECONDS=0 (no bench: every second to the training).
+# 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds), and,
+#    with GROUP=yes, of train.py's grouped path;
 # 2. the seed study: the 8 cells of each seed in $SEEDS with --resume and --time-budget, over a copy of the repo's
-#    finished checkpoints/seeds (skipped); grouped on CUDA if its smoke run passed, else one cell per process (--jobs 8);
-#    an unfinished cell starts afresh here (a CPU resume state is not carried over: one device per cell);
+#    finished checkpoints/seeds (skipped); one cell per process (--jobs 8), or grouped if asked and its smoke run
+#    passed; an unfinished cell starts afresh here (a CPU resume state is not carried over: one device per cell);
 # 3. bench.py on the GPU; 4. what step 2 wrote (new checkpoints, resume states) is archived under $OUT in 15 MB
 #    pieces (the device tool's file limit): seeds.tgz.part-*, and bench + log in run.tgz.part-*; cat, untar into
 #    checkpoints/seeds (delete the CPU resume state of a cell that arrives finished). No `set -e`: step 4 always runs.
@@ -19,6 +20,7 @@ MINUTES=${1:-9}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
 SEEDS=${SEEDS:-0 1 2 3 4}
+GROUP=${GROUP:-no}
 BENCH_SECONDS=${BENCH_SECONDS:-50}
 W=$(mktemp -d)
 LOG=$OUT/log.txt
@@ -31,10 +33,10 @@ say "smoke: main.py and test_amplification.py --quick --device $DEVICE"
 if timeout 180 python3 main.py --quick --device "$DEVICE" --jobs 2 --ckpt-dir "$W/quick" --out "$W/quick_results" >>"$LOG" 2>&1 &&
    timeout 60 python3 test_amplification.py --quick --device "$DEVICE" --ckpt-dir "$W/quick" --out "$W/quick_results" --samples 4 >>"$LOG" 2>&1; then
     say "smoke passed"
-    if [ "${GROUP:-}" = no ]; then
-        say "grouped path not asked for (GROUP=no): one cell per process"
+    if [ "$GROUP" != yes ]; then
+        GROUP=no; say "one cell per process (GROUP=yes for the grouped path)"
     elif timeout 120 python3 train.py --quick --device "$DEVICE" --group yes --seeds 0 1 --heads 4 8 --ckpt-dir "$W/quick_group" >>"$LOG" 2>&1; then
-        GROUP=auto; say "grouped smoke passed"
+        say "grouped smoke passed"
     else
         GROUP=no; say "GROUPED SMOKE FAILED: one cell per process"
     fi

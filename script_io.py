@@ -110,9 +110,10 @@ def add_training_args(parser):
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads per cell (default: the CPU's cores shared among the cells that train "
                              "at once; a cell's CPU arithmetic depends on it, and it is recorded)")
-    parser.add_argument("--group", choices=("auto", "yes", "no"), default="auto",
-                        help="train the cells of each head count together, all in every step (train.train_group); "
-                             "auto: on CUDA. no: one cell per worker process")
+    parser.add_argument("--group", choices=("yes", "no"), default="no",
+                        help="yes: train the cells of each head count together, all in every step "
+                             "(train.train_group; slower on a CPU, unmeasured on a GPU). no (default): one cell per "
+                             "worker process, the path measured fastest on both")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                         help="stop training before MINUTES have passed, saving resume states of unfinished cells")
 
@@ -160,7 +161,7 @@ def resolve_common(parser, args, default_out=None):
         if h < 1 or cfg.embed_dim % h:
             parser.error(f"--heads: a head count must divide embed_dim={cfg.embed_dim}, got {h}")
     if isinstance(getattr(args, "group", None), str):
-        args.group = {"auto": None, "yes": True, "no": False}[args.group]  # None: grouped on CUDA
+        args.group = args.group == "yes"
     for flag in ("jobs", "threads"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")

@@ -484,15 +484,15 @@ def _train_cell_in_worker(kwargs):
     return train_cell(**kwargs, progress=False)
 
 
-def train_cells(cells, jobs=None, threads=None, group=None, **kwargs):
-    """Train the cells: in groups (train_group, one per head count, in this process) when `group` is true (None: on
-    CUDA), else `jobs` worker processes at once (None: one per CPU core), each cell on `threads` intra-op threads
+def train_cells(cells, jobs=None, threads=None, group=False, **kwargs):
+    """Train the cells: in groups (train_group, one per head count, in this process) when `group` is true, else
+    `jobs` worker processes at once (None: one per CPU core), each cell on `threads` intra-op threads
     (None: default_threads). CPU arithmetic depends on the thread count, not on `jobs`: with `threads` given, a cell's
     checkpoint does not depend on the scheduling.
     A cell is a (heads, task) pair or a dict of train_cell arguments that override kwargs. Returns the checkpoint
     paths, None for cells stopped by the deadline."""
     cells = [cell if isinstance(cell, dict) else dict(heads=cell[0], task=cell[1]) for cell in cells]
-    if group if group is not None else torch.device(kwargs.get("device", "cpu")).type == "cuda":
+    if group:
         with intra_op_threads(threads):
             return _train_in_groups(cells, **kwargs)
     jobs = default_jobs(jobs, cells)
@@ -541,7 +541,7 @@ def load_model(cfg, heads, path, device):
 
 
 def ensure_models(cfg, cells, seed, device, ckpt_dir, retrain=False, jobs=None, threads=None, deadline=None,
-                  group=None):
+                  group=False):
     """Load every (heads, task) cell's checkpoint, training those missing (or all, with retrain) first. The
     checkpoints that exist are read and checked before any training starts: a bad one fails in seconds, not hours."""
     todo = [(h, t) for h, t in cells if retrain or not checkpoint_path(ckpt_dir, h, t).is_file()]

@@ -136,19 +136,19 @@ def _seed_cells(*seeds):
 
 
 def test_gpu_run_script_rehearsed_on_the_cpu(tmp_path):
-    """paper_scale_gpu.sh end to end: smoke run, grouped smoke run, the seed study's 40 cells, bench, archives."""
-    log, seeds, run = _rehearse_gpu_run(tmp_path, BENCH_SECONDS="240")
+    """paper_scale_gpu.sh end to end with GROUP=yes: smoke runs, the seed study's 40 cells grouped, bench, archives."""
+    log, seeds, run = _rehearse_gpu_run(tmp_path, GROUP="yes", BENCH_SECONDS="240")
     assert "smoke passed" in log and "grouped smoke passed" in log and "bench exit 0" in log
-    assert "40 of 40 cells done, 40 new" in log
+    assert "40 of 40 cells done, 40 new" in log and log.count("training a group of 10 cells of") == 4  # 5 seeds x 2
     assert sorted(n for n in seeds if n.endswith(".pt")) == _seed_cells(0, 1, 2, 3, 4)
     assert {"results/bench_cpu.md", "log.txt"} <= set(run)
 
 
 def test_gpu_run_script_trains_only_the_seeds_asked_for(tmp_path):
-    """SEEDS, GROUP=no and BENCH_SECONDS=0: one seed, one cell per process, no grouped smoke run and no bench."""
-    log, seeds, run = _rehearse_gpu_run(tmp_path, SEEDS="3", GROUP="no", BENCH_SECONDS="0")
-    assert "smoke passed" in log and "grouped path not asked for" in log and "grouped smoke" not in log
-    assert "training seeds 3," in log and "8 new" in log and "bench" not in log
+    """SEEDS and BENCH_SECONDS=0, GROUP left out: one seed, one cell per process, no grouped smoke run, no bench."""
+    log, seeds, run = _rehearse_gpu_run(tmp_path, SEEDS="3", BENCH_SECONDS="0")
+    assert "smoke passed" in log and "one cell per process" in log and "grouped smoke" not in log
+    assert "training seeds 3," in log and "8 new" in log and "bench" not in log and "training a group" not in log
     assert sorted(n for n in seeds if n.endswith(".pt")) == _seed_cells(3)
     assert "log.txt" in run
 

@@ -302,3 +302,19 @@ def test_killing_train_py_stops_its_workers(tmp_path):
     while time.time() < deadline and any(alive(pid) for pid in children):
         time.sleep(0.2)
     assert not any(alive(pid) for pid in children) and not list(tmp_path.glob("*.pt"))
+
+
+@pytest.mark.parametrize("flags, grouped", [((), False), (("--group", "no"), False), (("--group", "yes"), True)])
+def test_group_flag_defaults_to_one_cell_per_process(flags, grouped):
+    """--group: one cell per process unless asked (on every device: the grouped path is slower on a CPU and unmeasured
+    on a GPU); a grouped run must be asked for."""
+    import argparse
+    from script_io import add_common_args, add_training_args, resolve_common
+    parser = argparse.ArgumentParser()
+    add_common_args(parser)
+    add_training_args(parser)
+    args = parser.parse_args(["--quick", "--device", "cpu", *flags])
+    resolve_common(parser, args)
+    assert args.group is grouped
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--group", "auto"])
