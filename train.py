@@ -666,8 +666,7 @@ def main():
                 for s in args.seeds for t in args.task for h in args.heads]
     if args.status:
         cells = [dict(dict(seed=args.seed, ckpt_dir=ckpt_dir), **cell) for cell in grid]
-        jobs = 1 if device.type == "cuda" else default_jobs(args.jobs, cells)
-        rows, summary, _ = training_status(cfg, cells, device.type, jobs)
+        rows, summary, _ = training_status(cfg, cells, device.type, default_jobs(args.jobs, cells))
         print(tabulate(rows, headers="keys", tablefmt="github"), summary, sep="\n\n")
         return
     paths = train_cells(grid, args.jobs, args.threads, args.group, cfg=cfg, seed=args.seed, device=device,
