@@ -3,7 +3,8 @@
 #
 #     OUT=/some/folder bash paper_scale_gpu.sh [MINUTES]      # MINUTES: wall budget of the whole run (default 9)
 #
-# Optional: SEEDS="3" (the seeds to train, default "0 1 2 3 4": leave out those the CPU is training), GROUP=yes (train
+# Optional: SEEDS="3" (the seeds to train, default "0 1 2 3 4": leave out those the CPU is training; SEEDS="5" adds a
+# run to the seed study, whose tables take any number), GROUP=yes (train
 # the cells of a head count in one vmapped step, after its own smoke run; default: one cell per process, the measured
 # path), BENCH_SECONDS=0 (no bench: every second to the training).
 # 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds), and,
@@ -27,6 +28,10 @@ LOG=$OUT/log.txt
 START=$(date +%s)
 minutes_until() { awk -v s="$START" -v at="$1" -v now="$(date +%s)" 'BEGIN { m = (s + 60 * at - now) / 60; print (m > 0.05 ? m : 0.05) }'; }
 say() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$LOG"; }
+cells_done() {  # "k of n": the checkpoints of $SEEDS's cells (8 a seed) in the working copy
+    local k=0 s
+    for s in $SEEDS; do k=$(( k + $(find "$W/checkpoints/seeds/seed_$s" -name '*.pt' 2>/dev/null | wc -l) )); done
+    echo "$k of $(( 8 * $(echo $SEEDS | wc -w) ))"; }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; } >>"$LOG" 2>&1
 say "smoke: main.py and test_amplification.py --quick --device $DEVICE"
@@ -46,10 +51,10 @@ if timeout 180 python3 main.py --quick --device "$DEVICE" --jobs 2 --ckpt-dir "$
     mkdir -p "$W/checkpoints/seeds"
     if [ -z "$QUICK" ]; then cp -r checkpoints/seeds/. "$W/checkpoints/seeds/"; find "$W/checkpoints" -name '*.resume' -delete; fi
     touch "$W/started"
-    say "training seeds $SEEDS, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done before (budget $(minutes_until "$SEEDS_END") min)"
+    say "training seeds $SEEDS, $(cells_done) cells done before (budget $(minutes_until "$SEEDS_END") min)"
     timeout "${MINUTES}m" python3 train.py $QUICK --device "$DEVICE" --group "$GROUP" --jobs 8 --resume --ckpt-dir "$W/checkpoints" \
         --seeds $SEEDS --time-budget "$(minutes_until "$SEEDS_END")" >>"$LOG" 2>&1
-    say "seeds: exit $?, $(find "$W/checkpoints/seeds" -name '*.pt' | wc -l) of 40 cells done, $(find "$W/checkpoints/seeds" -name '*.pt' -newer "$W/started" | wc -l) new"
+    say "seeds: exit $?, $(cells_done) cells done, $(find "$W/checkpoints/seeds" -name '*.pt' -newer "$W/started" | wc -l) new"
     if [ "$BENCH_SECONDS" != 0 ]; then
         say "bench"
         timeout "$BENCH_SECONDS" python3 bench.py $QUICK --device "$DEVICE" --out "$W/results" >>"$LOG" 2>&1
