@@ -4,9 +4,9 @@
 #     OUT=/some/folder bash paper_scale_gpu.sh [MINUTES]      # MINUTES: wall budget of the whole run (default 9)
 #
 # Optional: SEEDS="3" (the seeds to train, default "0 1 2 3 4": leave out those the CPU is training; SEEDS="5" adds a
-# run to the seed study, whose tables take any number), GROUP=yes (train
-# the cells of a head count in one vmapped step, after its own smoke run; default: one cell per process, the measured
-# path), BENCH_SECONDS=0 (no bench: every second to the training).
+# run to the seed study, whose tables take any number), GROUP=yes (train the cells of a head count in one vmapped
+# step, after its own smoke run; default: one cell per process, the measured path), BENCH_SECONDS=0 (no bench: every
+# second to the training).
 # 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds), and,
 #    with GROUP=yes, of train.py's grouped path;
 # 2. the seed study: the 8 cells of each seed in $SEEDS with --resume and --time-budget, over a copy of the repo's

@@ -112,8 +112,8 @@ def add_training_args(parser):
                              "at once; a cell's CPU arithmetic depends on it, and it is recorded)")
     parser.add_argument("--group", choices=("yes", "no"), default="no",
                         help="yes: train the cells of each head count together, all in every step "
-                             "(train.train_group; slower on a CPU, unmeasured on a GPU). no (default): one cell per "
-                             "worker process, the path measured fastest on both")
+                             "(train.train_group; slower on a CPU, unmeasured at paper scale on a GPU). no (default): "
+                             "one cell per worker process, the measured path on both")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                         help="stop training before MINUTES have passed, saving resume states of unfinished cells")
 

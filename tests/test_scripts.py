@@ -9,7 +9,8 @@ import torch
 from conftest import OFFICIAL, ROOT, needs_official
 
 import example2
-from config import QUICK
+from config import HEADS, QUICK, TASKS
+from train import checkpoint_path
 
 
 def run(*args):
@@ -132,7 +133,8 @@ def _rehearse_gpu_run(tmp_path, **env):
 
 
 def _seed_cells(*seeds):
-    return sorted(f"seeds/seed_{s}/{h}_heads_{t}.pt" for s in seeds for h in (1, 4, 8, 16) for t in ("copy", "cycle"))
+    """The archive names of the seeds' cells (the default grid: every head count and task)."""
+    return sorted(str(checkpoint_path(f"seeds/seed_{s}", h, t)) for s in seeds for h in HEADS for t in TASKS)
 
 
 def test_gpu_run_script_rehearsed_on_the_cpu(tmp_path):
