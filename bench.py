@@ -1,6 +1,6 @@
 """Speed of training and evaluation, measured on this machine; prints a table and writes results/bench_<device>.md.
 
-    python bench.py [--device auto|cpu|cuda] [--quick] [--ckpt-dir ../shared/official_checkpoints]
+    python bench.py [--device auto|cpu|cuda] [--quick] [--ckpt-dir FOLDER]
 
 Training: ms per step for H = 1, 4, 8, 16 on the fast path (on a CPU cpu_attention's fused kernel, on a GPU
 PyTorch's fused attention), on the explicit-attention path the authors' code takes and, on a CPU, on the PyTorch-ops
@@ -19,20 +19,18 @@ import sys
 import time
 from functools import partial
 from multiprocessing import get_context
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 import cpu_attention
 import proxies
+from checkpoints import build_model, checkpoint_path, load_model
 from config import AMPLIFICATION_HEADS, HEADS, TASKS
-from main import evaluate, evaluation_sequences
-from test_amplification import amplification, fresh_sequences
-from script_io import add_common_args, resolve_common, write_atomic
+from evaluation import amplification, evaluation_sequences, fresh_sequences, section4_values
+from script_io import add_common_args, check_writable, hardware_name, resolve_common, results_folder, write_text
+from train import estimated_training_seconds, group_timing_step, seconds_per_step, steps_per_epoch, timing_step
 from transformer import MultiHeadAttention
-from train import (build_model, checkpoint_path, estimated_training_seconds, group_timing_step, hardware_name,
-                   load_model, seconds_per_step, steps_per_epoch, timing_step)
 
 
 def sync(device):
@@ -176,67 +174,55 @@ def many_cells(cfg, device, fast_ms, repeats):
     return pd.DataFrame(rows)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
-    args = parser.parse_args()
-    cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
-    repeats, inner = (3, 1) if args.quick else (7, 2)
-    torch.manual_seed(args.seed)
-    lines = [f"# Benchmark on {hardware_name(device)} ({torch.get_num_threads()} threads)", "",
-             f"torch {torch.__version__}, {'quick' if args.quick else 'paper'} configuration "
-             f"(batch {cfg.batch_size} x {cfg.seq_length} tokens, embed {cfg.embed_dim}, {cfg.num_layers} layers), "
-             f"`python {' '.join(sys.argv)}`", ""]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        lines += [f"cpu_attention kernel: {cpu_attention.build()}", ""]
-
+def training_section(cfg, device, repeats, inner):
+    """The training-step and attention-layer tables (every path), and on a CPU the 8 cells' schedules: Markdown lines,
+    and the fast path's ms per step by head count."""
     rows = []
     for heads in HEADS:
         ms = paired_step_ms(train_steps(cfg, heads, device), device, repeats, inner)
-        tokens = cfg.batch_size * cfg.seq_length
         rows.append({"heads": heads, **{f"{path} ms/step": round(t, 2) for path, t in ms.items()},
                      "speed-up over explicit": round(ms["explicit"] / ms["fast"], 2),
-                     "fast tokens/s": round(1000 * tokens / ms["fast"])})
+                     "fast tokens/s": round(1000 * cfg.batch_size * cfg.seq_length / ms["fast"])})
         print(rows[-1])
     table = pd.DataFrame(rows)
     table["fast / 1-head fast"] = (table["fast ms/step"] / table["fast ms/step"].iloc[0]).round(2)
-    lines += ["## Training step (Adam, dropout on, float32)", "", training_paths(device), "",
-              table.to_markdown(index=False), ""]
-    layer_rows = []
-    for heads in HEADS:
-        ms = paired_step_ms(attention_layer_steps(cfg, heads, device), device, repeats, 5 * inner)
-        layer_rows.append({"heads": heads, **{f"{path} ms": round(t, 2) for path, t in ms.items()}})
-    print(pd.DataFrame(layer_rows).to_string(index=False))
-    lines += ["## One attention layer, forward and backward (projections included, dropout on)", "",
-              pd.DataFrame(layer_rows).to_markdown(index=False), ""]
+    layer = pd.DataFrame([{"heads": heads, **{f"{path} ms": round(t, 2) for path, t in paired_step_ms(
+        attention_layer_steps(cfg, heads, device), device, repeats, 5 * inner).items()}} for heads in HEADS])
+    print(layer.to_string(index=False))
+    lines = ["## Training step (Adam, dropout on, float32)", "", training_paths(device), "",
+             table.to_markdown(index=False), "",
+             "## One attention layer, forward and backward (projections included, dropout on)", "",
+             layer.to_markdown(index=False), ""]
     if device.type == "cpu":
         plans = scheduling(cfg, device)
         print(plans.to_string(index=False))
         best = plans.dropna().sort_values("cells per hour").iloc[-1]
-        lines += [f"## Training the 8 {'quick' if args.quick else 'paper'} cells on this machine (estimated from "
-                  f"measured steps of each head count; {cfg.epochs} epochs of {steps_per_epoch(cfg)} steps per cell)",
-                  "",
+        lines += [f"## Training the 8 cells on this machine (estimated from measured steps of each head count; "
+                  f"{cfg.epochs} epochs of {steps_per_epoch(cfg)} steps per cell)", "",
                   plans.to_markdown(index=False), "",
                   f"Best: {best['schedule']}, {best['8 cells, hours']} h for the 8 cells.", ""]
+    return lines, table.set_index("heads")["fast ms/step"]
 
-    if device.type == "cuda" or args.quick:  # on a CPU the fused kernel's one cell per process is faster
-        many = many_cells(cfg, device, table.set_index("heads")["fast ms/step"], repeats)
-        print(many.to_string(index=False))
-        lines += ["## Training many cells", "", f"Estimated from measured steps ({cfg.epochs} epochs of "
-                  f"{steps_per_epoch(cfg)} steps per cell): one cell after another on the fast "
-                  f"path, or grouped (`train.py --group yes`: the cells of each head count in one vmapped step, the "
-                  f"groups one after another).", "", many.to_markdown(index=False), ""]
 
-    cells = [(h, t) for t in TASKS for h in HEADS]
-    models, source = models_for(cfg, cells, device, ckpt_dir)
-    tokens = {t: evaluation_sequences(cfg, t, args.seed) for t in TASKS}
-    section4 = timed(lambda: [evaluate(models[h, t], tokens[t], cfg) for h, t in cells], device, repeats, warmup=1)
-    fresh = fresh_sequences(cfg, cfg.eval_sequences, args.seed)
+def many_cells_section(cfg, device, fast_ms, repeats):
+    many = many_cells(cfg, device, fast_ms, repeats)
+    print(many.to_string(index=False))
+    return ["## Training many cells", "", f"Estimated from measured steps ({cfg.epochs} epochs of "
+            f"{steps_per_epoch(cfg)} steps per cell): one cell after another on the fast path, or grouped "
+            f"(`train.py --group yes`: the cells of each head count in one vmapped step, the groups one after "
+            f"another).", "", many.to_markdown(index=False), ""]
+
+
+def evaluation_timings(cfg, device, models, seed, repeats):
+    """Seconds of the Section 4 and Tables 5-6 evaluations, and of the exact against the Monte Carlo mixing time on
+    one layer (alone, and per layer in one batched call): table rows, and the two speed-ups."""
+    cells = list(models)
+    tokens = {t: evaluation_sequences(cfg, t, seed) for t in TASKS}
+    section4 = timed(lambda: [section4_values(models[h, t], tokens[t], cfg) for h, t in cells], device, repeats,
+                     warmup=1)
+    fresh = fresh_sequences(cfg, cfg.eval_sequences, seed)
     tables = timed(lambda: [amplification(models[h, t], fresh, cfg.horizon) for t in TASKS
                             for h in AMPLIFICATION_HEADS], device, repeats, warmup=1)
-
     model = models[HEADS[-1], "cycle"]
     attn = model.attention(tokens["cycle"][:1])[0, -1]  # one layer: (H, T, T)
     weights = proxies.head_weights(model.layers[-1].attn)
@@ -247,10 +233,10 @@ def main():
         layers.shape[0] * layers.shape[1])
     exact_value = proxies.mixing_time(attn, weights, cfg.max_steps)
     began = time.perf_counter()
-    mc_value = proxies.mixing_time_mc(attn, weights, cfg.num_simulations, cfg.max_steps, seed=args.seed)
+    mc_value = proxies.mixing_time_mc(attn, weights, cfg.num_simulations, cfg.max_steps, seed=seed)
     sync(device)
     mc = time.perf_counter() - began
-    evaluation = [
+    return [
         {"what": f"Section 4 evaluation: {len(cells)} models x {cfg.eval_sequences} sequences x {cfg.num_layers} "
                  f"layers, both proxies + normalized walk (exact)", "seconds": round(section4, 3), "value": ""},
         {"what": f"Tables 5-6 evaluation: {len(AMPLIFICATION_HEADS) * len(TASKS)} models x {cfg.eval_sequences} "
@@ -261,19 +247,48 @@ def main():
                  f"{layers.shape[1]} layers of that model (as main.py)", "seconds": round(batched, 6), "value": ""},
         {"what": f"mixing_time_mc ({cfg.num_simulations} walks per start), same layer", "seconds": round(mc, 3),
          "value": f"{mc_value:.4f}"},
-    ]
-    for row in evaluation:
+    ], (mc / exact, mc / batched)
+
+
+def evaluation_section(cfg, device, ckpt_dir, seed, repeats):
+    models, source = models_for(cfg, [(h, t) for t in TASKS for h in HEADS], device, ckpt_dir)
+    rows, (alone, batched) = evaluation_timings(cfg, device, models, seed, repeats)
+    for row in rows:
         print(row)
     peak = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB GPU (max allocated)" if device.type == "cuda"
             else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:.0f} MiB host (max RSS)")
-    lines += [f"## Evaluation (models: {source})", "", pd.DataFrame(evaluation).to_markdown(index=False), "",
-              f"Exact mixing time against the {cfg.num_simulations}-walk Monte Carlo on the same layer: "
-              f"{mc / exact:.0f}x faster in a single-layer call, {mc / batched:.0f}x per layer in a batched call.", "",
-              f"Peak memory: {peak}", ""]
+    return [f"## Evaluation (models: {source})", "", pd.DataFrame(rows).to_markdown(index=False), "",
+            f"Exact mixing time against the {cfg.num_simulations}-walk Monte Carlo on the same layer: "
+            f"{alone:.0f}x faster in a single-layer call, {batched:.0f}x per layer in a batched call.", "",
+            f"Peak memory: {peak}", ""]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
+    args = parser.parse_args()
+    cfg, device, ckpt_dir = resolve_common(parser, args)
+    out = args.out or results_folder(args.quick)
+    check_writable(parser, out)
+    repeats, inner = (3, 1) if args.quick else (7, 2)
+    torch.manual_seed(args.seed)
+    lines = [f"# Benchmark on {hardware_name(device)} ({torch.get_num_threads()} threads)", "",
+             f"torch {torch.__version__}, {'quick' if args.quick else 'paper'} configuration "
+             f"(batch {cfg.batch_size} x {cfg.seq_length} tokens, embed {cfg.embed_dim}, {cfg.num_layers} layers), "
+             f"`python {' '.join(sys.argv)}`", ""]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        lines += [f"cpu_attention kernel: {cpu_attention.build()}", ""]
+    training, fast_ms = training_section(cfg, device, repeats, inner)
+    lines += training
+    if device.type == "cuda" or args.quick:  # on a CPU the fused kernel's one cell per process is faster
+        lines += many_cells_section(cfg, device, fast_ms, repeats)
+    lines += evaluation_section(cfg, device, ckpt_dir, args.seed, repeats)
     report = "\n".join(lines)
     print("\n" + report)
     path = out / f"bench_{device.type}.md"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(report))
+    write_text(path, report)
     print(f"wrote {path}")
 
 

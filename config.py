@@ -11,7 +11,7 @@ from pathlib import Path
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every hyperparameter of the experiments; the defaults are the paper's (facts file, section 4)."""
+    """Every hyperparameter of the experiments; the defaults are the paper's (its Section 4)."""
     vocab_size: int = 256
     embed_dim: int = 64
     num_layers: int = 4
@@ -36,6 +36,7 @@ AMPLIFICATION_HEADS = (4, 8, 16)  # Tables 5-6 and the synergy study: the multi-
 TASKS = ("copy", "cycle")
 SEED = 42  # the paper's
 SEEDS = (0, 1, 2, 3, 4)  # the seed study's training runs, beside seed 42
+AUTHORS = "authors"  # the run name of the authors' released models: shown beside ours, never pooled with them
 CKPT_DIR = Path("checkpoints")
 FORMAT = "beyondparallelism-checkpoint-v1"
 

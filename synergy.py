@@ -16,90 +16,25 @@ sequences, and its Spearman rank correlation with synergy. Writes synergy.csv (l
 synergy.png/.pdf under --out. With --seeds, every training run (each on its own evaluation sequences), into
 OUT/seeds/: synergy_runs (one row per run, with each run's interval and p), synergy_across_runs (mean, std and
 t-interval over our runs of synergy and gain over the best head, the authors' beside), synergy_runs.png/.pdf and the
-claims (main.write_claims).
+claims (claims.py). The evaluation itself: evaluation.synergy_rows.
 """
 import argparse
-from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
-import torch
-from scipy import stats
 
-import proxies
-from config import AMPLIFICATION_HEADS
-from main import evaluate_runs, evaluation_sequences, models_of, write_claims
-from script_io import (AUTHORS, across_runs, across_runs_view, add_evaluation_args, resolve_common, save_figure,
-                       save_table, write_atomic)
+from config import AMPLIFICATION_HEADS, AUTHORS
+from evaluation import correlations, synergy_rows
+from runs import evaluate_runs, runs_of, write_study
+from script_io import add_evaluation_args, input_errors, resolve_evaluation, save_figure, write_atomic, write_text
+from train import models_of
 
 PROXIES = {"fidelity": "minimax fidelity (%)", "mixing_time": "mixing time (steps)"}
 ACROSS_RUNS = {"synergy": "synergy", "gain_over_best": "gain_over_best"}
-
-
-def head_diversity(attn):
-    """Mean pairwise total-variation distance between the heads' attention rows: (..., H, T, T) -> (...)."""
-    attn = torch.as_tensor(attn, dtype=torch.float64)[..., 1:, :]  # row 0 is [1, 0, ...] in every causal head
-    H = attn.shape[-3]
-    pairs = [(h, g) for h in range(H) for g in range(h + 1, H)]
-    if not pairs:
-        return np.zeros(attn.shape[:-3])
-    tv = sum(0.5 * (attn[..., h, :, :] - attn[..., g, :, :]).abs().sum(-1).mean(-1) for h, g in pairs)
-    return (tv / len(pairs)).cpu().numpy()
-
-
-def layer_values(model, tokens, cfg):
-    """Per sequence and layer (S, L): combined, parallel and best-head values of both proxies; and head diversity."""
-    attn = model.attention(tokens)  # (S, L, H, T, T)
-    weights = proxies.model_head_weights(model)  # (L, H)
-    per_head_mixing = proxies.mixing_time(attn[..., None, :, :], max_steps=cfg.max_steps)  # (S, L, H), once
-    return {
-        "fidelity": {"combined": proxies.minimax_fidelity(attn, weights, cfg.horizon),
-                     "parallel": proxies.parallel_minimax_fidelity(attn, weights, cfg.horizon),
-                     "best_head": proxies.minimax_fidelity(attn[..., None, :, :], horizon=cfg.horizon).max(-1)},
-        "mixing_time": {"combined": proxies.mixing_time(attn, weights, cfg.max_steps),
-                        "parallel": proxies.head_average(per_head_mixing, weights),
-                        "best_head": per_head_mixing.min(-1)},  # the best head mixes fastest
-    }, head_diversity(attn)
-
-
-def paired(difference):
-    """Mean of paired differences, its t 95% confidence interval and the two-sided Wilcoxon signed-rank p-value;
-    differences that are all equal give a zero-width interval (and p = 1 when they are all zero)."""
-    mean = float(np.mean(difference))
-    if np.ptp(difference) == 0:
-        return mean, mean, mean, 1.0 if mean == 0 else float(stats.wilcoxon(difference).pvalue)
-    interval = stats.ttest_1samp(difference, 0.0).confidence_interval(0.95)
-    return mean, float(interval.low), float(interval.high), float(stats.wilcoxon(difference).pvalue)
-
-
-def summary_rows(task, heads, values, diversity):
-    rows = []
-    for proxy, v in values.items():
-        sign = 1 if proxy == "fidelity" else -1  # positive = the combination helps
-        for layer in range(v["combined"].shape[1]):
-            combined, parallel, best = (v[k][:, layer] for k in ("combined", "parallel", "best_head"))
-            synergy, low, high, p_value = paired(sign * (combined - parallel))
-            gain, _, _, gain_p = paired(sign * (combined - best))
-            rows.append({"task": task, "heads": heads, "layer": layer + 1, "proxy": proxy,
-                         "combined": combined.mean(), "parallel": parallel.mean(), "best_head": best.mean(),
-                         "synergy": synergy, "ci_low": low, "ci_high": high, "p_value": p_value,
-                         "gain_over_best": gain, "gain_over_best_p": gain_p,
-                         "diversity": diversity[:, layer].mean(), "sequences": len(combined)})
-    return rows
-
-
-def correlations(table):
-    """Spearman rank correlation of head diversity with synergy over all (task, heads, layer), per proxy."""
-    out = {}
-    for proxy, part in table.groupby("proxy", sort=False):
-        result = stats.spearmanr(part.diversity, part.synergy)
-        out[proxy] = (float(result.statistic), float(result.pvalue))
-    return out
 
 
 def markdown_view(table):
@@ -200,16 +135,6 @@ def plot_runs(per_run, across):
     return fig
 
 
-def synergy_rows(models, cfg, seed):
-    """summary_rows of every (heads, task) model, each task's models on its evaluation sequences for `seed`."""
-    rows = []
-    for task in dict.fromkeys(task for _, task in models):
-        tokens = evaluation_sequences(cfg, task, seed)
-        rows += [row for (heads, t), model in models.items() if t == task
-                 for row in summary_rows(task, heads, *layer_values(model, tokens, cfg))]
-    return rows
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_evaluation_args(parser, AMPLIFICATION_HEADS)
@@ -217,33 +142,27 @@ def main():
     if min(args.heads) < 2:
         parser.error(f"--heads: the synergy study compares a combination of heads with its single heads, so every head "
                      f"count must be at least 2, got {min(args.heads)}")
-    cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
+    cfg, device, ckpt_dir, out = resolve_evaluation(parser, args)
     cells = [(h, t) for t in args.tasks for h in args.heads]
     if args.seeds is not None:
-        per_run = evaluate_runs(parser, args, cfg, device, ckpt_dir, cells,
-                                lambda models, seed: synergy_rows(models, cfg, seed))
-        across = across_runs(per_run, ["task", "heads", "layer", "proxy"], ACROSS_RUNS, name="quantity")
-        save_table(per_run, out / "synergy_runs", view=markdown_view(per_run))
-        save_table(across, out / "synergy_across_runs", view=across_runs_view(across, digits=3))
-        fig = plot_runs(per_run, across)
-        save_figure(fig, out / "synergy_runs")
-        plt.close(fig)
-        write_claims(out)
+        with input_errors(parser):
+            per_run = evaluate_runs(cfg, cells, runs_of(args.seed, args.seeds, ckpt_dir, args.quick), device,
+                                    lambda models, seed: synergy_rows(models, cfg, seed))
+        write_study(per_run, out, stem="synergy", keys=["task", "heads", "layer", "proxy"], values=ACROSS_RUNS,
+                    name="quantity", view=markdown_view, digits=3, plot=plot_runs)
         print(f"wrote {out}/synergy_runs.*, synergy_across_runs.*, claims.*")
         return
-    rows = synergy_rows(models_of(parser, args, cfg, device, ckpt_dir, cells), cfg, args.seed)
+    with input_errors(parser):
+        rows = synergy_rows(models_of(cfg, cells, args, device, ckpt_dir), cfg, args.seed)
     for r in rows:
         print(f"{r['task']} {r['heads']:2d} heads layer {r['layer']} {r['proxy']:11s}: combined {r['combined']:8.3f} "
               f"parallel {r['parallel']:8.3f} best head {r['best_head']:8.3f} | synergy {r['synergy']:+.3f} "
               f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] p={r['p_value']:.2g}")
     table = pd.DataFrame(rows)
-    correlation = correlations(table)
-    report = markdown(table, correlation, "the authors' models" if args.official else f"models in {ckpt_dir}")
+    report = markdown(table, correlations(table), "the authors' models" if args.official else f"models in {ckpt_dir}")
     write_atomic(out / "synergy.csv", lambda tmp: table.to_csv(tmp, index=False))
-    write_atomic(out / "synergy.md", lambda tmp: Path(tmp).write_text(report))
-    fig = plot(table)
-    save_figure(fig, out / "synergy")
-    plt.close(fig)
+    write_text(out / "synergy.md", report)
+    save_figure(plot(table), out / "synergy")
     print("\n" + "\n".join(line for line in report.splitlines() if line.startswith("- ")))
     print(f"wrote {out}/synergy.csv, synergy.md, synergy.png, synergy.pdf")
 

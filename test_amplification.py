@@ -10,56 +10,23 @@ seeded draw). Beside it: the mean over --samples fresh sequences, in how many th
 with its Wilson 95% interval and the two-sided sign-test p-value of "combined beats the best head" (ties left out).
 Writes table5_copy.{csv,md} and table6_cycle.{csv,md} under --out. With --seeds, every training run (each on the
 fresh sequences of its own seed), into OUT/seeds/: tables56_runs (one row per run, both tasks), tables56_across_runs
-(mean, std and t-interval over our runs, the authors' beside) and the claims (main.write_claims).
+(mean, std and t-interval over our runs, the authors' beside) and the claims (claims.py). The evaluation itself:
+evaluation.tables56_rows.
 """
 import argparse
 
 import numpy as np
 import pandas as pd
-import torch
-from scipy import stats
 
-import proxies
 from config import AMPLIFICATION_HEADS
-from main import evaluate_runs, models_of, write_claims
-from script_io import across_runs, across_runs_view, add_evaluation_args, resolve_common, save_table
+from evaluation import tables56_rows
+from runs import evaluate_runs, runs_of, write_study
+from script_io import add_evaluation_args, input_errors, resolve_evaluation, save_table
+from train import models_of
 
 TABLE_NAMES = {"copy": "table5_copy", "cycle": "table6_cycle"}
 ACROSS_RUNS = {q: q for q in ("best_individual_%", "combined_%", "mean_best_individual_%", "mean_combined_%",
                               "win_rate")}
-
-
-def fresh_sequences(cfg, samples, seed):
-    """Random sequences not drawn from the training set, as in the authors' test; sample 0 is the paper's one."""
-    return torch.randint(0, cfg.vocab_size, (samples, cfg.seq_length), generator=torch.Generator().manual_seed(seed))
-
-
-def amplification(model, tokens, horizon):
-    """Best single-head and combined minimax fidelity, (S, L) each, for S sequences."""
-    attn = model.attention(tokens)  # (S, L, H, T, T)
-    combined = proxies.minimax_fidelity(attn, proxies.model_head_weights(model), horizon)
-    per_head = proxies.minimax_fidelity(attn[..., None, :, :], horizon=horizon)  # each head alone: (S, L, H)
-    return per_head.max(axis=-1), combined
-
-
-def win_statistics(combined, best):
-    """Wins of the combination over the best head across samples: the win rate with its Wilson 95% interval, and
-    the two-sided sign-test p-value of "combined beats the best head" (binomial, p = 1/2, ties left out)."""
-    wins, ties, n = int((combined > best).sum()), int((combined == best).sum()), len(best)
-    interval = stats.binomtest(wins, n).proportion_ci(confidence_level=0.95, method="wilson")
-    decided = n - ties
-    p_value = stats.binomtest(wins, decided, 0.5).pvalue if decided else 1.0
-    return {"wins": wins, "ties": ties, "samples": n, "win_rate": wins / n, "win_ci_low": interval.low,
-            "win_ci_high": interval.high, "p_value": p_value}
-
-
-def table_rows(task, heads, best, combined):
-    return [{"task": task, "heads": heads, "layer": layer + 1,
-             "best_individual_%": best[0, layer], "combined_%": combined[0, layer],
-             "amplification": bool(combined[0, layer] > best[0, layer]),
-             "mean_best_individual_%": best[:, layer].mean(), "mean_combined_%": combined[:, layer].mean(),
-             **win_statistics(combined[:, layer], best[:, layer])}
-            for layer in range(best.shape[1])]
 
 
 def markdown_view(table):
@@ -75,13 +42,6 @@ def markdown_view(table):
                          "p (sign test)": [f"{p:.2g}" for p in table.p_value]})
 
 
-def amplification_rows(models, cfg, samples, seed):
-    """table_rows of every (heads, task) model, on `samples` fresh sequences drawn from `seed`."""
-    tokens = fresh_sequences(cfg, samples, seed)
-    return [row for (heads, task), model in models.items()
-            for row in table_rows(task, heads, *amplification(model, tokens, cfg.horizon))]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_evaluation_args(parser, AMPLIFICATION_HEADS)
@@ -92,19 +52,18 @@ def main():
     if min(args.heads) < 2:
         parser.error(f"--heads: Tables 5-6 compare a combination of heads with its single heads, so every head "
                      f"count must be at least 2, got {min(args.heads)}")
-    cfg, device, ckpt_dir, out = resolve_common(parser, args, default_out="results")
+    cfg, device, ckpt_dir, out = resolve_evaluation(parser, args)
     cells = [(h, t) for t in args.tasks for h in args.heads]
     if args.seeds is not None:
-        per_run = evaluate_runs(parser, args, cfg, device, ckpt_dir, cells,
-                                lambda models, seed: amplification_rows(models, cfg, args.samples, seed))
-        across = across_runs(per_run, ["task", "heads", "layer"], ACROSS_RUNS)
-        save_table(per_run, out / "tables56_runs", view=pd.concat([per_run[["run", "task"]], markdown_view(per_run)],
-                                                                    axis=1))
-        save_table(across, out / "tables56_across_runs", view=across_runs_view(across))
-        write_claims(out)
+        with input_errors(parser):
+            per_run = evaluate_runs(cfg, cells, runs_of(args.seed, args.seeds, ckpt_dir, args.quick), device,
+                                    lambda models, seed: tables56_rows(models, cfg, args.samples, seed))
+        write_study(per_run, out, stem="tables56", keys=["task", "heads", "layer"], values=ACROSS_RUNS,
+                    name="quantity", view=lambda t: pd.concat([t[["run", "task"]], markdown_view(t)], axis=1))
         print(f"wrote {out}/tables56_runs.*, tables56_across_runs.*, claims.*")
         return
-    rows = amplification_rows(models_of(parser, args, cfg, device, ckpt_dir, cells), cfg, args.samples, args.seed)
+    with input_errors(parser):
+        rows = tables56_rows(models_of(cfg, cells, args, device, ckpt_dir), cfg, args.samples, args.seed)
     for r in rows:
         if r["layer"] == 1:
             print(f"\n{r['heads']} heads, {r['task']}:")

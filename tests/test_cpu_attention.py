@@ -1,10 +1,11 @@
 """The fused CPU attention kernel (cpu_attention.py) against an independent float64 computation, its dropout bits
 against the Philox4x32-10 reference, and its statistics."""
+import subprocess
 import warnings
 
 import pytest
 import torch
-from conftest import reference_attention
+from conftest import ROOT, reference_attention
 
 import cpu_attention
 import transformer
@@ -64,6 +65,22 @@ def test_builds_are_cached_per_source_compiler_flags_and_cpu(tmp_path, monkeypat
     monkeypatch.setattr(cpu_attention, "C_SOURCE", cpu_attention.C_SOURCE + "\n")
     with pytest.raises(pytest.fail.Exception, match="compiled again"):
         cpu_attention.compile_kernel(["-O1"], compiler)  # another source is another build
+
+
+# Builds without -fopenmp ignore the OpenMP pragmas by design; -Wpsabi notes how AVX vectors would be returned
+# across a library boundary, which the kernel's vector helpers (static inline) never cross.
+SERIAL_BUILD_NOTES = ["-Wno-unknown-pragmas", "-Wno-psabi"]
+
+
+@pytest.mark.parametrize("flags", [*cpu_attention.COMPILE_FLAGS, cpu_attention.PORTABLE_FLAGS], ids=" ".join)
+def test_the_kernel_compiles_without_a_warning(flags, tmp_path):
+    """cpu_attention.c with -Wall -Wextra -Werror under every flag set the build may use."""
+    compiler = cpu_attention._compilers()[0]
+    notes = [] if "-fopenmp" in flags else SERIAL_BUILD_NOTES
+    result = subprocess.run([compiler, *flags, *notes, "-std=c99", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+                             str(ROOT / "cpu_attention.c"), "-o", str(tmp_path / "kernel.so"), "-lm"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_compiler_errors_are_reported(tmp_path, monkeypatch):

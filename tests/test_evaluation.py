@@ -1,4 +1,4 @@
-"""The batched evaluations of main.py and test_amplification.py equal one-sequence-at-a-time evaluation."""
+"""The batched evaluations of evaluation.py equal one-sequence-at-a-time evaluation and their definitions."""
 import copy
 import dataclasses
 
@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 import pandas as pd
-from conftest import OFFICIAL, ROOT
+from conftest import OFFICIAL, ROOT, needs_official
 
 import proxies
-from main import CROSS_MACHINE_ATOL, evaluate, evaluation_sequences, summarise
-from test_amplification import amplification, fresh_sequences
+from checkpoints import build_model, load_model
+from evaluation import (CROSS_MACHINE_ATOL, amplification, evaluation_sequences, fresh_sequences, head_diversity,
+                        layer_values, paired, section4_summary, section4_values, synergy_rows, tables56_rows,
+                        win_statistics)
 from config import HEADS, PAPER, QUICK, TASKS
 from sequence_datasets import make_dataset
-from train import build_model, load_model
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +26,9 @@ def model():
 def test_section4_batch_equals_per_sequence(model):
     tokens = evaluation_sequences(QUICK, "cycle", seed=1)
     assert tokens.shape == (QUICK.eval_sequences, QUICK.seq_length)
-    batch = evaluate(model, tokens, QUICK)
+    batch = section4_values(model, tokens, QUICK)
     for s in range(len(tokens)):
-        one = evaluate(model, tokens[s:s + 1], QUICK)
+        one = section4_values(model, tokens[s:s + 1], QUICK)
         for name in batch:
             assert np.allclose(batch[name][s], one[name][0], rtol=1e-6), name
     # and directly from the definition, layer by layer, with the learned weights
@@ -81,7 +82,7 @@ def test_committed_section4_reproduces_from_committed_checkpoints():
         for heads in HEADS:
             model, facts = load_model(PAPER, heads, ROOT / "checkpoints" / f"{heads}_heads_{task}.pt", "cpu")
             assert facts["epochs"] == PAPER.epochs
-            rows += summarise(evaluate(model, tokens, PAPER), task, heads, "exact")
+            rows += section4_summary(section4_values(model, tokens, PAPER), task, heads, "exact")
     fresh = pd.DataFrame(rows)
     assert list(fresh.columns) == list(committed.columns) and len(fresh) == len(committed) == 32
     assert (fresh[["task", "heads", "layer"]].values == committed[["task", "heads", "layer"]].values).all()
@@ -90,7 +91,6 @@ def test_committed_section4_reproduces_from_committed_checkpoints():
 
 
 def test_win_statistics_by_hand():
-    from test_amplification import win_statistics
     best = np.zeros(11)
     combined = np.array([1.0] * 8 + [-1.0] * 2 + [0.0])  # 8 wins, 2 losses, 1 tie
     s = win_statistics(combined, best)
@@ -103,7 +103,6 @@ def test_win_statistics_by_hand():
 
 
 def test_synergy_statistics_and_diversity_by_hand():
-    from synergy import head_diversity, paired
     mean, low, high, p_value = paired(np.array([1.0, 2.0, 3.0, 4.0]))
     half = 3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(0.975, 3 df) x s / sqrt(4)
     assert (mean, low, high) == pytest.approx((2.5, 2.5 - half, 2.5 + half))
@@ -119,7 +118,6 @@ def test_synergy_layer_values_from_their_definitions():
     the heads, parallel mixing time = the weighted mean of the heads' own, combined = the proxies of 0.75 A + 0.25 B."""
     from types import SimpleNamespace
 
-    from synergy import layer_values
     generator = torch.Generator().manual_seed(3)
     scores = torch.rand(3, 1, 2, 5, 5, generator=generator, dtype=torch.float64) * 4
     attn = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
@@ -144,10 +142,9 @@ def test_synergy_layer_values_from_their_definitions():
 
 
 def committed_checkpoints():
-    folders = [("checkpoints", ROOT / "checkpoints", ROOT / "results")]
-    if OFFICIAL.is_dir():
-        folders.append(("official", OFFICIAL, ROOT / "results" / "official"))
-    return folders
+    """Ours, and the authors' (reported as skipped where their checkpoints are absent)."""
+    return [("checkpoints", ROOT / "checkpoints", ROOT / "results"),
+            pytest.param("official", OFFICIAL, ROOT / "results" / "official", marks=needs_official)]
 
 
 @pytest.mark.parametrize("name, folder, results", committed_checkpoints(),
@@ -155,8 +152,6 @@ def committed_checkpoints():
 def test_committed_tables56_and_synergy_reproduce(name, folder, results):
     """results/table5_copy.csv, table6_cycle.csv and synergy.csv (ours, and the authors' in results/official/) are
     what the checkpoints give, within the cross-machine tolerance: two cells of each, to keep the suite short."""
-    from synergy import synergy_rows
-    from test_amplification import amplification_rows
     cells = [(4, "copy"), (16, "cycle")]
     models = {(h, t): load_model(PAPER, h, folder / f"{h}_heads_{t}.pt", "cpu")[0] for h, t in cells}
 
@@ -166,7 +161,7 @@ def test_committed_tables56_and_synergy_reproduce(name, folder, results):
         return table.sort_values(keys).reset_index(drop=True)
 
     keys = ["task", "heads", "layer"]
-    fresh = pd.DataFrame(amplification_rows(models, PAPER, 50, 42)).sort_values(keys).reset_index(drop=True)
+    fresh = pd.DataFrame(tables56_rows(models, PAPER, 50, 42)).sort_values(keys).reset_index(drop=True)
     tables = pd.concat([committed(results / f"{t}.csv", ["heads", "layer"]) for t in ("table5_copy", "table6_cycle")])
     tables = tables.sort_values(keys).reset_index(drop=True)
     assert (fresh[keys].values == tables[keys].values).all() and len(fresh) == 8

@@ -8,7 +8,8 @@ from conftest import OFFICIAL, ROOT, needs_official, reference_attention
 import transformer
 from sequence_datasets import CopyDataset, CycleDataset, make_dataset
 from config import HEADS, PAPER, QUICK
-from train import build_model, load_checkpoint, make_optimizer, save_checkpoint, train_cell, train_step
+from checkpoints import Cell, build_model, load_checkpoint, save_checkpoint
+from train import make_optimizer, train_cell, train_step
 from transformer import dropout_keep_mask
 
 
@@ -121,8 +122,8 @@ def test_official_head_count_mismatch_is_refused(tmp_path):
 
 
 def test_own_checkpoint_mismatch_and_broken_files_are_refused(tmp_path):
-    path = train_cell(dataclasses.replace(QUICK, epochs=1), 4, "copy", ckpt_dir=tmp_path,
-                      progress=False, log=lambda *_: None)
+    path = train_cell(dataclasses.replace(QUICK, epochs=1), Cell(4, "copy", folder=tmp_path), progress=False,
+                      log=lambda *_: None)
     load_checkpoint(build_model(QUICK, 4), path)  # the right model loads
     with pytest.raises(ValueError, match="num_heads=4 in the file but num_heads=8 expected"):
         load_checkpoint(build_model(QUICK, 8), path)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import OFFICIAL, ROOT, needs_official
 
-import script_io
+import official
 
 
 @pytest.fixture
@@ -26,10 +26,10 @@ def server(tmp_path, monkeypatch):
         shutil.copytree(OFFICIAL, served)
     else:
         served.mkdir()
-        for i, name in enumerate(script_io.OFFICIAL_SHA256):
+        for i, name in enumerate(official.OFFICIAL_SHA256):
             (served / name).write_bytes(os.urandom(1000 + i))
-        monkeypatch.setattr(script_io, "OFFICIAL_SHA256",
-                            {name: script_io.sha256_of(served / name) for name in script_io.OFFICIAL_SHA256})
+        monkeypatch.setattr(official, "OFFICIAL_SHA256",
+                            {name: official.sha256_of(served / name) for name in official.OFFICIAL_SHA256})
     requests = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -47,28 +47,31 @@ def server(tmp_path, monkeypatch):
 @pytest.fixture
 def env(tmp_path, monkeypatch, server):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv(script_io.OFFICIAL_URL_VARIABLE, server[0])
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)  # the loopback server is reached directly, never through a proxy
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv(official.OFFICIAL_URL_VARIABLE, server[0])
     return server
 
 
 @needs_official
 def test_pinned_hashes_are_the_released_files():
     sums = dict(line.split()[::-1] for line in (OFFICIAL / "SHA256SUMS").read_text().splitlines())
-    assert sums == script_io.OFFICIAL_SHA256
-    assert all(script_io.sha256_of(OFFICIAL / name) == sha for name, sha in sums.items())
+    assert sums == official.OFFICIAL_SHA256
+    assert all(official.sha256_of(OFFICIAL / name) == sha for name, sha in sums.items())
 
 
 def test_fetch_verifies_caches_and_fetches_once(env, tmp_path):
     _, _, requests = env
-    folder = script_io.fetch_official(progress=False, log=lambda *_: None)
-    assert folder == script_io.official_cache_dir() and str(folder).startswith(str(tmp_path / "cache"))
-    assert sorted(p.name for p in folder.iterdir()) == sorted(script_io.OFFICIAL_SHA256)
-    assert all((folder / n).read_bytes() == (env[1] / n).read_bytes() for n in script_io.OFFICIAL_SHA256)
+    folder = official.fetch_official(progress=False, log=lambda *_: None)
+    assert folder == official.official_cache_dir() and str(folder).startswith(str(tmp_path / "cache"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(official.OFFICIAL_SHA256)
+    assert all((folder / n).read_bytes() == (env[1] / n).read_bytes() for n in official.OFFICIAL_SHA256)
     assert len(requests) == 8
-    script_io.fetch_official(progress=False, log=lambda *_: None)
+    official.fetch_official(progress=False, log=lambda *_: None)
     assert len(requests) == 8  # verified cached files are not fetched again
     (folder / "4_heads_copy.pt").write_bytes(b"corrupted")
-    script_io.fetch_official(progress=False, log=lambda *_: None)
+    official.fetch_official(progress=False, log=lambda *_: None)
     assert requests[-1].endswith("/4_heads_copy.pt") and len(requests) == 9
 
 
@@ -78,20 +81,20 @@ def test_tampered_file_is_refused_and_not_kept(env):
     tampered[-100] ^= 1
     (served / "8_heads_cycle.pt").write_bytes(bytes(tampered))
     with pytest.raises(RuntimeError) as error:
-        script_io.fetch_official(progress=False, log=lambda *_: None)
+        official.fetch_official(progress=False, log=lambda *_: None)
     message = str(error.value)
-    assert "8_heads_cycle.pt" in message and script_io.OFFICIAL_SHA256["8_heads_cycle.pt"] in message
-    assert script_io.sha256_of(served / "8_heads_cycle.pt") in message
-    folder = script_io.official_cache_dir()
+    assert "8_heads_cycle.pt" in message and official.OFFICIAL_SHA256["8_heads_cycle.pt"] in message
+    assert official.sha256_of(served / "8_heads_cycle.pt") in message
+    folder = official.official_cache_dir()
     assert not (folder / "8_heads_cycle.pt").exists()
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no half-written file
 
 
 def test_network_failure_names_the_url_and_the_offline_way(env, monkeypatch):
     dead = "http://127.0.0.1:9/nothing-here"  # port 9 (discard): connection refused
-    monkeypatch.setenv(script_io.OFFICIAL_URL_VARIABLE, dead)
+    monkeypatch.setenv(official.OFFICIAL_URL_VARIABLE, dead)
     with pytest.raises(RuntimeError, match=f"could not fetch {dead}/1_heads_copy.pt.*--ckpt-dir"):
-        script_io.fetch_official(progress=False, log=lambda *_: None)
+        official.fetch_official(progress=False, log=lambda *_: None)
 
 
 @needs_official

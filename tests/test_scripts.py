@@ -10,7 +10,7 @@ from conftest import OFFICIAL, ROOT, needs_official
 
 import example2
 from config import HEADS, QUICK, TASKS
-from train import checkpoint_path
+from checkpoints import checkpoint_path
 
 
 def run(*args):
@@ -119,10 +119,11 @@ def _rehearse_gpu_run(tmp_path, **env):
     import tarfile
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, OUT=str(out), DEVICE="cpu", QUICK="--quick", **env)
+    env = dict(os.environ, OUT=str(out), DEVICE="cpu", QUICK="--quick", PYTHON=sys.executable, **env)
     result = subprocess.run(["bash", "paper_scale_gpu.sh", "3"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "SMOKE FAILED" not in (out / "log.txt").read_text(), (out / "log.txt").read_text()[-3000:]
 
     def names(prefix):
         archive = tmp_path / f"{prefix}.tgz"

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from config import HEADS, PAPER, TASKS
-from main import CROSS_MACHINE_ATOL, SECTION4_PROXIES, count_claims, section4_rows
-from train import load_model
-from script_io import AUTHORS, across_runs, add_evaluation_args, resolve_common
+from checkpoints import load_model
+from claims import count_claims
+from config import AUTHORS, HEADS, PAPER, TASKS
+from evaluation import CROSS_MACHINE_ATOL, SECTION4_PROXIES, section4_rows
+from runs import across_runs
+from script_io import add_evaluation_args, resolve_evaluation
 
 
 def test_across_runs_by_hand():
@@ -50,16 +52,16 @@ def test_section4_claims_on_constructed_runs():
     claims = count_claims({"section4": pd.DataFrame(a + b + authors)}).set_index(["claim", "task", "heads", "layer"])
     one_head = claims.loc["one_head_mixes_slowest"]
     assert list(one_head.loc["copy", "1 vs all"].runs_holding) == [2, 1, 2]  # layer 2: 41 > 40 in b
-    assert one_head.loc[("copy", "1 vs all", 2), "holding"] == "a"
-    assert one_head.loc[("copy", "1 vs all", 2), "authors_holds"] == True  # noqa: E712 (a numpy bool)
-    assert one_head.loc[("copy", "1 vs all", 1), "authors_holds"] == False  # noqa: E712 (3.0 < 3.8: theirs fails)
+    assert one_head.loc[("copy", "1 vs all", "2"), "holding"] == "a"
+    assert one_head.loc[("copy", "1 vs all", "2"), "authors_holds"] == True  # noqa: E712 (a numpy bool)
+    assert one_head.loc[("copy", "1 vs all", "1"), "authors_holds"] == False  # noqa: E712 (3.0 < 3.8: theirs fails)
     rises = claims.loc["fidelity_rises_with_heads"]
     assert list(rises.loc["copy", "all"].runs_holding) == [1, 2, 0] and (rises.runs == 2).all()  # layer 3: 0 = 0
     last = claims.loc["last_cycle_layer_poorest_both"].loc["cycle"]
-    assert last.loc[(1, "last"), "runs_holding"] == 2 and last.loc[(16, "last"), "runs_holding"] == 1
-    assert claims.loc[("layer1_mixes_under_4_steps", "copy", 1, 1), "runs_holding"] == 2
+    assert last.loc[("1", "last"), "runs_holding"] == 2 and last.loc[("16", "last"), "runs_holding"] == 1
+    assert claims.loc[("layer1_mixes_under_4_steps", "copy", "1", "1"), "runs_holding"] == 2
     collapse = claims.loc["cycle_deep_layer_collapses"].loc["cycle"]
-    assert collapse.loc[(4, ">= 3"), "runs_holding"] == 2 and collapse.loc[(16, ">= 3"), "runs_holding"] == 1
+    assert collapse.loc[("4", ">= 3"), "runs_holding"] == 2 and collapse.loc[("16", ">= 3"), "runs_holding"] == 1
 
 
 def test_amplification_and_synergy_claims_on_constructed_runs():
@@ -74,11 +76,11 @@ def test_amplification_and_synergy_claims_on_constructed_runs():
         [("0", "fidelity", 0.01, 0.01, 0.02, 0.001), ("0", "mixing_time", -0.2, 0.001, -1.0, 0.001),
          ("1", "fidelity", 0.01, 0.2, -0.02, 0.001), ("1", "mixing_time", 0.3, 0.04, -1.0, 0.3)]])
     claims = count_claims({"tables56": amp, "synergy": syn}).set_index(["claim", "layer"])
-    count = lambda claim, layer: (claims.loc[(claim, layer), "runs_holding"], claims.loc[(claim, layer), "runs"])
+    count = lambda claim, layer: tuple(claims.loc[(claim, str(layer)), ["runs_holding", "runs"]])
     assert count("combination_beats_best_head_one_sequence", 1) == (2, 2)
     assert count("combination_beats_best_head_one_sequence", 2) == (1, 2)
     assert count("combination_wins_majority", 1) == (1, 2) and count("combination_wins_majority", 2) == (1, 2)
-    assert count("combination_loses_majority", 2) == (1, 2) and claims.loc[("combination_loses_majority", 2),
+    assert count("combination_loses_majority", 2) == (1, 2) and claims.loc[("combination_loses_majority", "2"),
                                                                            "holding"] == "0"
     assert count("synergy_positive_fidelity", 1) == (1, 2) and count("synergy_negative_fidelity", 1) == (0, 2)
     assert count("synergy_positive_mixing_time", 1) == (1, 2) and count("synergy_negative_mixing_time", 1) == (1, 2)
@@ -143,7 +145,7 @@ def test_bad_seeds_flags(args, message, capsys):
     parser = argparse.ArgumentParser(prog="main.py")
     add_evaluation_args(parser, (4,))
     with pytest.raises(SystemExit) as exit_status:
-        resolve_common(parser, parser.parse_args(args), default_out="results")
+        resolve_evaluation(parser, parser.parse_args(args))
     assert exit_status.value.code == 2 and message in capsys.readouterr().err
 
 

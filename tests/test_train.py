@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import io
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,10 @@ import torch
 from conftest import ROOT
 
 import train
+from checkpoints import Cell, build_model, cell_seed, load_checkpoint
 from config import QUICK
-from script_io import resolve_device
-from train import (build_model, cell_seed, estimated_training_seconds, load_checkpoint, seconds_per_step, train_cell,
-                   train_cells)
+from script_io import hardware_name, resolve_device
+from train import estimated_training_seconds, seconds_per_step, train_cell, train_cells
 
 CFG = dataclasses.replace(QUICK, epochs=3)
 quiet = dict(progress=False, log=lambda *_: None)
@@ -30,9 +31,9 @@ def same_weights(a, b):
 
 
 def test_same_seed_same_checkpoint_and_facts_recorded(tmp_path):
-    a = train_cell(CFG, 4, "cycle", seed=7, ckpt_dir=tmp_path / "a", **quiet)
-    b = train_cell(CFG, 4, "cycle", seed=7, ckpt_dir=tmp_path / "b", **quiet)
-    c = train_cell(CFG, 4, "cycle", seed=8, ckpt_dir=tmp_path / "c", **quiet)
+    a = train_cell(CFG, Cell(4, "cycle", 7, folder=tmp_path / "a"), **quiet)
+    b = train_cell(CFG, Cell(4, "cycle", 7, folder=tmp_path / "b"), **quiet)
+    c = train_cell(CFG, Cell(4, "cycle", 8, folder=tmp_path / "c"), **quiet)
     assert same_weights(weights(a), weights(b)) and not same_weights(weights(a), weights(c))
     facts = torch.load(a, weights_only=True)["training"]
     assert facts["epochs"] == 3 and facts["seed"] == 7 and facts["task"] == "cycle" and len(facts["losses"]) == 3
@@ -64,13 +65,14 @@ def interrupt_on(text):
 
 
 def test_resume_gives_the_uninterrupted_model(tmp_path):
-    full = train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "full", **quiet)
+    full = train_cell(CFG, Cell(4, "copy", folder=tmp_path / "full"), **quiet)
     with pytest.raises(KeyboardInterrupt):
-        train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", save_every=1, progress=True, log=interrupt_at(3))
+        train_cell(CFG, Cell(4, "copy", folder=tmp_path / "cut"), save_every=1, progress=True, log=interrupt_at(3))
     cut = tmp_path / "cut"
     assert (cut / "4_heads_copy.pt.resume").is_file() and not (cut / "4_heads_copy.pt").exists()
     messages = []
-    resumed = train_cell(CFG, 4, "copy", ckpt_dir=tmp_path / "cut", resume=True, progress=False, log=messages.append)
+    resumed = train_cell(CFG, Cell(4, "copy", folder=tmp_path / "cut"), resume=True, progress=False,
+                         log=messages.append)
     assert "resuming after epoch 2/3" in messages[0]
     assert same_weights(weights(full), weights(resumed))
     assert torch.load(full, weights_only=True)["training"]["losses"] == \
@@ -79,16 +81,16 @@ def test_resume_gives_the_uninterrupted_model(tmp_path):
 
 def test_resume_refuses_another_runs_state(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        train_cell(CFG, 4, "copy", seed=1, ckpt_dir=tmp_path, save_every=1, progress=True, log=interrupt_at(2))
+        train_cell(CFG, Cell(4, "copy", 1, folder=tmp_path), save_every=1, progress=True, log=interrupt_at(2))
     with pytest.raises(ValueError, match="belongs to another run"):
-        train_cell(CFG, 4, "copy", seed=2, ckpt_dir=tmp_path, resume=True, **quiet)
+        train_cell(CFG, Cell(4, "copy", 2, folder=tmp_path), resume=True, **quiet)
 
 
 def test_parallel_jobs_give_bit_identical_checkpoints(tmp_path):
     """Each cell trains on a fixed thread count whatever --jobs is, so scheduling cannot change its arithmetic."""
     cells = [(1, "copy"), (4, "cycle")]
-    one = train_cells(cells, jobs=1, threads=1, cfg=CFG, ckpt_dir=tmp_path / "one", **quiet)
-    two = train_cells(cells, jobs=2, threads=1, cfg=CFG, ckpt_dir=tmp_path / "two", log=print)
+    one = train_cells(CFG, [Cell(h, t, folder=tmp_path / "one") for h, t in cells], jobs=1, threads=1, **quiet)
+    two = train_cells(CFG, [Cell(h, t, folder=tmp_path / "two") for h, t in cells], jobs=2, threads=1, log=print)
     for a, b in zip(one, two):
         assert same_weights(weights(a), weights(b))
         facts = torch.load(b, weights_only=True)["training"]
@@ -98,8 +100,8 @@ def test_parallel_jobs_give_bit_identical_checkpoints(tmp_path):
 
 def test_time_budget_stops_with_a_resume_state_and_resuming_finishes_the_same_model(tmp_path):
     cfg = dataclasses.replace(CFG, epochs=4)
-    full = train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "full", **quiet)
-    assert train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "cut", deadline=time.time(), **quiet) is None
+    full = train_cell(cfg, Cell(4, "copy", folder=tmp_path / "full"), **quiet)
+    assert train_cell(cfg, Cell(4, "copy", folder=tmp_path / "cut"), deadline=time.time(), **quiet) is None
     assert not list((tmp_path / "cut").glob("*"))  # the deadline had passed before an epoch: nothing to save
     deadline = time.time() + 6  # room for one quick epoch on a busy CPU
 
@@ -107,10 +109,10 @@ def test_time_budget_stops_with_a_resume_state_and_resuming_finishes_the_same_mo
         if message.startswith("4_heads_copy (seed 42): Epoch 1/"):
             time.sleep(max(0.0, deadline - time.time()))
 
-    stopped = train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "cut", save_every=0, deadline=deadline, progress=False,
+    stopped = train_cell(cfg, Cell(4, "copy", folder=tmp_path / "cut"), save_every=0, deadline=deadline, progress=False,
                          log=wait_past_deadline_after_epoch_1)
     assert stopped is None and (tmp_path / "cut" / "4_heads_copy.pt.resume").is_file()
-    resumed = train_cell(cfg, 4, "copy", ckpt_dir=tmp_path / "cut", resume=True, **quiet)
+    resumed = train_cell(cfg, Cell(4, "copy", folder=tmp_path / "cut"), resume=True, **quiet)
     assert same_weights(weights(full), weights(resumed))
     sessions = torch.load(resumed, weights_only=True)["training"]["sessions"]
     assert [(s["first_epoch"], s["last_epoch"]) for s in sessions] == [(1, 1), (2, 4)]
@@ -119,14 +121,17 @@ def test_time_budget_stops_with_a_resume_state_and_resuming_finishes_the_same_mo
 def test_a_first_epoch_the_deadline_cuts_is_dropped_and_the_earlier_state_kept(tmp_path, monkeypatch):
     cfg = dataclasses.replace(CFG, epochs=4)
     with pytest.raises(KeyboardInterrupt):  # an earlier session leaves a resume state after epoch 2
-        train_cell(cfg, 4, "copy", ckpt_dir=tmp_path, save_every=1, progress=True, log=interrupt_at(3))
+        train_cell(cfg, Cell(4, "copy", folder=tmp_path), save_every=1, progress=True, log=interrupt_at(3))
     state = (tmp_path / "4_heads_copy.pt.resume").read_bytes()
+    clock = {"now": 1000.0}  # a fake clock that only training steps advance, one second a step: no timing margin
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock["now"], perf_counter=time.perf_counter))
     step = train.train_step
-    monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: time.sleep(0.05) or step(*args, **kwargs))
+    monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: clock.update(now=clock["now"] + 1) or step(
+        *args, **kwargs))
     for folder, resume in ((tmp_path / "fresh", False), (tmp_path, True)):
         messages = []
-        assert train_cell(cfg, 4, "copy", ckpt_dir=folder, resume=resume, progress=False, log=messages.append,
-                          deadline=time.time() + 0.08) is None
+        assert train_cell(cfg, Cell(4, "copy", folder=folder), resume=resume, progress=False, log=messages.append,
+                          deadline=clock["now"] + 2.5) is None  # passes after 3 of an epoch's 6 steps
         epoch = 3 if resume else 1
         assert messages[-1] == f"4_heads_copy (seed 42): time budget reached during epoch {epoch}/4, which is dropped"
     assert not (tmp_path / "fresh").exists() or not list((tmp_path / "fresh").glob("*"))
@@ -143,7 +148,7 @@ def test_default_threads_share_the_cores_among_the_cells_at_once(monkeypatch):
 
 def test_one_cell_alone_gets_every_core(tmp_path, monkeypatch):
     monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
-    path, = train_cells([(1, "copy")], cfg=dataclasses.replace(CFG, epochs=1), ckpt_dir=tmp_path, **quiet)
+    path, = train_cells(dataclasses.replace(CFG, epochs=1), [Cell(1, "copy", folder=tmp_path)], **quiet)
     assert torch.load(path, weights_only=True)["training"]["threads"] == 2
 
 
@@ -168,21 +173,21 @@ def test_estimated_training_time_schedules_cells_on_free_workers():
 
 def test_resume_skips_finished_cells_and_continues_the_rest(tmp_path):
     """--resume over a grid: a finished checkpoint (no resume state) is not trained again."""
-    done = train_cell(CFG, 1, "copy", ckpt_dir=tmp_path, **quiet)
+    done = train_cell(CFG, Cell(1, "copy", folder=tmp_path), **quiet)
     before = done.read_bytes()
     messages = []
-    paths = train_cells([(1, "copy"), (4, "copy")], jobs=1, cfg=CFG, ckpt_dir=tmp_path, resume=True,
+    paths = train_cells(CFG, [Cell(1, "copy", folder=tmp_path), Cell(4, "copy", folder=tmp_path)], jobs=1, resume=True,
                         progress=False, log=messages.append)
     assert paths == [done, tmp_path / "4_heads_copy.pt"] and done.read_bytes() == before
     assert messages[0] == f"1_heads_copy: already trained ({done}), skipped"
     assert not any(m.startswith("1_heads_copy: Epoch") for m in messages)
-    retrained = train_cell(CFG, 1, "copy", ckpt_dir=tmp_path, resume=False, **quiet)  # without --resume: trains
+    retrained = train_cell(CFG, Cell(1, "copy", folder=tmp_path), resume=False, **quiet)  # without --resume: trains
     assert retrained == done and same_weights(weights(done), torch.load(io.BytesIO(before), weights_only=True)[
         "state_dict"])
 
 
 def group_cells(folder, heads=(4, 4, 4)):
-    return [dict(heads=h, task=t, seed=s, ckpt_dir=folder / f"seed_{s}")
+    return [Cell(h, t, s, folder / f"seed_{s}")
             for h, (t, s) in zip(heads, [("copy", 0), ("cycle", 0), ("copy", 1)])]
 
 
@@ -192,17 +197,17 @@ def test_a_group_trains_each_cell_as_it_would_train_alone_without_dropout(tmp_pa
     cfg = dataclasses.replace(CFG, dropout=0.0)
     cells = group_cells(tmp_path / "group", heads=(4, 4, 8))
     messages = []
-    paths = train_cells(cells, threads=1, group=True, cfg=cfg, log=messages.append)
+    paths = train_cells(cfg, cells, threads=1, group=True, log=messages.append)
     assert sum(m.startswith("training a group of") for m in messages) == 2  # 4 heads (2 cells), 8 heads (1 cell)
     for cell, path in zip(cells, paths):
-        alone = train_cell(cfg, cell["heads"], cell["task"], seed=cell["seed"], threads=1,
-                           ckpt_dir=tmp_path / "alone" / str(cell["seed"]), **quiet)
+        alone = train_cell(cfg, Cell(cell.heads, cell.task, cell.seed, tmp_path / "alone" / str(cell.seed)), threads=1,
+                           **quiet)
         grouped, single = (torch.load(p, weights_only=True) for p in (path, alone))
         assert grouped["training"]["losses"] == pytest.approx(single["training"]["losses"], rel=1e-5)
         for name, value in single["state_dict"].items():
             assert torch.allclose(grouped["state_dict"][name], value, atol=2e-3, rtol=0), name
         assert grouped["training"]["cell_seed"] == single["training"]["cell_seed"] and grouped["training"]["group"]
-        load_checkpoint(build_model(cfg, cell["heads"]), path)  # today's format
+        load_checkpoint(build_model(cfg, cell.heads), path)  # today's format
 
 
 def test_a_groups_dropout_draws_other_masks_for_every_cell():
@@ -220,43 +225,48 @@ def test_a_groups_dropout_draws_other_masks_for_every_cell():
 
 
 def test_a_group_resumed_from_its_resume_states_equals_an_uninterrupted_group(tmp_path):
-    full = train.train_group(CFG, group_cells(tmp_path / "full")[:2], **quiet_group)
+    full = train.train_here(CFG, group=True, cells=group_cells(tmp_path / "full")[:2], **quiet_group)
     cut = group_cells(tmp_path / "cut")[:2]
     with pytest.raises(KeyboardInterrupt):
-        train.train_group(CFG, cut, save_every=1, log=interrupt_on("4_heads_copy (seed 0): Epoch 3/"))
+        train.train_here(CFG, group=True, cells=cut, save_every=1, log=interrupt_on("4_heads_copy (seed 0): Epoch 3/"))
     messages = []
-    resumed = train.train_group(CFG, cut, resume=True, log=messages.append)
+    resumed = train.train_here(CFG, group=True, cells=cut, resume=True, log=messages.append)
     assert "resuming after epoch 2/3" in messages[0]
     for a, b in zip(full, resumed):
         assert same_weights(weights(a), weights(b))
         sessions = torch.load(b, weights_only=True)["training"]["sessions"]
         assert [(s["first_epoch"], s["last_epoch"], s["group"]) for s in sessions] == [(1, 2, 2), (3, 3, 2)]
     with pytest.raises(ValueError, match="one head count"):
-        train.train_group(CFG, group_cells(tmp_path / "mixed", heads=(4, 8)), **quiet_group)
+        train.train_here(CFG, group=True, cells=group_cells(tmp_path / "mixed", heads=(4, 8)), **quiet_group)
     partial = group_cells(tmp_path / "partial")[:2]
     with pytest.raises(KeyboardInterrupt):
-        train.train_group(CFG, partial, save_every=1, log=interrupt_on("Epoch 2/"))
+        train.train_here(CFG, group=True, cells=partial, save_every=1, log=interrupt_on("Epoch 2/"))
+    with pytest.raises(ValueError, match="belongs to another run or group"):  # a group's state, but a cell alone
+        train_cell(CFG, partial[0], resume=True, **quiet)
+    with pytest.raises(ValueError, match="belongs to another run or group"):  # the same cell, in another group
+        train.train_here(CFG, [partial[0], Cell(4, "copy", 5, tmp_path / "partial" / "seed_5")], group=True,
+                         resume=True, **quiet_group)
     next((tmp_path / "partial").rglob("4_heads_cycle.pt.resume")).unlink()
     with pytest.raises(ValueError, match="a group resumes whole"):
-        train.train_group(CFG, partial, resume=True, **quiet_group)
+        train.train_here(CFG, group=True, cells=partial, resume=True, **quiet_group)
 
 
 
 def test_status_reads_each_cells_files_and_estimates_the_hours_left(tmp_path):
     cells = group_cells(tmp_path)  # 4 heads: seed 0 copy, seed 0 cycle, seed 1 copy
-    grouped = train.train_group(CFG, cells[:2], **quiet_group)  # finished, one session shared by two cells
+    grouped = train.train_here(CFG, cells[:2], group=True, **quiet_group)  # finished: one session for two cells
     with pytest.raises(KeyboardInterrupt):  # stopped with a resume state after epoch 2
-        train_cell(CFG, 4, "copy", seed=1, ckpt_dir=tmp_path / "seed_1", save_every=1, progress=True,
+        train_cell(CFG, Cell(4, "copy", 1, folder=tmp_path / "seed_1"), save_every=1, progress=True,
                    log=interrupt_at(3))
     stopped = tmp_path / "seed_1" / "4_heads_copy.pt.resume"
     for path, seconds in ((grouped[0], 7200.0), (grouped[1], 7200.0), (stopped, 1800.0)):  # known session times
         state = torch.load(path, weights_only=True)
         (state["training"] if "training" in state else state)["sessions"][0]["seconds"] = seconds
         torch.save(state, path)
-    rows, summary, hours_left = train.training_status(CFG, cells + [dict(cells[2], heads=1)], "cpu", 2)
+    rows, summary, hours_left = train.training_status(CFG, cells + [dataclasses.replace(cells[2], heads=1)], "cpu", 2)
     assert [r["state"] for r in rows] == ["finished", "finished", "epoch 2/3", "not started"]
     assert [r["epochs"] for r in rows] == [3, 3, 2, 0]
-    assert rows[0]["on"] == f"{train.hardware_name('cpu')} (cpu, {torch.get_num_threads()} thread(s))"
+    assert rows[0]["on"] == f"{hardware_name('cpu')} (cpu, {torch.get_num_threads()} thread(s))"
     assert [r["hours"] for r in rows] == [1.0, 1.0, 0.5, 0.0]  # the group's 2 h shared by its two cells
     assert summary.startswith("2 of 4 cells finished, 1 unfinished, 1 not started; 2.5 cell-hours spent.")
     assert np.isnan(hours_left)  # no 1-head session measured
@@ -309,12 +319,25 @@ def test_group_flag_defaults_to_one_cell_per_process(flags, grouped):
     """--group: one cell per process unless asked (on every device: the grouped path is slower on a CPU and unmeasured
     on a GPU); a grouped run must be asked for."""
     import argparse
-    from script_io import add_common_args, add_training_args, resolve_common
+    from script_io import add_common_args, add_training_args
     parser = argparse.ArgumentParser()
     add_common_args(parser)
     add_training_args(parser)
     args = parser.parse_args(["--quick", "--device", "cpu", *flags])
-    resolve_common(parser, args)
-    assert args.group is grouped
+    assert (args.group == "yes") is grouped
     with pytest.raises(SystemExit):
         parser.parse_args(["--group", "auto"])
+
+
+def test_retrain_in_groups_trains_every_cell_again(tmp_path, monkeypatch):
+    """ensure_models(retrain=True, group=True), as main.py --retrain --group yes: existing checkpoints are trained
+    again, in groups, and the models returned are the new ones."""
+    monkeypatch.setattr(train, "warn_of_long_training", lambda *args, **kwargs: None)
+    cfg = dataclasses.replace(CFG, epochs=1)
+    cells = [Cell(4, "copy", folder=tmp_path), Cell(4, "cycle", folder=tmp_path)]
+    for cell in cells:
+        train_cell(cfg, cell, **quiet)
+    models = train.ensure_models(cfg, cells, device=torch.device("cpu"), retrain=True, group=True)
+    for cell in cells:
+        facts = torch.load(cell.path, weights_only=True)["training"]
+        assert facts["group"] == train.group_label(cells) and models[cell][1]["group"] == facts["group"]

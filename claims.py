@@ -1,0 +1,259 @@
+"""Every claim of the paper and of our README, each a named test on one training run's table, counted over runs.
+
+    from claims import CLAIMS, count_claims, write_claims
+    count_claims({"section4": per_run, "tables56": ..., "synergy": ...})   # one row per claim and instance
+    write_claims(Path("results/seeds"))     # claims.{csv,md} from whichever per-run tables that folder holds
+
+A claim's test takes one run's rows of its table and returns {Instance: holds}. An Instance names where the claim is
+tested: its task, head count and layer, each a label ("4", or "all", "1 vs all", "8 vs 16" for a claim over several
+head counts; "last", ">= 3" for one over several layers).
+"""
+import dataclasses
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import pandas as pd
+from scipy import stats
+
+from config import AUTHORS
+from script_io import save_table, write_text
+
+RUN_TABLES = {"section4": "section4_runs.csv", "tables56": "tables56_runs.csv", "synergy": "synergy_runs.csv"}
+SIGNIFICANCE = 0.05  # every p-value test below: p < SIGNIFICANCE
+
+
+class Instance(NamedTuple):
+    task: str
+    heads: str
+    layer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    name: str
+    table: str  # the key of RUN_TABLES whose rows it tests
+    source: str  # paper, title (the paper's title claim) or README (ours)
+    test_text: str
+    test: Callable
+
+
+CLAIMS = []  # in the order of claims.csv: the order of the definitions below
+
+
+def claim(table, source, test_text):
+    """Register the decorated test as a claim named after it."""
+    def register(test):
+        CLAIMS.append(Claim(test.__name__, table, source, test_text, test))
+        return test
+    return register
+
+
+def _per_task_and_layer(t):
+    return t.groupby(["task", "layer"], sort=False)
+
+
+def _per_row(t, condition):
+    return {Instance(r.task, str(r.heads), str(r.layer)): bool(condition(r)) for r in t.itertuples()}
+
+
+# Section 4 (section4_runs: mixing_time_mean and fidelity_mean per task, heads and layer)
+@claim("section4", "paper",
+       "mixing_time_mean of the 1-head model > that of every multi-head model (per task and layer)")
+def one_head_mixes_slowest(t):
+    out = {}
+    for (task, layer), g in _per_task_and_layer(t):
+        if 1 in set(g.heads) and g.heads.nunique() > 1:
+            mixing = g.set_index("heads").mixing_time_mean
+            out[Instance(task, "1 vs all", str(layer))] = bool((mixing.drop(1) < mixing[1]).all())
+    return out
+
+
+@claim("section4", "paper",
+       "fidelity_mean strictly increasing over the head counts 1 < 4 < 8 < 16 (per task and layer)")
+def fidelity_rises_with_heads(t):
+    return {Instance(task, "all", str(layer)): bool(g.sort_values("heads").fidelity_mean.diff().dropna().gt(0).all())
+            for (task, layer), g in _per_task_and_layer(t) if g.heads.nunique() > 1}
+
+
+def _last_cycle_layer(t):
+    """Per cycle head count: (the last layer mixes slowest, the last layer has the lowest fidelity), ties allowed."""
+    out = {}
+    for heads, g in t[t.task == "cycle"].groupby("heads", sort=False):
+        g = g.set_index("layer")
+        last, rest = g.loc[g.index.max()], g.drop(g.index.max())
+        out[Instance("cycle", str(heads), "last")] = (bool((last.mixing_time_mean >= rest.mixing_time_mean).all()),
+                                                      bool((last.fidelity_mean <= rest.fidelity_mean).all()))
+    return out
+
+
+@claim("section4", "paper",
+       "cycle, per head count: the last layer's mixing_time_mean >= and fidelity_mean <= every other layer's")
+def last_cycle_layer_poorest_both(t):
+    return {key: slowest and poorest for key, (slowest, poorest) in _last_cycle_layer(t).items()}
+
+
+@claim("section4", "paper", "cycle, per head count: the last layer's mixing_time_mean >= every other layer's")
+def last_cycle_layer_slowest(t):
+    return {key: slowest for key, (slowest, _) in _last_cycle_layer(t).items()}
+
+
+@claim("section4", "paper", "cycle, per head count: the last layer's fidelity_mean <= every other layer's")
+def last_cycle_layer_lowest_fidelity(t):
+    return {key: poorest for key, (_, poorest) in _last_cycle_layer(t).items()}
+
+
+@claim("section4", "README", "layer 1: mixing_time_mean < 4 steps")
+def layer1_mixes_under_4_steps(t):
+    return _per_row(t[t.layer == 1], lambda r: r.mixing_time_mean < 4)
+
+
+@claim("section4", "README",
+       "copy, per layer: |mixing time 8 heads - 16 heads| <= 0.1 steps and |fidelity| difference <= 0.1 points")
+def copy_8_and_16_heads_alike(t):
+    g = t[t.task == "copy"].set_index(["heads", "layer"])
+    if not {8, 16} <= set(g.index.get_level_values(0)):
+        return {}
+    return {Instance("copy", "8 vs 16", str(layer)): bool(
+        abs(g.mixing_time_mean[8, layer] - g.mixing_time_mean[16, layer]) <= 0.1
+        and abs(g.fidelity_mean[8, layer] - g.fidelity_mean[16, layer]) <= 0.1)
+        for layer in sorted(set(g.loc[8].index) & set(g.loc[16].index))}
+
+
+@claim("section4", "README",
+       "cycle, per multi-head model: some layer >= 3 has mixing_time_mean > 20 steps and fidelity_mean < 0.05%")
+def cycle_deep_layer_collapses(t):
+    cycle = t[(t.task == "cycle") & (t.heads > 1)]
+    return {Instance("cycle", str(heads), ">= 3"): bool(
+        ((g.layer >= 3) & (g.mixing_time_mean > 20) & (g.fidelity_mean < 0.05)).any())
+        for heads, g in cycle.groupby("heads", sort=False)}
+
+
+# Tables 5-6 (tables56_runs: the one-sequence verdict and the sign test over fresh sequences)
+def _majority(r, sign):
+    """The combination wins (sign +1) or loses (-1) in more than half the decided samples, sign test significant."""
+    decided = r.samples - r.ties
+    return r.p_value < SIGNIFICANCE and sign * (r.wins - decided / 2) > 0
+
+
+@claim("tables56", "paper", "Tables 5-6, the paper's protocol: combined fidelity > best single head's on sample 0")
+def combination_beats_best_head_one_sequence(t):
+    return _per_row(t, lambda r: r.amplification)
+
+
+@claim("tables56", "paper",
+       "over the fresh sequences: combined > best head in more than half the decided ones, sign test p < 0.05")
+def combination_wins_majority(t):
+    return _per_row(t, lambda r: _majority(r, +1))
+
+
+@claim("tables56", "README",
+       "over the fresh sequences: combined > best head in fewer than half the decided ones, sign test p < 0.05")
+def combination_loses_majority(t):
+    return _per_row(t, lambda r: _majority(r, -1))
+
+
+# Synergy (synergy_runs: per proxy, synergy against parallel heads and gain over the best head, signed so that
+# positive means the combination helps, with Wilcoxon p-values)
+def _synergy_of_sign(t, proxy, sign):
+    return _per_row(t[t.proxy == proxy], lambda r: sign * r.synergy > 0 and r.p_value < SIGNIFICANCE)
+
+
+@claim("synergy", "title", "fidelity: mean paired synergy (combined vs parallel heads) > 0, Wilcoxon p < 0.05")
+def synergy_positive_fidelity(t):
+    return _synergy_of_sign(t, "fidelity", +1)
+
+
+@claim("synergy", "title", "fidelity: mean paired synergy (combined vs parallel heads) < 0, Wilcoxon p < 0.05")
+def synergy_negative_fidelity(t):
+    return _synergy_of_sign(t, "fidelity", -1)
+
+
+@claim("synergy", "title", "mixing_time: mean paired synergy (combined vs parallel heads) > 0, Wilcoxon p < 0.05")
+def synergy_positive_mixing_time(t):
+    return _synergy_of_sign(t, "mixing_time", +1)
+
+
+@claim("synergy", "title", "mixing_time: mean paired synergy (combined vs parallel heads) < 0, Wilcoxon p < 0.05")
+def synergy_negative_mixing_time(t):
+    return _synergy_of_sign(t, "mixing_time", -1)
+
+
+@claim("synergy", "README", "mixing time: best single head < combination (mean paired difference), Wilcoxon p < 0.05")
+def best_head_mixes_faster(t):
+    return _per_row(t[t.proxy == "mixing_time"],
+                    lambda r: r.gain_over_best < 0 and r.gain_over_best_p < SIGNIFICANCE)
+
+
+@claim("synergy", "README", "fidelity: combination > best single head (mean paired difference), Wilcoxon p < 0.05")
+def combination_beats_best_head_fidelity(t):
+    return _per_row(t[t.proxy == "fidelity"], lambda r: r.gain_over_best > 0 and r.gain_over_best_p < SIGNIFICANCE)
+
+
+def _diversity_goes_with_synergy(t, proxy):
+    """Spearman rho(diversity, synergy) over the run's layers > 0 and significant; untested (no instance) with fewer
+    than 3 layers or no spread."""
+    t = t[t.proxy == proxy]
+    if len(t) < 3 or t.synergy.nunique() < 2 or t.diversity.nunique() < 2:
+        return {}
+    result = stats.spearmanr(t.diversity, t.synergy)
+    return {Instance("all", "all", "all"): bool(result.statistic > 0 and result.pvalue < SIGNIFICANCE)}
+
+
+@claim("synergy", "README",
+       "fidelity: Spearman rho(head diversity, synergy) over every task, head count and layer > 0, p < 0.05")
+def diversity_goes_with_synergy_fidelity(t):
+    return _diversity_goes_with_synergy(t, "fidelity")
+
+
+@claim("synergy", "README",
+       "mixing_time: Spearman rho(head diversity, synergy) over every task, head count and layer > 0, p < 0.05")
+def diversity_goes_with_synergy_mixing_time(t):
+    return _diversity_goes_with_synergy(t, "mixing_time")
+
+
+COLUMNS = ["claim", "task", "heads", "layer", "runs_holding", "runs", "holding", "authors_holds", "source", "test"]
+
+
+def count_claims(tables):
+    """tables: {"section4" | "tables56" | "synergy": per-run table with a `run` column}. For every claim and
+    instance: in how many of our runs it holds, out of how many, which, and whether it holds for the authors' models
+    ("" if absent). The authors' run never counts among ours."""
+    rows = []
+    for c in (c for c in CLAIMS if c.table in tables):
+        results = {}
+        for run, part in tables[c.table].groupby("run", sort=False):
+            for instance, holds in c.test(part).items():
+                results.setdefault(instance, {})[str(run)] = holds
+        for instance, by_run in results.items():
+            ours = {run: holds for run, holds in by_run.items() if run != AUTHORS}
+            rows.append({"claim": c.name, **instance._asdict(), "runs_holding": sum(ours.values()), "runs": len(ours),
+                         "holding": " ".join(run for run, holds in ours.items() if holds),
+                         "authors_holds": by_run.get(AUTHORS, ""), "source": c.source, "test": c.test_text})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def claims_markdown(claims):
+    """Per claim: its test, how many of its instances hold in every run, in some, in none; then the full table."""
+    lines = ["# The claims, counted over training runs", "",
+             "Each claim is tested on each run alone; `runs_holding` of `runs` of ours hold it (the authors' models, "
+             "where present, apart). source: paper = the paper's claim, title = its title claim, README = ours.", ""]
+    for name, part in claims.groupby("claim", sort=False):
+        every, none = int((part.runs_holding == part.runs).sum()), int((part.runs_holding == 0).sum())
+        authors = part.authors_holds[part.authors_holds != ""]
+        lines.append(f"- **{name}** ({part.source.iloc[0]}): {part.test.iloc[0]}. Of {len(part)} instance(s): "
+                     f"{every} hold in every run of ours, {len(part) - every - none} in some, {none} in none"
+                     + (f"; the authors' models: {int(authors.astype(bool).sum())} of {len(authors)}." if len(authors)
+                        else "."))
+    view = claims.drop(columns=["source", "test"])
+    return "\n".join(lines + ["", view.to_markdown(index=False), ""])
+
+
+def write_claims(folder):
+    """claims.csv and claims.md in `folder`, from whichever per-run tables it holds; returns the claims table."""
+    folder = Path(folder)
+    tables = {table: pd.read_csv(folder / name, dtype={"run": str}) for table, name in RUN_TABLES.items()
+              if (folder / name).is_file()}
+    claims = count_claims(tables)
+    save_table(claims, folder / "claims")
+    write_text(folder / "claims.md", claims_markdown(claims))
+    return claims
