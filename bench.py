@@ -174,7 +174,7 @@ def many_cells(cfg, device, fast_ms, repeats):
     return pd.DataFrame(rows)
 
 
-def training_section(cfg, device, repeats, inner):
+def training_section(cfg, device, repeats, inner, configuration):
     """The training-step and attention-layer tables (every path), and on a CPU the 8 cells' schedules: Markdown lines,
     and the fast path's ms per step by head count."""
     rows = []
@@ -197,8 +197,8 @@ def training_section(cfg, device, repeats, inner):
         plans = scheduling(cfg, device)
         print(plans.to_string(index=False))
         best = plans.dropna().sort_values("cells per hour").iloc[-1]
-        lines += [f"## Training the 8 cells on this machine (estimated from measured steps of each head count; "
-                  f"{cfg.epochs} epochs of {steps_per_epoch(cfg)} steps per cell)", "",
+        lines += [f"## Training the 8 {configuration} cells on this machine (estimated from measured steps of each "
+                  f"head count; {cfg.epochs} epochs of {steps_per_epoch(cfg)} steps per cell)", "",
                   plans.to_markdown(index=False), "",
                   f"Best: {best['schedule']}, {best['8 cells, hours']} h for the 8 cells.", ""]
     return lines, table.set_index("heads")["fast ms/step"]
@@ -280,7 +280,7 @@ def main():
         torch.cuda.reset_peak_memory_stats(device)
     else:
         lines += [f"cpu_attention kernel: {cpu_attention.build()}", ""]
-    training, fast_ms = training_section(cfg, device, repeats, inner)
+    training, fast_ms = training_section(cfg, device, repeats, inner, "quick" if args.quick else "paper")
     lines += training
     if device.type == "cuda" or args.quick:  # on a CPU the fused kernel's one cell per process is faster
         lines += many_cells_section(cfg, device, fast_ms, repeats)

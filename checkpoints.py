@@ -135,12 +135,11 @@ def load_model(cfg, heads, path, device):
 def save_trained(cell, cfg, *, state_dict, model_config, losses, sessions, tf32, **extra):
     """A finished cell's checkpoint (weights, model config, training facts), written atomically; its resume state
     deleted. Returns the path."""
-    run = cell.run_facts(cfg)
     facts = dict(task=cell.task, epochs=len(losses), seed=cell.seed, cell_seed=cell.cell_seed,
                  final_loss=losses[-1] if losses else None, losses=losses, torch_version=str(torch.__version__),
                  device=sessions[-1]["device"], hardware=sessions[-1]["hardware"], threads=sessions[-1]["threads"],
                  tf32=tf32, train_seconds=round(sum(s["seconds"] for s in sessions), 1), sessions=sessions,
-                 hyperparameters=run["hyperparameters"], **extra)
+                 hyperparameters=dataclasses.asdict(cfg), **extra)
     state = {k: v.detach().cpu() for k, v in state_dict.items()}  # loadable on any machine, GPU or not
     save_checkpoint(cell.path, {"format": FORMAT, "state_dict": state, "config": model_config, "training": facts})
     cell.resume_path.unlink(missing_ok=True)

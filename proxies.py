@@ -15,10 +15,10 @@ on the input's device.
     proxies.parallel_minimax_fidelity(attn, w)             # the heads as parallel channels: no path switches heads
     proxies.parallel_mixing_time(attn, w)                  # a walk that draws one head, then stays on it
 
-The authors' walk (their code's mixing-time estimate): from position c the walk reads column c of C (how much each later query
-attends to c) as a cumulative distribution, clipped at 1, and sends any deficit to the sink. Two quirks follow and
-are reproduced by default because the published numbers depend on them: a column's mass above 1 is cut off, and since
-A[0, 0] = 1 in every causal head, a walk started at position 0 never moves and scores max_steps.
+The authors' walk (their code's mixing-time estimate): from position c the walk reads column c of C (how much each
+later query attends to c) as a cumulative distribution, clipped at 1, and sends any deficit to the sink. Two quirks
+follow and are reproduced by default because the published numbers depend on them: a column's mass above 1 is cut
+off, and since A[0, 0] = 1 in every causal head, a walk started at position 0 never moves and scores max_steps.
 """
 import math
 

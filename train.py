@@ -101,7 +101,7 @@ def train_here(cfg, cells, *, group=False, device="cpu", resume=False, save_ever
         save_resume_states(cfg, cells, learner, device, losses=losses, sessions=sessions, session=clock(done))
     if done < cfg.epochs:
         return [None] * len(cells)
-    extra = {"group": group_label(cells)} if group else {}
+    extra = {"group": learner.label} if group else {}
     return [save_trained(cell, cfg, state_dict=weights, model_config=learner.config, losses=cell_losses,
                          sessions=cell_sessions + [clock(cfg.epochs)], tf32=tf32, **extra)
             for cell, (weights, _), cell_losses, cell_sessions in zip(cells, learner.cell_states(), losses, sessions)]
@@ -137,6 +137,7 @@ class OneCell:
         self.shuffles = [torch.Generator().manual_seed(cell.cell_seed)]
         self.step_model = torch.compile(self.model) if compile else self.model
         self.config = self.model.config
+        self.label = None  # a lone cell belongs to no group
 
     def step(self, batch):
         """One Adam step on the sequences that batch (1, B) indexes; the loss, on the device."""
@@ -172,7 +173,8 @@ class Group:
             torch.manual_seed(c.cell_seed)  # each cell's own initialisation
             models.append(build_model(cfg, c.heads).to(device))
         self.shuffles = [torch.Generator().manual_seed(c.cell_seed) for c in cells]
-        torch.manual_seed(zlib.crc32("; ".join(group_label(cells)).encode()))  # the group's dropout stream
+        self.label = group_label(cells)  # recorded in its resume states and checkpoints
+        torch.manual_seed(zlib.crc32("; ".join(self.label).encode()))  # the group's dropout stream
         self.params, self.buffers = stack_module_state(models)
         self.optimizer = make_optimizer(self.params.values(), cfg, device)
         self.loss_of = group_loss(models[0])
@@ -263,7 +265,7 @@ def resume_states(cfg, cells, learner, device, log):
         raise ValueError(f"a group resumes whole: resume states found for {sum(present)} of its {len(cells)} cells "
                          f"({', '.join(str(c.resume_path) for c, ok in zip(cells, present) if not ok)} missing)")
     states = [read_checkpoint(cell.resume_path, device) for cell in cells]
-    group = group_label(cells) if isinstance(learner, Group) else None
+    group = learner.label
     for cell, state in zip(cells, states):
         same = state.get("run") == cell.run_facts(cfg) and state.get("group") == group
         if not same or state["epoch"] != states[0]["epoch"]:
@@ -282,10 +284,11 @@ def resume_states(cfg, cells, learner, device, log):
 
 def save_resume_states(cfg, cells, learner, device, *, losses, sessions, session):
     """Each cell's resume state: weights, Adam state, generators, losses, epoch, run facts and sessions so far."""
-    group = {"group": group_label(cells)} if isinstance(learner, Group) else {}
+    group = {"group": learner.label} if learner.label else {}
+    rng = _rng_state(device)  # torch's generators: the same for every cell of a group
     for m, (cell, (weights, optimizer_state)) in enumerate(zip(cells, learner.cell_states())):
         save_checkpoint(cell.resume_path, {"model": weights, "optimizer": optimizer_state,
-                                           "shuffle": learner.shuffles[m].get_state(), "rng": _rng_state(device),
+                                           "shuffle": learner.shuffles[m].get_state(), "rng": rng,
                                            "losses": losses[m], "epoch": session["last_epoch"],
                                            "run": cell.run_facts(cfg), "sessions": sessions[m] + [session], **group})
 
