@@ -7,7 +7,7 @@ PyTorch's fused attention), on the explicit-attention path the authors' code tak
 path used without a C compiler; the same for one attention layer alone; paths timed in alternation, warm-up
 excluded, median of several timings. Evaluation: the whole Section 4 evaluation (8 models x 50 sequences x all
 layers) and the Tables 5-6 evaluation, with the exact estimator; the exact mixing time of one layer against the
-authors' 500-walk Monte Carlo. On a CPU also the 8 paper cells' estimated wall time with each scheduling (one cell on
+authors' 500-walk Monte Carlo; theory.py's evaluation of one run and its largest graph. On a CPU also the 8 paper cells' estimated wall time with each scheduling (one cell on
 every thread, or one cell per core side by side). Uses the checkpoints in --ckpt-dir where present, else randomly
 initialised models of the same size (the cost is the same). Under 3 minutes on a 2-core CPU.
 """
@@ -26,8 +26,8 @@ import torch
 import cpu_attention
 import proxies
 from checkpoints import build_model, checkpoint_path, load_model
-from config import AMPLIFICATION_HEADS, HEADS, TASKS
-from evaluation import amplification, evaluation_sequences, fresh_sequences, section4_values
+from config import AMPLIFICATION_HEADS, GRAPH_SIZES, HEADS, TASKS
+from evaluation import amplification, evaluation_sequences, fresh_sequences, section4_values, theory_rows
 from script_io import add_common_args, check_writable, hardware_name, resolve_common, results_folder, write_text
 from train import estimated_training_seconds, group_timing_step, seconds_per_step, steps_per_epoch, timing_step
 from transformer import MultiHeadAttention
@@ -250,9 +250,31 @@ def evaluation_timings(cfg, device, models, seed, repeats):
     ], (mc / exact, mc / batched)
 
 
+def theory_timings(cfg, device, models, seed):
+    """Seconds of theory.py's evaluation of one run (Theorem 2.9 and every prefix length) and of the epsilon-mixing
+    time and converged fidelity of the largest fully connected graph of theory.py --graphs."""
+    began = time.perf_counter()
+    with torch.no_grad():
+        theory_rows(models, cfg, seed)
+    sync(device)
+    run_seconds = time.perf_counter() - began
+    n = max(GRAPH_SIZES["fully_connected"])
+    graph = torch.ones(n, n, dtype=torch.float64).tril()  # every edge (a, b), a <= b
+    began = time.perf_counter()
+    mixing = proxies.epsilon_mixing_time(proxies.graph_walk(graph))
+    fidelity, _ = proxies.converged_minimax_fidelity(proxies.graph_diffusion(graph))
+    graph_seconds = time.perf_counter() - began
+    return [{"what": f"theory.py evaluation of one run: {len(models)} models x {cfg.eval_sequences} sequences, "
+                     f"Theorem 2.9 + prefix lengths {', '.join(map(str, cfg.prefix_lengths))}",
+             "seconds": round(run_seconds, 2), "value": ""},
+            {"what": f"epsilon-mixing time + converged fidelity, fully connected graph, n = {n}",
+             "seconds": round(graph_seconds, 2), "value": f"{mixing:.0f} steps, n phi = {n * fidelity:.3f}"}]
+
+
 def evaluation_section(cfg, device, ckpt_dir, seed, repeats):
     models, source = models_for(cfg, [(h, t) for t in TASKS for h in HEADS], device, ckpt_dir)
     rows, (alone, batched) = evaluation_timings(cfg, device, models, seed, repeats)
+    rows += theory_timings(cfg, device, models, seed)
     for row in rows:
         print(row)
     peak = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB GPU (max allocated)" if device.type == "cuda"

@@ -12,13 +12,15 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
 from config import AUTHORS
 from script_io import save_table, write_text
 
-RUN_TABLES = {"section4": "section4_runs.csv", "tables56": "tables56_runs.csv", "synergy": "synergy_runs.csv"}
+RUN_TABLES = {"section4": "section4_runs.csv", "tables56": "tables56_runs.csv", "synergy": "synergy_runs.csv",
+              "theorem29": "theorem29_runs.csv", "prefix": "prefix_runs.csv"}
 SIGNIFICANCE = 0.05  # every p-value test below: p < SIGNIFICANCE
 
 
@@ -209,6 +211,46 @@ def diversity_goes_with_synergy_fidelity(t):
        "mixing_time: Spearman rho(head diversity, synergy) over every task, head count and layer > 0, p < 0.05")
 def diversity_goes_with_synergy_mixing_time(t):
     return _diversity_goes_with_synergy(t, "mixing_time")
+
+
+# Theory (theorem29_runs: per task, heads and layer, means over sequences; prefix_runs: the same per prefix length n)
+@claim("theorem29", "paper", "Theorem 2.9: every sequence's worst-start epsilon-mixing time <= 2N/p, p from each "
+                             "head's worst node (layers where it can be told)")
+def theorem29_bound_holds(t):
+    return _per_row(t[t.bound_holds_share.notna()], lambda r: r.bound_holds_share == 1)
+
+
+@claim("theorem29", "README", "2N/p with each head's mean node's p (a heuristic): holds in every sequence")
+def theorem29_mean_node_bound_holds(t):
+    return _per_row(t[t.mean_node_holds_share.notna()], lambda r: r.mean_node_holds_share == 1)
+
+
+@claim("theorem29", "paper", "multi-head layers: averaged epsilon-mixing time of the combination <= 1.1 x its "
+                             "fastest head's (means over sequences)")
+def combination_mixes_near_fastest_head(t):
+    return _per_row(t[t.heads > 1], lambda r: r.mixing <= 1.1 * r.fastest_head)
+
+
+def growth_fit(n, values):
+    """How values grow with n: R^2 of the least-squares line against log n and against n; "log" if the first fits
+    better, else "linear"; "not mixed" where some value is inf. Returns (r2_log, r2_linear, growth)."""
+    n, y = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
+    if not np.isfinite(y).all():
+        return float("nan"), float("nan"), "not mixed"
+
+    def r2(x):
+        residual = y - np.polyval(np.polyfit(x, y, 1), x)
+        total = ((y - y.mean()) ** 2).sum()
+        return float(1 - (residual ** 2).sum() / total) if total > 0 else 1.0
+    r2_log, r2_linear = r2(np.log(n)), r2(n)
+    return r2_log, r2_linear, "log" if r2_log > r2_linear else "linear"
+
+
+@claim("prefix", "README", "averaged epsilon-mixing time over the prefix lengths n: a + b log n fits better (R^2) "
+                           "than a + b n")
+def mixing_grows_like_log_n(t):
+    return {Instance(task, str(heads), str(layer)): growth_fit(g.n, g.mixing)[2] == "log"
+            for (task, heads, layer), g in t.groupby(["task", "heads", "layer"], sort=False)}
 
 
 COLUMNS = ["claim", "task", "heads", "layer", "runs_holding", "runs", "holding", "authors_holds", "source", "test"]

@@ -26,11 +26,12 @@ class Config:
     horizon: int = 100  # fidelity: diffusion steps
     max_steps: int = 100  # mixing time: cap on a walk's steps
     num_simulations: int = 500  # mixing time: Monte Carlo walks per start (--estimator mc)
+    prefix_lengths: tuple = (8, 16, 32, 64, 100)  # theory.py: the trained layers on their first n tokens
 
 
 PAPER = Config()
 QUICK = Config(vocab_size=16, embed_dim=16, num_layers=2, mlp_hidden_dim=32, seq_length=12, num_sequences=120,
-               batch_size=20, epochs=3, eval_sequences=6, num_simulations=50)
+               batch_size=20, epochs=3, eval_sequences=6, num_simulations=50, prefix_lengths=(4, 8, 12))
 HEADS = (1, 4, 8, 16)
 AMPLIFICATION_HEADS = (4, 8, 16)  # Tables 5-6 and the synergy study: the multi-head models
 TASKS = ("copy", "cycle")
@@ -38,6 +39,12 @@ SEED = 42  # the paper's
 SEEDS = (0, 1, 2, 3, 4)  # the seed study's training runs, beside seed 42
 AUTHORS = "authors"  # the run name of the authors' released models: shown beside ours, never pooled with them
 CKPT_DIR = Path("checkpoints")
+# theory.py --graphs: Vitvitskyi et al.'s graph families and sizes (their Figure 1); --quick stops at QUICK_GRAPH_SIZE
+GRAPH_SIZES = {"line": (16, 32, 64), "fully_connected": tuple(2 ** k for k in range(4, 13)),
+               "poisson": tuple(2 ** k for k in range(4, 11))}
+POISSON_P = 0.2
+POISSON_DRAWS = 10  # seeded draws per size, averaged
+QUICK_GRAPH_SIZE = 64
 FORMAT = "beyondparallelism-checkpoint-v1"
 
 

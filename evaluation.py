@@ -1,14 +1,15 @@
 """The evaluation of every study: which sequences, and the per-layer rows of Section 4, Tables 5-6 and the synergy
 study, with their paired statistics. Models in, rows (dicts) out; the scripts format, plot and write them.
 
-    from evaluation import section4_rows, tables56_rows, synergy_rows
+    from evaluation import section4_rows, tables56_rows, synergy_rows, theory_rows
     models = {(4, "copy"): model, ...}                 # eval mode, e.g. from checkpoints.load_model
     section4_rows(models, cfg, seed)                   # mixing time and fidelity per layer, mean and std over sequences
     tables56_rows(models, cfg, samples=50, seed=seed)  # combined vs best single head, on fresh sequences
     synergy_rows(models, cfg, seed)                    # combined vs the same heads in parallel, and head diversity
+    theory_rows(models, cfg, seed)                     # Theorem 2.9 per layer, and the layers at every prefix length
 
-Section 4 and synergy read the paper's evaluation sequences (the first of each of 50 shuffled training batches of the
-seed's data); Tables 5-6 read fresh random sequences (sample 0 is the paper's one).
+Section 4, synergy and theory read the paper's evaluation sequences (the first of each of 50 shuffled training
+batches of the seed's data); Tables 5-6 read fresh random sequences (sample 0 is the paper's one).
 """
 import numpy as np
 import torch
@@ -188,3 +189,103 @@ def correlations(table):
         result = stats.spearmanr(part.diversity, part.synergy)
         out[proxy] = (float(result.statistic), float(result.pvalue))
     return out
+
+
+# Theorem 2.9: the epsilon-mixing time of each layer's walk (proxies.mixture_walk) against the bound 2N/p
+def _theorem29_p(walks, weights):
+    """p = sum_h w_h p_h per sequence and layer, p_h from each head's walk (S, L, H, T, T): its worst node's
+    probability of stepping toward the sink (what the rigorous bound needs) and its mean node's (a heuristic)."""
+    w = torch.as_tensor(np.asarray(weights), dtype=torch.float64)
+    w = (w / w.sum(-1, keepdim=True)).numpy()  # (L, H)
+    move = proxies.move_probabilities(walks, validate=False)  # (S, L, H, T - 1)
+    return (move.min(-1) * w).sum(-1), (move.mean(-1) * w).sum(-1)
+
+
+def theorem29_values(attn, weights, epsilon=proxies.EPSILON):
+    """Per sequence and layer (S, L) of attention (S, L, H, T, T) with head weights (L, H): Theorem 2.9's p (each
+    head's worst node's and, as a heuristic, its mean node's probability of stepping toward the sink, weighted by
+    the head weights), the bound 2N/p of both, the rigorous Hoeffding bound, whether N p > ln(2/epsilon) (where
+    2N/p is rigorous), and the measured epsilon-mixing times of the layer's walk and of its fastest head."""
+    walks = proxies.head_walks(attn)  # (S, L, H, T, T)
+    p_worst, p_mean = _theorem29_p(walks, weights)
+    N = attn.shape[-1] - 1
+    mixture = proxies.epsilon_mixing_times(proxies.mix_walks(walks, weights), epsilon, validate=False)
+    heads = proxies.epsilon_mixing_times(walks, epsilon, validate=False)  # (S, L, H) each
+    return {"p_worst": p_worst, "p_mean": p_mean, "bound": _bound(N, p_worst), "bound_mean_node": _bound(N, p_mean),
+            "hoeffding_bound": proxies.hoeffding_mixing_bound(N + 1, p_worst, epsilon),
+            "rigorous": N * p_worst > np.log(2 / epsilon),
+            "mixing": mixture["average"], "mixing_worst": mixture["worst"],
+            "fastest_head": heads["average"].min(-1), "fastest_head_worst": heads["worst"].min(-1)}
+
+
+def _bound(N, p):
+    """2N/p, inf where p = 0 (a head that never moves: the bound says nothing)."""
+    with np.errstate(divide="ignore"):
+        return np.where(p > 0, 2 * N / p, np.inf)
+
+
+def _holds_share(measured, bound):
+    """The share of sequences in which measured <= bound, among those where it can be told: a walk not mixed within
+    proxies.MAX_WALK_STEPS against a larger (finite) bound cannot. NaN if none can."""
+    told = np.isfinite(measured) | ~np.isfinite(bound) | (bound < proxies.MAX_WALK_STEPS)
+    return float(np.mean((measured <= bound)[told])) if told.any() else float("nan")
+
+
+def theorem29_summary(values, task, heads):
+    """One row per layer: the means over sequences (inf where some sequence's walk never mixed within the cap), the
+    share of sequences in which each bound holds against the worst-start mixing time (of those where it can be told)
+    and the mean ratio of 2N/p to that measurement (over the sequences whose walk mixed)."""
+    rows = []
+    for layer in range(values["mixing"].shape[1]):
+        v = {name: x[:, layer] for name, x in values.items()}
+        worst = v["mixing_worst"]
+        mixed = np.isfinite(worst)  # the ratio over the sequences whose walk mixed
+        ratio = float(np.mean(v["bound"][mixed] / worst[mixed])) if mixed.any() else float("nan")
+        rows.append({"task": task, "heads": heads, "layer": layer + 1,
+                     **{name: float(np.mean(x)) for name, x in v.items() if name != "rigorous"},
+                     "rigorous_share": float(np.mean(v["rigorous"])),
+                     "bound_holds_share": _holds_share(worst, v["bound"]),
+                     "mean_node_holds_share": _holds_share(worst, v["bound_mean_node"]),
+                     "hoeffding_holds_share": _holds_share(worst, v["hoeffding_bound"]),
+                     "unmixed_share": float(np.mean(~np.isfinite(worst))), "bound_over_measured": ratio})
+    return rows
+
+
+# Mixing across sequence length: under a causal mask the first n tokens' attention is the top-left n x n block
+def prefix_values(attn, weights, lengths, cfg):
+    """For each prefix length n: per sequence and layer (S, L), the epsilon-mixing time of the layer's walk on the
+    first n tokens, the bound 2(n - 1)/p there, and the paper's two proxies of the block."""
+    out = {}
+    for n in lengths:
+        block = attn[..., :n, :n]
+        walks = proxies.head_walks(block)
+        p_worst, _ = _theorem29_p(walks, weights)
+        out[n] = {"mixing": proxies.epsilon_mixing_time(proxies.mix_walks(walks, weights), validate=False),
+                  "bound": _bound(n - 1, p_worst),
+                  "mixing_time": proxies.mixing_time(block, weights, cfg.max_steps),
+                  "fidelity": proxies.minimax_fidelity(block, weights, cfg.horizon)}
+    return out
+
+
+def prefix_summary(values, task, heads):
+    """One row per layer and prefix length: the means over sequences."""
+    return [{"task": task, "heads": heads, "layer": layer + 1, "n": n,
+             **{name: float(np.mean(x[:, layer])) for name, x in v.items()}}
+            for layer in range(next(iter(values.values()))["mixing"].shape[1]) for n, v in values.items()]
+
+
+def _theory_rows_of(model, tokens, task, heads, cfg):
+    """("theorem29", row) and ("prefix", row) pairs of one model, its attention computed once."""
+    attn, weights = model.attention(tokens).double(), proxies.model_head_weights(model)  # float64 once, not per use
+    return ([("theorem29", row) for row in theorem29_summary(theorem29_values(attn, weights), task, heads)]
+            + [("prefix", row) for row in prefix_summary(prefix_values(attn, weights, cfg.prefix_lengths, cfg),
+                                                           task, heads)])
+
+
+def theory_rows(models, cfg, seed):
+    """{"theorem29": theorem29_summary rows, "prefix": prefix_summary rows at cfg.prefix_lengths} of every
+    (heads, task) model, on its task's evaluation sequences for `seed`."""
+    tagged = _rows_per_task(models, cfg, seed, lambda model, tokens, task, heads: _theory_rows_of(
+        model, tokens, task, heads, cfg))
+    return {table: [row for tag, row in tagged if tag == table] for table in ("theorem29", "prefix")}
+

@@ -64,13 +64,19 @@ def load_runs(cfg, cells, runs, device, log=print):
 
 
 def evaluate_runs(cfg, cells, runs, device, rows_of):
-    """Every run's present cells through rows_of(models, seed) -> rows: one table with a `run` column. ValueError
-    when no run has any of the cells."""
+    """Every run's present cells through rows_of(models, seed) -> rows: one table with a `run` column; or, where
+    rows_of gives {name: rows} (several tables from one pass), {name: table}. ValueError when no run has any of the
+    cells."""
     loaded = load_runs(cfg, cells, runs, device)
     if not loaded:
         raise ValueError(f"no checkpoint of {', '.join(f'{h}_heads_{t}' for h, t in cells)} in {runs[0].folder} or "
                          f"{runs[0].folder}/seeds/seed_S for any S of --seeds")
-    return pd.DataFrame([{"run": run.name, **row} for run, models in loaded for row in rows_of(models, run.seed)])
+    tables = {}
+    for run, models in loaded:
+        out = rows_of(models, run.seed)
+        for name, rows in (out.items() if isinstance(out, dict) else [(None, out)]):
+            tables.setdefault(name, []).extend({"run": run.name, **row} for row in rows)
+    return pd.DataFrame(tables[None]) if None in tables else {name: pd.DataFrame(r) for name, r in tables.items()}
 
 
 def across_runs(per_run, keys, values, name="quantity"):
@@ -83,7 +89,8 @@ def across_runs(per_run, keys, values, name="quantity"):
         for label, column in values.items():
             x = part[column].to_numpy(dtype=float)
             n, mean = len(x), float(x.mean())
-            std = float(x.std(ddof=1)) if n > 1 else float("nan")
+            with np.errstate(invalid="ignore"):  # a walk that never mixed: inf, whose spread is NaN
+                std = float(x.std(ddof=1)) if n > 1 else float("nan")
             half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
             authors = theirs[column].get(key if len(key) > 1 else key[0], float("nan")) if len(theirs) else float("nan")
             rows.append({**dict(zip(keys, key)), name: label, "n_runs": n, "runs": " ".join(part.run.astype(str)),

@@ -12,6 +12,34 @@ sys.path.insert(0, str(ROOT))
 needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason=f"authors' checkpoints not found at {OFFICIAL}")
 
 
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """A script's main() in this process, as `python SCRIPT.py ARGS` from the repo's folder would run it (without
+    the interpreter's start-up, ~3 s a call here): returns (exit status, stdout, stderr)."""
+    def run(script, *args):
+        module = __import__(script.removesuffix(".py"))
+        monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+        monkeypatch.chdir(ROOT)
+        try:
+            module.main()
+            code = 0
+        except SystemExit as exit_status:
+            code = exit_status.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
+
+
+@pytest.fixture
+def run_ok(run_main):
+    """run_main that expects exit status 0 and returns stdout."""
+    def run(script, *args):
+        code, out, err = run_main(script, *args)
+        assert code == 0, err[-3000:]
+        return out
+    return run
+
+
 def reference_attention(q, k, v, causal, keep=None, p=0.0):
     """softmax(q k^T / sqrt(d) + mask), dropout by `keep` rescaled by 1 / (1 - p), @ v, in float64."""
     q, k, v = (x.double() for x in (q, k, v))
