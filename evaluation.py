@@ -276,7 +276,8 @@ def prefix_summary(values, task, heads):
 
 def _theory_rows_of(model, tokens, task, heads, cfg):
     """("theorem29", row) and ("prefix", row) pairs of one model, its attention computed once."""
-    attn, weights = model.attention(tokens).double(), proxies.model_head_weights(model)  # float64 once, not per use
+    with torch.no_grad():  # float64 once, not per use
+        attn, weights = model.attention(tokens).double(), proxies.model_head_weights(model)
     return ([("theorem29", row) for row in theorem29_summary(theorem29_values(attn, weights), task, heads)]
             + [("prefix", row) for row in prefix_summary(prefix_values(attn, weights, cfg.prefix_lengths, cfg),
                                                            task, heads)])

@@ -17,7 +17,6 @@ flags as the other scripts; the evaluation itself is evaluation.theory_rows.
 """
 import argparse
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -142,7 +141,8 @@ def plot_prefix_across_runs(across, lengths):
     return plot_prefix(mixing, reference_graphs(lengths))
 
 
-def theorem29_view(table):
+def table_view(table):
+    """The Markdown view of a theory table: floats to 3 significant digits (the bounds span 1e2 to 1e29)."""
     view = table.copy()
     for column in view.columns:
         if view[column].dtype == float:
@@ -153,7 +153,8 @@ def theorem29_view(table):
 def write_one_run(models, cfg, args, out):
     """The one-run study of --seed's (or the authors') models: theorem29, prefix and growth tables, the figure."""
     began = time.perf_counter()
-    theorem, prefix = map(pd.DataFrame, theory_rows(models, cfg, args.seed).values())
+    tables = theory_rows(models, cfg, args.seed)
+    theorem, prefix = pd.DataFrame(tables["theorem29"]), pd.DataFrame(tables["prefix"])
     growth = growth_table(prefix)
     print(f"evaluation: {time.perf_counter() - began:.1f} s")
     for r in theorem.itertuples():
@@ -162,7 +163,7 @@ def write_one_run(models, cfg, args, out):
               f"sequences; grows like {growth.growth[r.Index]}")
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("theorem29", theorem), ("prefix", prefix), ("growth", growth)):
-        save_table(table, out / name, view=theorem29_view(table))
+        save_table(table, out / name, view=table_view(table))
     save_figure(plot_prefix(prefix, reference_graphs(cfg.prefix_lengths)), out / "prefix")
     print(f"wrote {out}/theorem29.*, prefix.*, growth.*")
 
@@ -174,9 +175,9 @@ def write_runs(parser, cfg, cells, args, *, ckpt_dir, device, out):
         tables = evaluate_runs(cfg, cells, runs, device, lambda models, seed: theory_rows(models, cfg, seed))
     keys = ["task", "heads", "layer"]
     write_study(tables["theorem29"], out, stem="theorem29", keys=keys, values=THEOREM29_ACROSS, name="quantity",
-                view=theorem29_view, digits=3)
+                view=table_view, digits=3)
     claims = write_study(tables["prefix"], out, stem="prefix", keys=keys + ["n"], values=PREFIX_ACROSS,
-                         name="quantity", view=theorem29_view, digits=3,
+                         name="quantity", view=table_view, digits=3,
                          plot=lambda per_run, across: plot_prefix_across_runs(across, cfg.prefix_lengths))
     print(claims_markdown(claims).split("\n\n|")[0])
     print(f"wrote {out}/theorem29_runs.*, theorem29_across_runs.*, prefix_runs.*, prefix_across_runs.*, claims.*")
@@ -191,9 +192,9 @@ def main():
     cfg, device, ckpt_dir, out = resolve_evaluation(parser, args)
     if args.graphs:
         table = graph_rows(QUICK_GRAPH_SIZE if args.quick else max(max(s) for s in GRAPH_SIZES.values()), args.seed)
-        print(theorem29_view(table).to_markdown(index=False))
+        print(table_view(table).to_markdown(index=False))
         (out / "theory").mkdir(parents=True, exist_ok=True)
-        save_table(table, out / "theory" / "graphs", view=theorem29_view(table))
+        save_table(table, out / "theory" / "graphs", view=table_view(table))
         print(f"wrote {out}/theory/graphs.csv, .md")
         return
     cells = [(h, t) for t in args.tasks for h in args.heads]
@@ -201,8 +202,7 @@ def main():
         return write_runs(parser, cfg, cells, args, ckpt_dir=ckpt_dir, device=device, out=out)
     with input_errors(parser):
         models = models_of(cfg, cells, args, device, ckpt_dir)
-    with torch.no_grad():
-        write_one_run(models, cfg, args, out / "theory")
+    write_one_run(models, cfg, args, out / "theory")
 
 
 if __name__ == "__main__":
