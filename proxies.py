@@ -1,4 +1,5 @@
-"""The paper's two proxies of how signal reaches the sink (Appendix E), exact and batched.
+"""The paper's two proxies of how signal reaches the sink (Appendix E), and the epsilon-mixing time its theory
+bounds (Theorem 2.9; Vitvitskyi et al.), exact and batched.
 
 Input: one layer's attention (H, T, T) or a batch (..., H, T, T), NumPy or torch (any device); rows are queries,
 so every matrix is row-stochastic. A (T, T) matrix is read as one head. The heads are combined as
@@ -14,6 +15,9 @@ on the input's device.
     proxies.mixing_time_normalized(attn, w)                # principled walk: columns renormalised, no quirks
     proxies.parallel_minimax_fidelity(attn, w)             # the heads as parallel channels: no path switches heads
     proxies.parallel_mixing_time(attn, w)                  # a walk that draws one head, then stays on it
+    proxies.epsilon_mixing_times(proxies.mixture_walk(attn, w))   # Vitvitskyi et al.'s epsilon-mixing time (the
+                                                                  # theory's), averaged and worst start
+    proxies.epsilon_mixing_time(proxies.graph_walk(adjacency))    # ... of a feed-forward graph
 
 The authors' walk (their code's mixing-time estimate): from position c the walk reads column c of C (how much each
 later query attends to c) as a cumulative distribution, clipped at 1, and sends any deficit to the sink. Two quirks

@@ -179,8 +179,11 @@ def write_runs(parser, cfg, cells, args, *, ckpt_dir, device, out):
     claims = write_study(tables["prefix"], out, stem="prefix", keys=keys + ["n"], values=PREFIX_ACROSS,
                          name="quantity", view=table_view, digits=3,
                          plot=lambda per_run, across: plot_prefix_across_runs(across, cfg.prefix_lengths))
+    growth = growth_table(tables["prefix"])
+    save_table(growth, out / "growth_runs", view=table_view(growth))
     print(claims_markdown(claims).split("\n\n|")[0])
-    print(f"wrote {out}/theorem29_runs.*, theorem29_across_runs.*, prefix_runs.*, prefix_across_runs.*, claims.*")
+    print(f"wrote {out}/theorem29_runs.*, theorem29_across_runs.*, prefix_runs.*, prefix_across_runs.*, "
+          f"growth_runs.*, claims.*")
 
 
 def main():

@@ -13,7 +13,7 @@ from conftest import ROOT
 from checkpoints import build_model, load_model, save_checkpoint
 from claims import count_claims
 from config import AUTHORS, HEADS, PAPER, QUICK, TASKS
-from evaluation import CROSS_MACHINE_ATOL, SECTION4_PROXIES, section4_rows, synergy_rows, tables56_rows
+from evaluation import CROSS_MACHINE_ATOL, SECTION4_PROXIES, section4_rows, synergy_rows, tables56_rows, theory_rows
 from runs import Run, across_runs, evaluate_runs
 from script_io import add_evaluation_args, resolve_evaluation
 
@@ -152,18 +152,22 @@ def test_seeds_end_to_end_on_quick_runs(tmp_path, run_ok):
     assert int(across[(across.task == "cycle") & (across.heads == 4)].n_runs.iloc[0]) == 2
     run_ok("test_amplification.py", *runs, "--heads", 4, "--seeds", 0, 1, "--samples", 5)
     run_ok("synergy.py", *runs, "--heads", 4, "--seeds", 0, 1)
-    # run 0's Tables 5-6 and synergy rows, p-values included, are the one-run evaluation's for seed 0
+    run_ok("theory.py", *runs, "--heads", 4, "--seeds", 0, 1)
+    # run 0's Tables 5-6, synergy and theory rows, p-values included, are the one-run evaluation's for seed 0
     models = {(4, t): load_model(QUICK, 4, ckpt / "seeds" / "seed_0" / f"4_heads_{t}.pt", "cpu")[0] for t in TASKS}
-    for stem, rows in (("tables56", tables56_rows(models, QUICK, 5, 0)), ("synergy", synergy_rows(models, QUICK, 0))):
+    theory = theory_rows(models, QUICK, 0)
+    for stem, rows in (("tables56", tables56_rows(models, QUICK, 5, 0)), ("synergy", synergy_rows(models, QUICK, 0)),
+                       ("theorem29", theory["theorem29"]), ("prefix", theory["prefix"])):
         mine = pd.read_csv(out / "seeds" / f"{stem}_runs.csv", dtype={"run": str})
         mine = mine[mine.run == "0"].drop(columns="run").reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, pd.DataFrame(rows), check_dtype=False)
     for name in ("section4_runs.png", "section4_runs.pdf", "synergy_runs.png", "tables56_runs.md",
-                 "tables56_across_runs.md", "synergy_across_runs.md", "claims.md"):
+                 "tables56_across_runs.md", "synergy_across_runs.md", "claims.md", "theorem29_across_runs.md",
+                 "prefix_runs.png", "growth_runs.csv"):
         assert (out / "seeds" / name).stat().st_size > 500, name
     claims = pd.read_csv(out / "seeds" / "claims.csv")
     assert {"one_head_mixes_slowest", "combination_wins_majority", "synergy_positive_fidelity",
-            "best_head_mixes_faster"} <= set(claims.claim)
+            "best_head_mixes_faster", "theorem29_bound_holds", "mixing_grows_like_log_n"} <= set(claims.claim)
     # a claim counted by hand from the per-run table: layer 1 under 4 steps, in how many of the runs with the cell
     under_4 = claims[claims.claim == "layer1_mixes_under_4_steps"]
     by_hand = [(task, heads, int((x < 4).sum()), len(x)) for (task, heads), x in
