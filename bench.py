@@ -8,8 +8,9 @@ path used without a C compiler; the same for one attention layer alone; paths ti
 excluded, median of several timings. Evaluation: the whole Section 4 evaluation (8 models x 50 sequences x all
 layers) and the Tables 5-6 evaluation, with the exact estimator; the exact mixing time of one layer against the
 authors' 500-walk Monte Carlo; theory.py's evaluation of one run and its largest graph. On a CPU also the 8 paper
-cells' estimated wall time with each scheduling (one cell on every thread, or one cell per core side by side). Uses the checkpoints in --ckpt-dir where present, else randomly
-initialised models of the same size (the cost is the same). Under 3 minutes on a 2-core CPU.
+cells' estimated wall time with each scheduling (one cell on every thread, or one cell per core side by side). Uses
+the checkpoints in --ckpt-dir where present, else randomly initialised models of the same size (the cost is the
+same). Under 3 minutes on a 2-core CPU.
 """
 import argparse
 import os

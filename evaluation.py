@@ -195,10 +195,8 @@ def correlations(table):
 def _theorem29_p(walks, weights):
     """p = sum_h w_h p_h per sequence and layer, p_h from each head's walk (S, L, H, T, T): its worst node's
     probability of stepping toward the sink (what the rigorous bound needs) and its mean node's (a heuristic)."""
-    w = torch.as_tensor(np.asarray(weights), dtype=torch.float64)
-    w = (w / w.sum(-1, keepdim=True)).numpy()  # (L, H)
     move = proxies.move_probabilities(walks, validate=False)  # (S, L, H, T - 1)
-    return (move.min(-1) * w).sum(-1), (move.mean(-1) * w).sum(-1)
+    return proxies.head_average(move.min(-1), weights), proxies.head_average(move.mean(-1), weights)
 
 
 def theorem29_values(attn, weights, epsilon=proxies.EPSILON):

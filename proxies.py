@@ -289,9 +289,16 @@ WALK_CHUNK = 256  # walks stepped together (~20 MB of 100 x 100 walks: measured 
 SQUARING_CHUNK = 32  # slow walks squared together: log2(cap) = 40 powers of each are held at once
 
 
-def _check_walk(walk):
-    """A batch of walks as float64 (B, n, n) and its batch shape, or a ValueError that says what is wrong."""
-    walk = torch.as_tensor(walk).detach() if not isinstance(walk, torch.Tensor) else walk.detach()
+def _detached(x):
+    return x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
+def _check_walk(walk, validate=True):
+    """A batch of walks as float64 (B, n, n) and its batch shape, or a ValueError that says what is wrong;
+    validate=False only reshapes (a walk that head_walks, mix_walks or graph_walk built)."""
+    if not validate:
+        return walk.reshape(-1, *walk.shape[-2:]), walk.shape[:-2]
+    walk = _detached(walk)
     if not (walk.is_floating_point() and walk.ndim >= 2 and walk.shape[-1] == walk.shape[-2] and walk.shape[-1] > 1):
         raise ValueError(f"a walk must be a float array (..., n, n) of square matrices with n >= 2, "
                          f"got shape {tuple(walk.shape)} of {walk.dtype}")
@@ -354,7 +361,7 @@ def graph_diffusion(adjacency):
 
 
 def _check_adjacency(adjacency):
-    a = torch.as_tensor(adjacency).detach() if not isinstance(adjacency, torch.Tensor) else adjacency.detach()
+    a = _detached(adjacency)
     if not (a.ndim >= 2 and a.shape[-1] == a.shape[-2]):
         raise ValueError(f"an adjacency must be (..., n, n), got shape {tuple(a.shape)}")
     a = a.to(torch.float64)
@@ -364,6 +371,9 @@ def _check_adjacency(adjacency):
         raise ValueError("an adjacency must be causal: a[i, j] = 1 iff (j, i) is an edge with j <= i, so nothing "
                          "above the diagonal")
     return a
+
+
+STARTS = ("average", "worst")
 
 
 def _sink_share(rows, start):
@@ -376,22 +386,19 @@ def _last_unmixed_by_squaring(W, row, t0, need, max_steps):
     """For walks not mixed (from some start) at step t0, row = row tau of W^t0: the last step at which each is still
     not mixed, per start (B, 2), or a step >= max_steps if it does not mix by then; by binary lifting over W, W^2,
     W^4, ... shared by both starts (the sink's share only grows, so the search is exact)."""
-    def unmixed(rows):  # (B, 2): not yet mixed, averaged and from the worst start
-        return torch.stack([_sink_share(rows[:, 0], start) <= need for start in STARTS], dim=-1)
+    def unmixed(rows):  # rows (B, 2, 1, n), one search per start -> (B, 2): that start not yet mixed
+        return torch.stack([_sink_share(rows[:, k, 0], start) <= need for k, start in enumerate(STARTS)], dim=-1)
+    rows = torch.stack([row, row], dim=1)  # (B, 2, 1, n)
     powers = [W]  # W^(2^k), squared only until every walk here has mixed within 2^k more steps (or the cap)
-    while 2 ** len(powers) <= max_steps - t0 and unmixed(row @ powers[-1]).any():
+    while 2 ** len(powers) <= max_steps - t0 and unmixed(rows @ powers[-1][:, None]).any():
         powers.append(powers[-1] @ powers[-1])
     t = torch.full((len(row), 2), t0, dtype=torch.long, device=W.device)
-    rows = torch.stack([row, row], dim=1)  # (B, 2, 1, n): one search per start
     for k in reversed(range(len(powers))):
         candidate = rows @ powers[k][:, None]
-        jump = unmixed(candidate[:, :, 0].flatten(0, 1)[:, None]).reshape(-1, 2, 2).diagonal(dim1=1, dim2=2)
+        jump = unmixed(candidate)
         rows = torch.where(jump[..., None, None], candidate, rows)
         t = t + jump * 2 ** k
     return t
-
-
-STARTS = ("average", "worst")
 
 
 def _first_mixed_steps(W, need, max_steps):
@@ -433,7 +440,7 @@ def epsilon_mixing_times(walk, epsilon=EPSILON, convention="published", max_step
     if convention not in ("published", "first"):
         raise ValueError(f"convention must be 'published' or 'first', got {convention!r}")
     _check_steps("max_steps", max_steps)
-    flat, batch_shape = _check_walk(walk) if validate else (walk.reshape(-1, *walk.shape[-2:]), walk.shape[:-2])
+    flat, batch_shape = _check_walk(walk, validate)
     need = 1.0 - epsilon / 2  # distance 2 (1 - share) < epsilon  <=>  share > 1 - epsilon / 2
     first = torch.cat([_first_mixed_steps(flat[i:i + WALK_CHUNK], need, max_steps)
                        for i in range(0, len(flat), WALK_CHUNK)]) - float(convention == "published")
@@ -452,7 +459,7 @@ def move_probabilities(walk, validate=True):
     """Each non-sink node's probability of stepping toward the sink, 1 - W[j, j]: (..., n - 1). Theorem 2.9's p_h
     is its minimum over nodes (what a rigorous bound needs) or, as a heuristic, its mean. validate as in
     epsilon_mixing_times."""
-    flat, batch_shape = _check_walk(walk) if validate else (walk.reshape(-1, *walk.shape[-2:]), walk.shape[:-2])
+    flat, batch_shape = _check_walk(walk, validate)
     return _to_numpy((1.0 - flat.diagonal(dim1=-2, dim2=-1)[:, :-1]).reshape(*batch_shape, -1))
 
 
