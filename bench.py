@@ -7,10 +7,10 @@ PyTorch's fused attention), on the explicit-attention path the authors' code tak
 path used without a C compiler; the same for one attention layer alone; paths timed in alternation, warm-up
 excluded, median of several timings. Evaluation: the whole Section 4 evaluation (8 models x 50 sequences x all
 layers) and the Tables 5-6 evaluation, with the exact estimator; the exact mixing time of one layer against the
-authors' 500-walk Monte Carlo; theory.py's evaluation of one run and its largest graph. On a CPU also the 8 paper
-cells' estimated wall time with each scheduling (one cell on every thread, or one cell per core side by side). Uses
-the checkpoints in --ckpt-dir where present, else randomly initialised models of the same size (the cost is the
-same). Under 3 minutes on a 2-core CPU.
+authors' 500-walk Monte Carlo; theory.py's evaluation of one run and its largest graph; the amplification map's
+random head sets (per 1000) and trained layers. On a CPU also the 8 paper cells' estimated wall time with each
+scheduling (one cell on every thread, or one cell per core side by side). Uses the checkpoints in --ckpt-dir where
+present, else randomly initialised models of the same size (the cost is the same). Under 3 minutes on a 2-core CPU.
 """
 import argparse
 import os
@@ -28,7 +28,8 @@ import cpu_attention
 import proxies
 from checkpoints import build_model, checkpoint_path, load_model
 from config import AMPLIFICATION_HEADS, GRAPH_SIZES, HEADS, TASKS
-from evaluation import amplification, evaluation_sequences, fresh_sequences, section4_values, theory_rows
+from evaluation import (amplification, evaluation_sequences, fresh_sequences, head_set_values, layer_amplification_rows,
+                        section4_values, theory_rows)
 from script_io import add_common_args, check_writable, hardware_name, resolve_common, results_folder, write_text
 from train import estimated_training_seconds, group_timing_step, seconds_per_step, steps_per_epoch, timing_step
 from transformer import MultiHeadAttention
@@ -272,10 +273,32 @@ def theory_timings(cfg, device, models, seed):
              "seconds": round(graph_seconds, 2), "value": f"{mixing:.0f} steps, n phi = {n * fidelity:.3f}"}]
 
 
+def amplification_timings(cfg, device, models, seed, draws=64, heads=8):
+    """Seconds of theory.py --amplification's two costs: head_set_values (epsilon-mixing time included) per 1000
+    random head sets of `heads` dense heads at the sequence length, and the trained layers of one run."""
+    n = cfg.seq_length
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(draws, heads, n, n, generator=generator, dtype=torch.float64)
+    attn = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1).to(device)
+    began = time.perf_counter()
+    head_set_values(attn, None, cfg, epsilon_mixing=True)
+    sync(device)
+    per_thousand = (time.perf_counter() - began) / draws * 1000
+    began = time.perf_counter()
+    layer_amplification_rows(models, cfg, seed)
+    sync(device)
+    return [{"what": f"theory.py --amplification: 1000 random head sets, {heads} dense heads, n = {n} (both proxies, "
+                     f"combined / parallel / best head, epsilon-mixing time)", "seconds": round(per_thousand, 2),
+             "value": ""},
+            {"what": f"theory.py --amplification: the trained layers of one run ({len(models)} models)",
+             "seconds": round(time.perf_counter() - began, 2), "value": ""}]
+
+
 def evaluation_section(cfg, device, ckpt_dir, seed, repeats):
     models, source = models_for(cfg, [(h, t) for t in TASKS for h in HEADS], device, ckpt_dir)
     rows, (alone, batched) = evaluation_timings(cfg, device, models, seed, repeats)
     rows += theory_timings(cfg, device, models, seed)
+    rows += amplification_timings(cfg, device, models, seed)
     for row in rows:
         print(row)
     peak = (f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB GPU (max allocated)" if device.type == "cuda"

@@ -27,11 +27,17 @@ class Config:
     max_steps: int = 100  # mixing time: cap on a walk's steps
     num_simulations: int = 500  # mixing time: Monte Carlo walks per start (--estimator mc)
     prefix_lengths: tuple = (8, 16, 32, 64, 100)  # theory.py: the trained layers on their first n tokens
+    # theory.py --amplification: random head sets of these sizes and head counts, this many draws each (a Wilson 95%
+    # interval within +-3 points at any share: the widest, at 1/2, needs 1068)
+    amplification_sizes: tuple = (16, 32, 100)
+    amplification_heads: tuple = (2, 4, 8)
+    amplification_draws: int = 1068
 
 
 PAPER = Config()
 QUICK = Config(vocab_size=16, embed_dim=16, num_layers=2, mlp_hidden_dim=32, seq_length=12, num_sequences=120,
-               batch_size=20, epochs=3, eval_sequences=6, num_simulations=50, prefix_lengths=(4, 8, 12))
+               batch_size=20, epochs=3, eval_sequences=6, num_simulations=50, prefix_lengths=(4, 8, 12),
+               amplification_sizes=(8, 12), amplification_heads=(2, 4), amplification_draws=48)
 HEADS = (1, 4, 8, 16)
 AMPLIFICATION_HEADS = (4, 8, 16)  # Tables 5-6 and the synergy study: the multi-head models
 TASKS = ("copy", "cycle")
@@ -45,6 +51,10 @@ GRAPH_SIZES = {"line": (16, 32, 64), "fully_connected": tuple(2 ** k for k in ra
 POISSON_P = 0.2
 POISSON_DRAWS = 10  # seeded draws per size, averaged
 QUICK_GRAPH_SIZE = 64
+# theory.py --amplification: how much the heads of a draw share (1 = identical heads, 0 = independent) and how peaked
+# the dense family's attention is (softmax of standard normal scores over this temperature)
+SHARE_LEVELS = (1.0, 0.9, 0.75, 0.5, 0.0)
+DENSE_TEMPERATURE = 0.5
 FORMAT = "beyondparallelism-checkpoint-v1"
 
 

@@ -93,15 +93,21 @@ def amplification(model, tokens, horizon):
     return per_head.max(axis=-1), combined
 
 
+def wilson_interval(successes, trials, confidence=0.95):
+    """The Wilson score interval (low, high) of a binomial proportion (scipy.stats)."""
+    interval = stats.binomtest(int(successes), int(trials)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
 def win_statistics(combined, best):
     """Wins of the combination over the best head across samples: the win rate with its Wilson 95% interval, and
     the two-sided sign-test p-value of "combined beats the best head" (binomial, p = 1/2, ties left out)."""
     wins, ties, n = int((combined > best).sum()), int((combined == best).sum()), len(best)
-    interval = stats.binomtest(wins, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(wins, n)
     decided = n - ties
     p_value = stats.binomtest(wins, decided, 0.5).pvalue if decided else 1.0
-    return {"wins": wins, "ties": ties, "samples": n, "win_rate": wins / n, "win_ci_low": interval.low,
-            "win_ci_high": interval.high, "p_value": p_value}
+    return {"wins": wins, "ties": ties, "samples": n, "win_rate": wins / n, "win_ci_low": low, "win_ci_high": high,
+            "p_value": p_value}
 
 
 def tables56_summary(task, heads, best, combined):
@@ -125,27 +131,39 @@ def tables56_rows(models, cfg, samples, seed):
 def head_diversity(attn):
     """Mean pairwise total-variation distance between the heads' attention rows: (..., H, T, T) -> (...)."""
     attn = torch.as_tensor(attn, dtype=torch.float64)[..., 1:, :]  # row 0 is [1, 0, ...] in every causal head
-    H = attn.shape[-3]
-    pairs = [(h, g) for h in range(H) for g in range(h + 1, H)]
-    if not pairs:
+    H, T = attn.shape[-3], attn.shape[-1]
+    if H < 2:
         return np.zeros(attn.shape[:-3])
-    tv = sum(0.5 * (attn[..., h, :, :] - attn[..., g, :, :]).abs().sum(-1).mean(-1) for h, g in pairs)
-    return (tv / len(pairs)).cpu().numpy()
+    rows = attn.movedim(-3, -2).reshape(-1, H, T)  # (..., query, H, key): one (H, H) L1 table a query row
+    pairs = torch.triu_indices(H, H, 1)
+    tv = 0.5 * torch.cdist(rows, rows, p=1)[:, pairs[0], pairs[1]].mean(-1)
+    return tv.reshape(attn.shape[:-3] + (-1,)).mean(-1).cpu().numpy()
 
 
-def layer_values(model, tokens, cfg):
-    """Per sequence and layer (S, L): combined, parallel and best-head values of both proxies; and head diversity."""
-    attn = model.attention(tokens)  # (S, L, H, T, T)
-    weights = proxies.model_head_weights(model)  # (L, H)
-    per_head_mixing = proxies.mixing_time(attn[..., None, :, :], max_steps=cfg.max_steps)  # (S, L, H), once
-    return {
-        "fidelity": {"combined": proxies.minimax_fidelity(attn, weights, cfg.horizon),
-                     "parallel": proxies.parallel_minimax_fidelity(attn, weights, cfg.horizon),
-                     "best_head": proxies.minimax_fidelity(attn[..., None, :, :], horizon=cfg.horizon).max(-1)},
+def head_set_values(attn, weights, cfg, epsilon_mixing=False):
+    """Per head set of a batch (..., H, T, T) with head weights (uniform when None): the combined, parallel and
+    best-head values of both proxies (dicts of (...) arrays) and head diversity; with epsilon_mixing, also the
+    averaged-start epsilon-mixing time of the layer's walk (proxies.mixture_walk) and of its fastest head."""
+    fidelity = proxies.head_set_fidelities(attn, weights, cfg.horizon)
+    per_head_mixing = proxies.mixing_time(attn[..., None, :, :], max_steps=cfg.max_steps)  # (..., H), once
+    values = {
+        "fidelity": {"combined": fidelity["combined"], "parallel": fidelity["parallel"],
+                     "best_head": fidelity["heads"].max(-1)},
         "mixing_time": {"combined": proxies.mixing_time(attn, weights, cfg.max_steps),
                         "parallel": proxies.head_average(per_head_mixing, weights),
                         "best_head": per_head_mixing.min(-1)},  # the best head mixes fastest
-    }, head_diversity(attn)
+    }
+    if epsilon_mixing:  # the heads' walks and the layer's in one batch (..., H + 1, T, T)
+        walks = proxies.head_walks(attn)
+        walks = torch.cat([walks, proxies.mix_walks(walks, weights)[..., None, :, :]], dim=-3)
+        times = proxies.epsilon_mixing_time(walks, validate=False)
+        values["epsilon_mixing_time"] = {"combined": times[..., -1], "best_head": times[..., :-1].min(-1)}
+    return values, head_diversity(attn)
+
+
+def layer_values(model, tokens, cfg):
+    """Per sequence and layer (S, L) of a model: head_set_values of its attention with its learned head weights."""
+    return head_set_values(model.attention(tokens), proxies.model_head_weights(model), cfg)
 
 
 def paired(difference):
@@ -288,3 +306,58 @@ def theory_rows(models, cfg, seed):
         model, tokens, task, heads, cfg))
     return {table: [row for tag, row in tagged if tag == table] for table in ("theorem29", "prefix")}
 
+
+
+# The amplification map (theory.py --amplification): how often the combination beats its best head
+AMPLIFY_RTOL = 1e-9  # a gain below this share of the best head's value is float rounding (identical heads: ~1e-16)
+HIGHER_IS_BETTER = {"fidelity": True, "learned_fidelity": True, "mixing_time": False, "epsilon_mixing_time": False}
+
+
+def amplification_summary(values, diversity):
+    """Over a sample of head sets (random draws, or one layer's sequences): for each proxy in `values` (as
+    head_set_values gives them), the share where the combination beats its best head by more than AMPLIFY_RTOL
+    (higher fidelity, fewer steps) with its Wilson 95% interval, the mean gain over the best head and, where the
+    parallel heads are given, the mean synergy over them (both signed: positive = the combination helps); and the
+    mean head diversity."""
+    row = {"samples": int(np.size(diversity)), "diversity": float(np.mean(diversity))}
+    for proxy, v in values.items():
+        sign = 1 if HIGHER_IS_BETTER[proxy] else -1
+        gain = sign * (v["combined"] - v["best_head"])
+        wins = int((gain > AMPLIFY_RTOL * np.abs(v["best_head"])).sum())
+        low, high = wilson_interval(wins, gain.size)
+        row.update({f"{proxy}_best_head": float(np.mean(v["best_head"])), f"{proxy}_combined": float(np.mean(v["combined"])),
+                    f"{proxy}_share": wins / gain.size, f"{proxy}_share_low": low, f"{proxy}_share_high": high,
+                    f"{proxy}_gain": float(np.mean(gain))})
+        if "parallel" in v:
+            row[f"{proxy}_synergy"] = float(np.mean(sign * (v["combined"] - v["parallel"])))
+    return row
+
+
+def _layer_amplification(model, tokens, task, heads, cfg):
+    """amplification_summary rows of a model's layers over its sequences (fidelity with its learned head weights,
+    and with uniform weights beside), with the spread of its learned weights (std of their logarithm)."""
+    with torch.no_grad():
+        attn = model.attention(tokens).double()  # (S, L, H, T, T)
+    weights = proxies.model_head_weights(model)  # (L, H)
+    fidelity = proxies.head_set_fidelities(attn, weights, cfg.horizon)
+    best = fidelity["heads"].max(-1)
+    uniform = proxies.minimax_fidelity(attn, horizon=cfg.horizon)
+    diversity = head_diversity(attn)
+    rows = []
+    for layer in range(attn.shape[1]):
+        learned = {"combined": fidelity["combined"][:, layer], "parallel": fidelity["parallel"][:, layer],
+                   "best_head": best[:, layer]}
+        summary = amplification_summary({"fidelity": learned}, diversity[:, layer])
+        check = amplification_summary({"fidelity": {"combined": uniform[:, layer], "best_head": best[:, layer]}},
+                                      diversity[:, layer])
+        rows.append({"task": task, "heads": heads, "layer": layer + 1, "n": attn.shape[-1], **summary,
+                     "uniform_fidelity_share": check["fidelity_share"], "uniform_fidelity_gain": check["fidelity_gain"],
+                     "weight_log_spread": float(np.log(weights[layer]).std())})
+    return rows
+
+
+def layer_amplification_rows(models, cfg, seed):
+    """_layer_amplification rows of every (heads, task) model with more than one head, on its task's evaluation
+    sequences for `seed` (those of the synergy study)."""
+    return _rows_per_task({key: model for key, model in models.items() if key[0] > 1}, cfg, seed,
+                          lambda model, tokens, task, heads: _layer_amplification(model, tokens, task, heads, cfg))

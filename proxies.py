@@ -14,6 +14,7 @@ on the input's device.
     proxies.mixing_time_mc(attn, w, num_simulations=500)   # the authors' Monte Carlo procedure, vectorised
     proxies.mixing_time_normalized(attn, w)                # principled walk: columns renormalised, no quirks
     proxies.parallel_minimax_fidelity(attn, w)             # the heads as parallel channels: no path switches heads
+    proxies.head_set_fidelities(attn, w)                   # each head's, the combination's and the parallel one at once
     proxies.parallel_mixing_time(attn, w)                  # a walk that draws one head, then stays on it
     proxies.epsilon_mixing_times(proxies.mixture_walk(attn, w))   # Vitvitskyi et al.'s epsilon-mixing time (the
                                                                   # theory's), averaged and worst start
@@ -119,7 +120,7 @@ def _over_chunks(fn, C, *aligned, item_dims=2):
     size = len(flat) if flat.is_cuda else max(1, CPU_CHUNK // math.prod(item[:-2]))
     out = (torch.cat([fn(flat[i:i + size], *(r[i:i + size] for r in rows)) for i in range(0, len(flat), size)])
            if len(flat) else fn(flat, *rows))
-    return out.reshape(*batch_shape, *out.shape[1:])
+    return out.reshape((*batch_shape, *out.shape[1:]))
 
 
 def _to_numpy(x):
@@ -156,8 +157,12 @@ def per_node_fidelity(attn, head_weights=None, horizon=100):
 
 
 def minimax_fidelity(attn, head_weights=None, horizon=100):
-    """min over all positions j (the sink included) of phi_j, in percent, as the authors compute it."""
-    return 100 * np.min(per_node_fidelity(attn, head_weights, horizon), axis=-1)
+    """min over all positions j (the sink included) of phi_j, in percent, as the authors compute it. Stepped only
+    until its value is certain (the certificate of head_set_fidelities), so equal to 100 x the minimum of
+    per_node_fidelity within 1e-12 relative."""
+    _check_steps("horizon", horizon)
+    C = combine_heads(attn, head_weights)[..., None, :, :]  # (..., 1, T, T): one matrix each
+    return 100 * _to_numpy(_over_chunks(lambda c: _certified_fidelities(c, None, horizon)[:, 0], C, item_dims=3))
 
 
 def walk_transition(C, walk="authors"):
@@ -194,13 +199,15 @@ def _expected_capped_steps(P, max_steps):
     Q = P[:, :-1, :-1].contiguous()
     ones = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
     total, power = torch.zeros_like(ones), None  # total = s_n, power = Q^n (None for n = 0)
-    for bit in bin(max_steps)[2:]:
+    bits = bin(max_steps)[2:]
+    for k, bit in enumerate(bits):
+        last = k == len(bits) - 1  # the last bit needs no further power of Q (an n^3 product saved)
         if power is not None:  # n -> 2n
             total = total + power @ total
-            power = power @ power
+            power = None if last and bit == "0" else power @ power
         if bit == "1":  # n -> n + 1
             total = total + (ones if power is None else power @ ones)
-            power = Q if power is None else power @ Q
+            power = Q if power is None else None if last else power @ Q
     return torch.cat([total[..., 0], torch.zeros_like(total[:, :1, 0])], dim=-1)
 
 
@@ -260,15 +267,61 @@ def parallel_minimax_fidelity(attn, head_weights=None, horizon=100):
     """The counterfactual in which the heads act as parallel channels and no path switches heads: the share of source
     j at the sink after t steps is sum_h w_h (A_h^t)[tau, j]; phi_j is its maximum over t = 1..horizon, and the value
     is 100 x the minimum over all positions j, the sink included (as minimax_fidelity). One head: the plain proxy."""
+    return head_set_fidelities(attn, head_weights, horizon)["parallel"]
+
+
+def head_set_fidelities(attn, head_weights=None, horizon=100):
+    """The minimax fidelity (percent) of each head alone, of the combination C = sum_h w_h A_h and of the heads as
+    parallel channels, from one pass over each head's sink rows: {"heads": (..., H), "combined": (...),
+    "parallel": (...)}, the values of minimax_fidelity(attn[..., None, :, :]), minimax_fidelity(attn, w) and
+    parallel_minimax_fidelity(attn, w). An item stops before the horizon once all its values are certain
+    (converged_minimax_fidelity's certificate: no later step raises phi_i above the signal that sources >= i still
+    have at the sink), so each agrees with the full horizon's within 1e-12 relative."""
     _check_steps("horizon", horizon)
     attn = _check_layer(attn)
     w = _check_weights(head_weights, attn).expand(*attn.shape[:-2])  # (..., H)
-    H, T = attn.shape[-3], attn.shape[-1]
+    H = attn.shape[-3]
+    matrices = torch.cat([attn, _weighted_sum(w, attn)[..., None, :, :]], dim=-3)  # (..., H + 1, T, T)
+    fidelity = 100 * _to_numpy(_over_chunks(lambda m, v: _certified_fidelities(m, v, horizon), matrices, w,
+                                            item_dims=3))  # (..., H + 2): heads, combined, parallel
+    return {"heads": fidelity[..., :H], "combined": fidelity[..., H], "parallel": fidelity[..., H + 1]}
 
-    def phi(layers, weights):  # (n, H, T, T), (n, H) -> (n, T)
-        rows = _sink_rows(layers.reshape(-1, T, T), horizon).reshape(-1, H, horizon, T)
-        return torch.einsum("nh,nhtj->ntj", weights, rows).amax(1)
-    return 100 * np.min(_to_numpy(_over_chunks(phi, attn, w, item_dims=3)), axis=-1)
+
+CERTIFY_EVERY = 4  # steps between two checks of head_set_fidelities' certificate (a check costs about one step)
+
+
+def _certified_fidelities(matrices, w, horizon):
+    """min_j phi_j of each of matrices (N, M, T, T) and, where weights w (N, M - 1) are given, of the parallel
+    channels of the first M - 1: (N, M + 1) (else (N, M)). Each item is stepped until the horizon or until all its
+    values are certain, then set aside."""
+    w = None if w is None else w[:, None, :]  # (N, 1, M - 1): the parallel row is w @ the heads' rows
+    rows = matrices[:, :, -1, :]  # (N, M, T): row tau of each matrix, t = 1
+    phi = _with_parallel(rows, w)
+    result = torch.empty(phi.shape[:2], dtype=phi.dtype, device=phi.device)
+    active = torch.arange(len(matrices), device=matrices.device)
+    for t in range(2, horizon + 1):
+        if t % CERTIFY_EVERY == 0:
+            current = _with_parallel(rows, w)
+            tail = current.flip(-1).cumsum(-1).flip(-1)  # sum over j' >= j: bounds every later phi_j
+            low, high = phi.amin(-1), torch.maximum(phi, tail).amin(-1)
+            certain = (high - low <= 1e-12 * high).all(-1)
+            result[active[certain]] = low[certain]
+            keep = ~certain
+            active, matrices, rows, phi = active[keep], matrices[keep], rows[keep], phi[keep]
+            w = None if w is None else w[keep]
+            if not len(active):
+                return result
+        rows = (rows[:, :, None, :] @ matrices)[:, :, 0]
+        phi[:, :rows.shape[1]] = torch.maximum(phi[:, :rows.shape[1]], rows)
+        if w is not None:
+            phi[:, -1:] = torch.maximum(phi[:, -1:], w @ rows[:, :-1])
+    result[active] = phi.amin(-1)
+    return result
+
+
+def _with_parallel(rows, w):
+    """Rows (n, M, T) with the parallel channels' row w @ rows[:, :-1] appended where w is given."""
+    return rows.clone() if w is None else torch.cat([rows, w @ rows[:, :-1]], dim=1)
 
 
 def parallel_mixing_time(attn, head_weights=None, max_steps=100):
@@ -408,16 +461,16 @@ def _first_mixed_steps(W, need, max_steps):
     row = torch.zeros(B, 1, n, dtype=W.dtype, device=W.device)
     row[..., -1] = 1.0  # t = 0: row tau of the identity
     first = torch.full((B, 2), math.inf, dtype=torch.float64, device=W.device)
-    active, t = torch.arange(B, device=W.device), 0
+    active, t, found = torch.arange(B, device=W.device), 0, first.clone()  # found: first[active]
     while len(active) and t < min(LINEAR_STEPS, max_steps):
         for _ in range(min(max(4, t), 32, max_steps - t)):  # compacted after steps 4, 8, 16, 32, 64, 96, ...
             t += 1
             row = row @ W
-            for k, start in enumerate(STARTS):
-                newly = (_sink_share(row[:, 0], start) > need) & torch.isinf(first[active, k])
-                first[active[newly], k] = float(t)
-        walking = torch.isinf(first[active, 1])
-        active, row, W = active[walking], row[walking], W[walking]
+            mixed = torch.stack([_sink_share(row[:, 0], start) for start in STARTS], dim=-1) > need
+            found = torch.where(torch.isinf(found) & mixed, float(t), found)
+        first[active] = found
+        walking = torch.isinf(found[:, 1])
+        active, row, W, found = active[walking], row[walking], W[walking], found[walking]
     for i in range(0, len(active) if t < max_steps else 0, SQUARING_CHUNK):
         part = slice(i, i + SQUARING_CHUNK)
         last = _last_unmixed_by_squaring(W[part], row[part], t, need, max_steps)

@@ -223,3 +223,20 @@ def test_parallel_proxies_equal_brute_force_batched_and_one_head_is_the_plain_pr
         proxies.parallel_minimax_fidelity(attn, [1, 2])
     with pytest.raises(ValueError, match="rows must sum to 1"):
         proxies.parallel_mixing_time(attn * 2)
+
+
+@pytest.mark.parametrize("peak", [1.0, 30.0])  # near-uniform rows certify in a few steps, peaked ones run long
+def test_certified_fidelities_equal_the_full_horizon(peak):
+    """minimax_fidelity and head_set_fidelities stop once their value is certain; they must equal the full
+    horizon's value: the minimum of per_node_fidelity (every step), and the parallel channels by matrix powers."""
+    rng = np.random.default_rng(5)
+    attn = random_causal((6, 3), 9, rng) ** peak
+    attn = attn / attn.sum(-1, keepdims=True)
+    weights = rng.random((6, 3))
+    values = proxies.head_set_fidelities(attn, weights, horizon=40)
+    full = lambda a, w=None: 100 * proxies.per_node_fidelity(a, w, horizon=40).min(-1)
+    assert np.allclose(values["combined"], full(attn, weights), rtol=1e-12, atol=0)
+    assert np.allclose(proxies.minimax_fidelity(attn, weights, horizon=40), full(attn, weights), rtol=1e-12, atol=0)
+    assert np.allclose(values["heads"], full(attn[:, :, None]), rtol=1e-12, atol=0)
+    parallel = [brute_force_parallel_fidelity(attn[b], weights[b], 40) for b in range(6)]
+    assert np.allclose(values["parallel"], parallel, rtol=1e-10, atol=0)
