@@ -325,12 +325,17 @@ def amplification_summary(values, diversity):
         gain = sign * (v["combined"] - v["best_head"])
         wins = int((gain > AMPLIFY_RTOL * np.abs(v["best_head"])).sum())
         low, high = wilson_interval(wins, gain.size)
-        row.update({f"{proxy}_best_head": float(np.mean(v["best_head"])), f"{proxy}_combined": float(np.mean(v["combined"])),
-                    f"{proxy}_share": wins / gain.size, f"{proxy}_share_low": low, f"{proxy}_share_high": high,
-                    f"{proxy}_gain": float(np.mean(gain))})
+        row.update({f"{proxy}_best_head": float(np.mean(v["best_head"])),
+                    f"{proxy}_combined": float(np.mean(v["combined"])), f"{proxy}_share": wins / gain.size,
+                    f"{proxy}_share_low": low, f"{proxy}_share_high": high, f"{proxy}_gain": float(np.mean(gain))})
         if "parallel" in v:
             row[f"{proxy}_synergy"] = float(np.mean(sign * (v["combined"] - v["parallel"])))
     return row
+
+
+def weight_log_spread(weights):
+    """How far head weights (..., H) are from uniform: the std of their logarithm over heads."""
+    return np.log(weights).std(-1)
 
 
 def _layer_amplification(model, tokens, task, heads, cfg):
@@ -352,7 +357,7 @@ def _layer_amplification(model, tokens, task, heads, cfg):
                                       diversity[:, layer])
         rows.append({"task": task, "heads": heads, "layer": layer + 1, "n": attn.shape[-1], **summary,
                      "uniform_fidelity_share": check["fidelity_share"], "uniform_fidelity_gain": check["fidelity_gain"],
-                     "weight_log_spread": float(np.log(weights[layer]).std())})
+                     "weight_log_spread": float(weight_log_spread(weights[layer]))})
     return rows
 
 

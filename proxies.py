@@ -435,17 +435,17 @@ def _sink_share(rows, start):
     return rows.mean(-1) if start == "average" else rows.amin(-1)
 
 
-def _last_unmixed_by_squaring(W, row, t0, need, max_steps):
-    """For walks not mixed (from some start) at step t0, row = row tau of W^t0: the last step at which each is still
-    not mixed, per start (B, 2), or a step >= max_steps if it does not mix by then; by binary lifting over W, W^2,
-    W^4, ... shared by both starts (the sink's share only grows, so the search is exact)."""
-    def unmixed(rows):  # rows (B, 2, 1, n), one search per start -> (B, 2): that start not yet mixed
-        return torch.stack([_sink_share(rows[:, k, 0], start) <= need for k, start in enumerate(STARTS)], dim=-1)
-    rows = torch.stack([row, row], dim=1)  # (B, 2, 1, n)
+def _last_unmixed_by_squaring(W, row, t0, need, max_steps, starts):
+    """For walks not mixed (from one of `starts`) at step t0, row = row tau of W^t0: the last step at which each is
+    still not mixed, per start (B, len(starts)), or a step >= max_steps if it does not mix by then; by binary lifting
+    over W, W^2, W^4, ... shared by the starts (the sink's share only grows, so the search is exact)."""
+    def unmixed(rows):  # rows (B, S, 1, n), one search per start -> (B, S): that start not yet mixed
+        return torch.stack([_sink_share(rows[:, k, 0], start) <= need for k, start in enumerate(starts)], dim=-1)
+    rows = torch.stack([row] * len(starts), dim=1)  # (B, S, 1, n)
     powers = [W]  # W^(2^k), squared only until every walk here has mixed within 2^k more steps (or the cap)
     while 2 ** len(powers) <= max_steps - t0 and unmixed(rows @ powers[-1][:, None]).any():
         powers.append(powers[-1] @ powers[-1])
-    t = torch.full((len(row), 2), t0, dtype=torch.long, device=W.device)
+    t = torch.full((len(row), len(starts)), t0, dtype=torch.long, device=W.device)
     for k in reversed(range(len(powers))):
         candidate = rows @ powers[k][:, None]
         jump = unmixed(candidate)
@@ -454,32 +454,34 @@ def _last_unmixed_by_squaring(W, row, t0, need, max_steps):
     return t
 
 
-def _first_mixed_steps(W, need, max_steps):
-    """First t <= max_steps at which the sink's share exceeds `need`, averaged over starts and for the worst start,
-    per walk of W (B, n, n): (B, 2), inf where none. The worst start mixes last, so a walk stops with it."""
+def _first_mixed_steps(W, need, max_steps, starts=STARTS):
+    """First t <= max_steps at which the sink's share exceeds `need`, for each of `starts` ("average": averaged over
+    starts, "worst": the worst start's), per walk of W (B, n, n): (B, len(starts)), inf where none. A walk is set
+    aside once it has mixed from all of them (with the worst start, when that one has)."""
     B, n = W.shape[0], W.shape[-1]
     row = torch.zeros(B, 1, n, dtype=W.dtype, device=W.device)
     row[..., -1] = 1.0  # t = 0: row tau of the identity
-    first = torch.full((B, 2), math.inf, dtype=torch.float64, device=W.device)
+    first = torch.full((B, len(starts)), math.inf, dtype=torch.float64, device=W.device)
     active, t, found = torch.arange(B, device=W.device), 0, first.clone()  # found: first[active]
     while len(active) and t < min(LINEAR_STEPS, max_steps):
         for _ in range(min(max(4, t), 32, max_steps - t)):  # compacted after steps 4, 8, 16, 32, 64, 96, ...
             t += 1
             row = row @ W
-            mixed = torch.stack([_sink_share(row[:, 0], start) for start in STARTS], dim=-1) > need
+            mixed = torch.stack([_sink_share(row[:, 0], start) for start in starts], dim=-1) > need
             found = torch.where(torch.isinf(found) & mixed, float(t), found)
         first[active] = found
-        walking = torch.isinf(found[:, 1])
+        walking = torch.isinf(found).any(-1)
         active, row, W, found = active[walking], row[walking], W[walking], found[walking]
     for i in range(0, len(active) if t < max_steps else 0, SQUARING_CHUNK):
         part = slice(i, i + SQUARING_CHUNK)
-        last = _last_unmixed_by_squaring(W[part], row[part], t, need, max_steps)
+        last = _last_unmixed_by_squaring(W[part], row[part], t, need, max_steps, starts)
         found = torch.where(last >= max_steps, math.inf, (last + 1).double())
         first[active[part]] = torch.where(torch.isinf(first[active[part]]), found, first[active[part]])
     return first
 
 
-def epsilon_mixing_times(walk, epsilon=EPSILON, convention="published", max_steps=MAX_WALK_STEPS, validate=True):
+def epsilon_mixing_times(walk, epsilon=EPSILON, convention="published", max_steps=MAX_WALK_STEPS, validate=True,
+                         starts=STARTS):
     """Vitvitskyi et al.'s epsilon-mixing time of a walk (..., n, n) (column-stochastic, causal: from mixture_walk or
     graph_walk), from both starts in one pass: {"average": ..., "worst": ...}. The first t at which the L1 distance
     of the walk's distribution to the sink, 2 (1 - (W^t)[tau, j]), is below epsilon, averaged over the n starts j
@@ -487,17 +489,20 @@ def epsilon_mixing_times(walk, epsilon=EPSILON, convention="published", max_step
     of their Figure 1 do (the last step at which the distance is still >= epsilon); "first" is the first step below
     it. Exact (no sampling); inf where the walk has not mixed within max_steps. Floats, or float64 arrays of the
     batch shape. validate=False skips the checks of the walk (they read a large batch several times) for walks that
-    head_walks, mixture_walk or graph_walk built, valid by construction."""
+    head_walks, mixture_walk or graph_walk built, valid by construction. starts: the ones wanted (fewer is faster:
+    the averaged start mixes long before the worst)."""
     if not 0 < epsilon < 1:
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
     if convention not in ("published", "first"):
         raise ValueError(f"convention must be 'published' or 'first', got {convention!r}")
+    if not starts or any(start not in STARTS for start in starts):
+        raise ValueError(f"starts must be among 'average' and 'worst', got {starts!r}")
     _check_steps("max_steps", max_steps)
     flat, batch_shape = _check_walk(walk, validate)
     need = 1.0 - epsilon / 2  # distance 2 (1 - share) < epsilon  <=>  share > 1 - epsilon / 2
-    first = torch.cat([_first_mixed_steps(flat[i:i + WALK_CHUNK], need, max_steps)
+    first = torch.cat([_first_mixed_steps(flat[i:i + WALK_CHUNK], need, max_steps, tuple(starts))
                        for i in range(0, len(flat), WALK_CHUNK)]) - float(convention == "published")
-    return {start: _to_numpy(first[:, k].reshape(batch_shape)) for k, start in enumerate(STARTS)}
+    return {start: _to_numpy(first[:, k].reshape(batch_shape)) for k, start in enumerate(starts)}
 
 
 def epsilon_mixing_time(walk, epsilon=EPSILON, start="average", convention="published", max_steps=MAX_WALK_STEPS,
@@ -505,7 +510,7 @@ def epsilon_mixing_time(walk, epsilon=EPSILON, start="average", convention="publ
     """epsilon_mixing_times from one start: "average" (Vitvitskyi et al.'s averaged mixing time) or "worst"."""
     if start not in STARTS:
         raise ValueError(f"start must be 'average' or 'worst', got {start!r}")
-    return epsilon_mixing_times(walk, epsilon, convention, max_steps, validate)[start]
+    return epsilon_mixing_times(walk, epsilon, convention, max_steps, validate, starts=(start,))[start]
 
 
 def move_probabilities(walk, validate=True):

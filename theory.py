@@ -24,6 +24,7 @@ the epsilon-mixing time; and every trained multi-head layer of our runs (and the
 same diversity axis (evaluation.layer_amplification_rows). docs/theory.md says what the map finds.
 """
 import argparse
+import contextlib
 import functools
 import itertools
 import math
@@ -43,7 +44,7 @@ import proxies
 from claims import claims_markdown, growth_fit
 from config import (AUTHORS, DENSE_TEMPERATURE, GRAPH_SIZES, HEADS, POISSON_DRAWS, POISSON_P, QUICK_GRAPH_SIZE, SEEDS,
                     SHARE_LEVELS)
-from evaluation import amplification_summary, head_set_values, layer_amplification_rows, theory_rows
+from evaluation import amplification_summary, head_set_values, layer_amplification_rows, theory_rows, weight_log_spread
 from runs import evaluate_runs, load_runs, runs_of, write_study
 from script_io import (add_evaluation_args, input_errors, resolve_evaluation, save_figure, save_table, write_atomic,
                        write_text)
@@ -306,28 +307,60 @@ def _cell_row(cfg, seed, spread, device, cell):
             **cell_values(family, n, heads, share, cfg, seed=seed, spread=spread, device=device)}
 
 
-def amplification_map(cfg, seed, spread, jobs=1, device="cpu"):
-    """cell_values of every family, size, head count and share level on `device`; with jobs > 1, in that many worker
-    processes of one thread each (the cells are independent, and most of their steps use one core only)."""
+def amplification_map(cfg, seed, spread, *, device="cpu", pool=None):
+    """cell_values of every family, size, head count and share level on `device`: here, or in the worker processes
+    of `pool` (the cells are independent and seeded by themselves, so the numbers are the same)."""
     cells = list(itertools.product(FAMILIES, cfg.amplification_sizes, cfg.amplification_heads, SHARE_LEVELS))
     row_of = functools.partial(_cell_row, cfg, seed, spread, device)
+    return pd.DataFrame(list((pool.map if pool else map)(row_of, cells)))
+
+
+def worker_pool(jobs):
+    """jobs worker processes of one thread each (most of the map's steps use one core only), or, for one job, none
+    (the work runs here)."""
     if jobs <= 1:
-        return pd.DataFrame([row_of(cell) for cell in cells])
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(1,)) as pool:
-        return pd.DataFrame(list(pool.map(row_of, cells)))
+        return contextlib.nullcontext()
+    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(1,))
 
 
-def trained_layers(parser, cfg, args, device, ckpt_dir):
-    """layer_amplification_rows of every trained multi-head layer, with a run column: --seed's models (trained first
-    where missing), config.SEEDS' runs where present (not with --quick) and the authors' where present."""
-    cells = [(h, t) for t in args.tasks for h in args.heads if h > 1]
+def multi_head_cells(args):
+    """The (heads, task) cells of --heads and --tasks with more than one head: the ones that combine heads."""
+    return [(h, t) for t in args.tasks for h in args.heads if h > 1]
+
+
+def trained_runs(parser, cfg, args, device, ckpt_dir):
+    """[(run, {(heads, task): model})] of every trained multi-head model: --seed's (trained first where missing),
+    config.SEEDS' runs where present (not with --quick) and the authors' where present."""
     runs = runs_of(args.seed, () if args.quick else SEEDS, ckpt_dir, args.quick)
     with input_errors(parser):
-        loaded = [(runs[0], models_of(cfg, cells, args, device, ckpt_dir))]
-        loaded += load_runs(cfg, cells, runs[1:], device) if len(runs) > 1 else []
-    return pd.DataFrame([{"run": run.name, **row} for run, models in loaded
-                         for row in layer_amplification_rows(models, cfg, run.seed)])
+        loaded = [(runs[0], models_of(cfg, multi_head_cells(args), args, device, ckpt_dir))]
+        return loaded + (load_runs(cfg, multi_head_cells(args), runs[1:], device) if len(runs) > 1 else [])
+
+
+def _run_rows(cfg, run, models):
+    return [{"run": run.name, **row} for row in layer_amplification_rows(models, cfg, run.seed)]
+
+
+def _run_rows_loaded_here(cfg, cells, run):
+    """_run_rows of one run, its models read from its checkpoints in this (worker) process."""
+    (_, models), = load_runs(cfg, cells, [run], torch.device("cpu"), log=lambda line: None)
+    return _run_rows(cfg, run, models)
+
+
+def trained_layers(loaded, cfg, cells, pool=None):
+    """layer_amplification_rows of every run's models, with a run column: here, or a run per task in `pool`."""
+    if pool is None:
+        rows = [_run_rows(cfg, run, models) for run, models in loaded]
+    else:
+        rows = pool.map(functools.partial(_run_rows_loaded_here, cfg, cells), [run for run, _ in loaded])
+    return pd.DataFrame([row for part in rows for row in part])
+
+
+def widest_spread(loaded):
+    """The widest log-spread of learned head weights among our runs' layers (the authors' left out)."""
+    return max(weight_log_spread(proxies.model_head_weights(model)).max()
+               for run, models in loaded if run.name != AUTHORS for model in models.values())
 
 
 def place_on_map(trained, table):
@@ -387,7 +420,8 @@ def _legend_handles(colour, random_heads):
     """A line per head count (the colours), a marker per task and one for the authors' layers."""
     lines = [Line2D([], [], color=c, marker="o" if h in random_heads else None, ms=3,
                     label=f"{h} heads" + ("" if h in random_heads else " (trained only)")) for h, c in colour.items()]
-    points = [Line2D([], [], ls="", marker=m, color="grey", label=f"trained layer, {task}") for task, m in MARKERS.items()]
+    points = [Line2D([], [], ls="", marker=marker, color="grey", label=f"trained layer, {task}")
+              for task, marker in MARKERS.items()]
     return lines + points + [Line2D([], [], ls="", marker="s", mfc="none", color="grey", label="the authors' layer")]
 
 
@@ -438,6 +472,16 @@ def _first_crossing(x, y, level):
     return float(x[0]) if k == 0 else float(np.interp(level, y[k - 1:k + 1], x[k - 1:k + 1]))
 
 
+def _per_run(placed, family):
+    """The median difference to the random heads of `family`, run by run: in how many of our runs it is positive,
+    its range, and the authors' where present."""
+    there = placed.dropna(subset=[f"random_{family}_share"])
+    medians = (there.fidelity_share - there[f"random_{family}_share"]).groupby(there.run, sort=False).median()
+    ours, theirs = medians.drop(AUTHORS, errors="ignore"), medians.get(AUTHORS)
+    return (f"; run by run, positive in {int((ours > 0).sum())} of {len(ours)} runs ({100 * ours.min():+.1f} to "
+            f"{100 * ours.max():+.1f})" + ("" if theirs is None else f", the authors' {100 * theirs:+.1f}"))
+
+
 def conditions(table, placed):
     """The map's findings in numbers, one sentence each: per family and head count at the largest n, the share of
     amplifying draws from identical to independent heads and the diversity at which it passes one half; then where
@@ -472,7 +516,7 @@ def conditions(table, placed):
                      f"{100 * ours.fidelity_share.median():.0f}%): against random {family} heads of the same head "
                      f"count, n and diversity ({len(there)} layers with such a curve), {int((difference < 0).sum())} "
                      f"amplify less often, {int((difference > 0).sum())} more often; median difference "
-                     f"{100 * difference.median():+.1f} points")
+                     f"{100 * difference.median():+.1f} points" + _per_run(placed, family))
     return lines
 
 
@@ -508,15 +552,18 @@ def map_jobs(args, device):
 def write_amplification(parser, cfg, args, *, device, ckpt_dir, out):
     """--amplification: the trained layers, the map (learned-like weights as wide as the widest trained spread), the
     worked argument; OUT/theory/amplification.{csv,md,png,pdf} and amplification_trained.csv."""
-    began = time.perf_counter()
-    trained = trained_layers(parser, cfg, args, device, ckpt_dir)
-    spread = float(trained[trained.run != AUTHORS].weight_log_spread.max())
-    print(f"trained layers: {time.perf_counter() - began:.1f} s; learned-like weights: log-spread {spread:.3f}")
-    began = time.perf_counter()
-    table = amplification_map(cfg, args.seed, spread, jobs=map_jobs(args, device), device=device)
+    loaded = trained_runs(parser, cfg, args, device, ckpt_dir)
+    spread = float(widest_spread(loaded))
+    with worker_pool(map_jobs(args, device)) as pool:
+        began = time.perf_counter()
+        trained = trained_layers(loaded, cfg, multi_head_cells(args), pool)
+        print(f"trained layers: {time.perf_counter() - began:.1f} s")
+        began = time.perf_counter()
+        table = amplification_map(cfg, args.seed, spread, device=device, pool=pool)
     placed = place_on_map(trained, table)
     worked = worked_argument(WORKED_BETAS, cfg.horizon)
-    print(f"map: {time.perf_counter() - began:.1f} s ({int(table.samples.sum())} draws)")
+    print(f"map: {time.perf_counter() - began:.1f} s ({int(table.samples.sum())} draws, learned-like weights of "
+          f"log-spread {spread:.3f})")
     folder = out / "theory"
     write_atomic(folder / "amplification.csv", lambda tmp: table.to_csv(tmp, index=False))
     write_atomic(folder / "amplification_trained.csv", lambda tmp: placed.to_csv(tmp, index=False))

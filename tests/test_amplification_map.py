@@ -1,7 +1,6 @@
 """theory.py --amplification: Section 3's worked argument by matrix powers, identical heads never amplify, the
 sharing knob at its ends, Wilson intervals and the summary by hand, the draws' seeds, the trained layers' placing on
 the map, and the script end to end in its quick mode."""
-import dataclasses
 import math
 
 import numpy as np
@@ -12,7 +11,9 @@ from scipy import stats
 
 import theory
 from config import POISSON_P, QUICK
-from evaluation import AMPLIFY_RTOL, amplification_summary, head_diversity, head_set_values, wilson_interval
+from checkpoints import load_model
+from evaluation import (AMPLIFY_RTOL, amplification_summary, head_diversity, head_set_values, layer_amplification_rows,
+                        wilson_interval)
 
 
 def draws(family, share, size=16, heads=4, n=12, seed=0):
@@ -121,7 +122,9 @@ def test_place_on_map_by_hand():
 
 
 def test_amplification_script_quick_end_to_end(tmp_path, run_ok, run_main):
-    out = run_ok("theory.py", "--quick", "--amplification", "--heads", 4, "--tasks", "cycle",
+    """In two worker processes: cells and trained layers recomputed here give the same rows (the cells are seeded by
+    themselves, the trained layers read from the same checkpoints)."""
+    out = run_ok("theory.py", "--quick", "--amplification", "--heads", 4, "--tasks", "cycle", "--jobs", 2,
                  "--ckpt-dir", tmp_path / "ckpt", "--out", tmp_path)
     assert "beats its best head" in out
     folder = tmp_path / "theory"
@@ -129,10 +132,14 @@ def test_amplification_script_quick_end_to_end(tmp_path, run_ok, run_main):
     assert len(table) == len(theory.FAMILIES) * 2 * 2 * len(theory.SHARE_LEVELS)
     assert (table[table.share == 1.0].fidelity_share == 0).all() and (table[table.share == 1.0].diversity == 0).all()
     assert len(trained) == QUICK.num_layers and set(trained.heads) == {4}
+    model = load_model(QUICK, 4, tmp_path / "ckpt" / "4_heads_cycle.pt", "cpu")[0]  # the worker's rows, here
+    here = pd.DataFrame(layer_amplification_rows({(4, "cycle"): model}, QUICK, 42))
+    pd.testing.assert_frame_equal(trained.drop(columns=["run", "random_sparse_share", "random_dense_share"]), here,
+                                  check_dtype=False, rtol=1e-12)
     spread = trained.weight_log_spread.max()
-    row = table.iloc[7]
-    again = theory.cell_values(row.family, row.n, row.heads, row.share, QUICK, seed=42, spread=spread)
-    assert again == pytest.approx({k: row[k] for k in again})
+    for row in table.iloc[[3, 7, 16]].itertuples():
+        again = theory.cell_values(row.family, row.n, row.heads, row.share, QUICK, seed=42, spread=spread)
+        assert again == pytest.approx({k: getattr(row, k) for k in again}, rel=1e-12)
     markdown = (folder / "amplification.md").read_text()
     assert "worked argument" in markdown and "## Findings" in markdown and "trained layers on the map" in markdown
     for ext in ("png", "pdf"):
@@ -141,9 +148,7 @@ def test_amplification_script_quick_end_to_end(tmp_path, run_ok, run_main):
     assert code == 2 and "cannot be combined with --seeds" in err
 
 
-def test_the_map_in_worker_processes_equals_the_map_here():
-    """The cells are independent and seeded by themselves: two workers give this process's numbers."""
-    cfg = dataclasses.replace(QUICK, amplification_sizes=(6,), amplification_heads=(2,), amplification_draws=16)
-    here = theory.amplification_map(cfg, seed=5, spread=0.1, jobs=1)
-    pd.testing.assert_frame_equal(theory.amplification_map(cfg, seed=5, spread=0.1, jobs=2), here, rtol=1e-12)
-    assert len(here) == len(theory.FAMILIES) * len(theory.SHARE_LEVELS)
+def test_first_crossing_by_hand():
+    x, y = np.array([0.0, 0.2, 0.4, 0.6]), np.array([0.0, 0.4, 0.6, 0.45])
+    assert theory._first_crossing(x, y, 0.5) == pytest.approx(0.3)  # between 0.2 and 0.4, the first time only
+    assert theory._first_crossing(x, y, 0.0) == 0.0 and math.isnan(theory._first_crossing(x, y, 0.7))

@@ -18,8 +18,9 @@ def random_causal(shape, T, rng):
 
 
 def brute_force_walk(C, max_steps):
-    """Independent reading of the authors' walk (docs/proxies.md): transition matrix built entry by entry, then the distribution of the
-    capped hitting time by propagating the full chain; returns per-start (mean, variance) of min(H, max_steps)."""
+    """Independent reading of the authors' walk (docs/proxies.md): transition matrix built entry by entry, then the
+    distribution of the capped hitting time by propagating the full chain; returns per-start (mean, variance) of
+    min(H, max_steps)."""
     T = len(C)
     P = np.zeros((T, T))
     for c in range(T - 1):
