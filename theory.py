@@ -332,10 +332,10 @@ def multi_head_cells(args):
 def trained_runs(parser, cfg, args, device, ckpt_dir):
     """[(run, {(heads, task): model})] of every trained multi-head model: --seed's (trained first where missing),
     config.SEEDS' runs where present (not with --quick) and the authors' where present."""
-    runs = runs_of(args.seed, () if args.quick else SEEDS, ckpt_dir, args.quick)
+    runs, cells = runs_of(args.seed, () if args.quick else SEEDS, ckpt_dir, args.quick), multi_head_cells(args)
     with input_errors(parser):
-        loaded = [(runs[0], models_of(cfg, multi_head_cells(args), args, device, ckpt_dir))]
-        return loaded + (load_runs(cfg, multi_head_cells(args), runs[1:], device) if len(runs) > 1 else [])
+        loaded = [(runs[0], models_of(cfg, cells, args, device, ckpt_dir))]
+        return loaded + (load_runs(cfg, cells, runs[1:], device) if len(runs) > 1 else [])
 
 
 def _run_rows(cfg, run, models):
