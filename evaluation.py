@@ -307,7 +307,6 @@ def theory_rows(models, cfg, seed):
     return {table: [row for tag, row in tagged if tag == table] for table in ("theorem29", "prefix")}
 
 
-
 # The amplification map (theory.py --amplification): how often the combination beats its best head
 AMPLIFY_RTOL = 1e-9  # a gain below this share of the best head's value is float rounding (identical heads: ~1e-16)
 HIGHER_IS_BETTER = {"fidelity": True, "learned_fidelity": True, "mixing_time": False, "epsilon_mixing_time": False}
@@ -333,11 +332,6 @@ def amplification_summary(values, diversity):
     return row
 
 
-def weight_log_spread(weights):
-    """How far head weights (..., H) are from uniform: the std of their logarithm over heads."""
-    return np.log(weights).std(-1)
-
-
 def _layer_amplification(model, tokens, task, heads, cfg):
     """amplification_summary rows of a model's layers over its sequences (fidelity with its learned head weights,
     and with uniform weights beside), with the spread of its learned weights (std of their logarithm)."""
@@ -357,7 +351,7 @@ def _layer_amplification(model, tokens, task, heads, cfg):
                                       diversity[:, layer])
         rows.append({"task": task, "heads": heads, "layer": layer + 1, "n": attn.shape[-1], **summary,
                      "uniform_fidelity_share": check["fidelity_share"], "uniform_fidelity_gain": check["fidelity_gain"],
-                     "weight_log_spread": float(weight_log_spread(weights[layer]))})
+                     "weight_log_spread": float(np.log(weights[layer]).std())})  # how far from uniform
     return rows
 
 

@@ -288,6 +288,17 @@ def head_set_fidelities(attn, head_weights=None, horizon=100):
 
 
 CERTIFY_EVERY = 4  # steps between two checks of head_set_fidelities' certificate (a check costs about one step)
+CERTIFY_RTOL = 1e-12  # the certificate's bounds meet when they are this close
+
+
+def _certificate(phi, current):
+    """The fidelity certificate from running maxima phi (..., T) and the current sink row (..., T): the minimum of
+    phi, a lower bound on the final min_j phi_j, and whether it is certain. The signal that source j or any later
+    node has at the sink can only fall (the backward walk never moves up), so max(phi_j, sum_{j' >= j} current_j')
+    bounds every later phi_j; the value is certain once the least of these meets the least running maximum."""
+    tail = current.flip(-1).cumsum(-1).flip(-1)  # sum over j' >= j
+    low, high = phi.amin(-1), torch.maximum(phi, tail).amin(-1)
+    return low, high - low <= CERTIFY_RTOL * high
 
 
 def _certified_fidelities(matrices, w, horizon):
@@ -301,10 +312,8 @@ def _certified_fidelities(matrices, w, horizon):
     active = torch.arange(len(matrices), device=matrices.device)
     for t in range(2, horizon + 1):
         if t % CERTIFY_EVERY == 0:
-            current = _with_parallel(rows, w)
-            tail = current.flip(-1).cumsum(-1).flip(-1)  # sum over j' >= j: bounds every later phi_j
-            low, high = phi.amin(-1), torch.maximum(phi, tail).amin(-1)
-            certain = (high - low <= 1e-12 * high).all(-1)
+            low, certain = _certificate(phi, _with_parallel(rows, w))
+            certain = certain.all(-1)
             result[active[certain]] = low[certain]
             keep = ~certain
             active, matrices, rows, phi = active[keep], matrices[keep], rows[keep], phi[keep]
@@ -537,18 +546,16 @@ def hoeffding_mixing_bound(n, p, epsilon=EPSILON):
 
 def converged_minimax_fidelity(diffusion, max_horizon=100_000):
     """min_i phi_i, phi_i = max over t >= 1 of (D^t)[tau, i], for a row-stochastic causal diffusion D (..., n, n),
-    iterated until the answer is certain: the signal that source i (or any later node) has at the sink can only
-    fall, since the backward walk never moves up, so max(phi_i(t), sum_{j >= i} (D^t)[tau, j]) bounds phi_i from
-    above. Stops when the minimum of these upper bounds meets the minimum of the running maxima; ValueError if not
-    within max_horizon. Returns (fidelity, horizon reached) as float and int (or arrays)."""
+    iterated until the answer is certain (_certificate: the signal that source i or any later node has at the sink
+    can only fall, so max(phi_i(t), sum_{j >= i} (D^t)[tau, j]) bounds phi_i from above); ValueError if not within
+    max_horizon. Returns (fidelity, horizon reached) as float and int (or arrays)."""
     D = _check_layer(diffusion)  # row-stochastic, as attention
     D = D.reshape(-1, *D.shape[-2:])
     row = D[:, -1:, :]
     phi = row[:, 0].clone()
     for t in range(1, max_horizon + 1):
-        tail = row[:, 0].flip(-1).cumsum(-1).flip(-1)  # sum over j >= i
-        low, high = phi.amin(-1), torch.maximum(phi, tail).amin(-1)
-        if bool((high - low <= 1e-12 * high).all()):
+        low, certain = _certificate(phi, row[:, 0])
+        if bool(certain.all()):
             return _to_numpy(low.reshape(diffusion.shape[:-2])), t
         row = row @ D
         phi = torch.maximum(phi, row[:, 0])

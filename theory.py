@@ -44,7 +44,7 @@ import proxies
 from claims import claims_markdown, growth_fit
 from config import (AUTHORS, DENSE_TEMPERATURE, GRAPH_SIZES, HEADS, POISSON_DRAWS, POISSON_P, QUICK_GRAPH_SIZE, SEEDS,
                     SHARE_LEVELS)
-from evaluation import amplification_summary, head_set_values, layer_amplification_rows, theory_rows, weight_log_spread
+from evaluation import amplification_summary, head_set_values, layer_amplification_rows, theory_rows
 from runs import evaluate_runs, load_runs, runs_of, write_study
 from script_io import (add_evaluation_args, input_errors, resolve_evaluation, save_figure, save_table, write_atomic,
                        write_text)
@@ -357,12 +357,6 @@ def trained_layers(loaded, cfg, cells, pool=None):
     return pd.DataFrame([row for part in rows for row in part])
 
 
-def widest_spread(loaded):
-    """The widest log-spread of learned head weights among our runs' layers (the authors' left out)."""
-    return max(weight_log_spread(proxies.model_head_weights(model)).max()
-               for run, models in loaded if run.name != AUTHORS for model in models.values())
-
-
 def place_on_map(trained, table):
     """Each trained layer's random counterpart: the share of random draws that amplify at its diversity, per family,
     interpolated along the curve of the same head count at n = the trained sequence length (NaN where no such curve
@@ -553,11 +547,11 @@ def write_amplification(parser, cfg, args, *, device, ckpt_dir, out):
     """--amplification: the trained layers, the map (learned-like weights as wide as the widest trained spread), the
     worked argument; OUT/theory/amplification.{csv,md,png,pdf} and amplification_trained.csv."""
     loaded = trained_runs(parser, cfg, args, device, ckpt_dir)
-    spread = float(widest_spread(loaded))
     with worker_pool(map_jobs(args, device)) as pool:
         began = time.perf_counter()
         trained = trained_layers(loaded, cfg, multi_head_cells(args), pool)
         print(f"trained layers: {time.perf_counter() - began:.1f} s")
+        spread = float(trained[trained.run != AUTHORS].weight_log_spread.max())  # the widest of our layers'
         began = time.perf_counter()
         table = amplification_map(cfg, args.seed, spread, device=device, pool=pool)
     placed = place_on_map(trained, table)
