@@ -26,12 +26,16 @@ import torch
 
 import cpu_attention
 import proxies
+import walks
+from amplification import layer_amplification_rows
 from checkpoints import build_model, checkpoint_path, load_model
 from config import AMPLIFICATION_HEADS, GRAPH_SIZES, HEADS, TASKS
-from evaluation import (amplification, evaluation_sequences, fresh_sequences, head_set_values, layer_amplification_rows,
-                        section4_values, theory_rows)
+from evaluation import (amplification, evaluation_sequences, fresh_sequences, head_set_values, section4_values,
+                        theory_rows)
+from graphs import dense_heads, fully_connected_graph
+from learners import group_timing_step, timing_step
 from script_io import add_common_args, check_writable, hardware_name, resolve_common, results_folder, write_text
-from train import estimated_training_seconds, group_timing_step, seconds_per_step, steps_per_epoch, timing_step
+from train import estimated_training_seconds, seconds_per_step, steps_per_epoch
 from transformer import MultiHeadAttention
 
 
@@ -261,10 +265,10 @@ def theory_timings(cfg, device, models, seed):
     sync(device)
     run_seconds = time.perf_counter() - began
     n = max(GRAPH_SIZES["fully_connected"])
-    graph = torch.ones(n, n, dtype=torch.float64).tril()  # every edge (a, b), a <= b
+    graph = fully_connected_graph(n)
     began = time.perf_counter()
-    mixing = proxies.epsilon_mixing_time(proxies.graph_walk(graph))
-    fidelity, _ = proxies.converged_minimax_fidelity(proxies.graph_diffusion(graph))
+    mixing = walks.epsilon_mixing_time(walks.graph_walk(graph))
+    fidelity, _ = proxies.converged_minimax_fidelity(walks.graph_diffusion(graph))
     graph_seconds = time.perf_counter() - began
     return [{"what": f"theory.py evaluation of one run: {len(models)} models x {cfg.eval_sequences} sequences, "
                      f"Theorem 2.9 + prefix lengths {', '.join(map(str, cfg.prefix_lengths))}",
@@ -275,11 +279,10 @@ def theory_timings(cfg, device, models, seed):
 
 def amplification_timings(cfg, device, models, seed, draws=64, heads=8):
     """Seconds of theory.py --amplification's two costs: head_set_values (epsilon-mixing time included) per 1000
-    random head sets of `heads` dense heads at the sequence length, and the trained layers of one run."""
+    random head sets of `heads` independent heads of the map's dense family at the sequence length, and the trained
+    layers of one run."""
     n = cfg.seq_length
-    generator = torch.Generator().manual_seed(seed)
-    scores = torch.randn(draws, heads, n, n, generator=generator, dtype=torch.float64)
-    attn = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1).to(device)
+    attn = dense_heads(draws, heads, n, share=0.0, generator=torch.Generator().manual_seed(seed)).to(device)
     began = time.perf_counter()
     head_set_values(attn, None, cfg, epsilon_mixing=True)
     sync(device)

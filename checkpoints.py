@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from config import CKPT_DIR, FORMAT, SEED
+from config import CKPT_DIR, FORMAT, SEED, training_settings
 from script_io import write_atomic
 from transformer import Transformer
 
@@ -62,8 +62,24 @@ class Cell:
         return f"{self.path.stem} (seed {self.seed})"
 
     def run_facts(self, cfg):
-        """What a resume state must match to continue this cell: its head count, task, seed and hyperparameters."""
-        return dict(heads=self.heads, task=self.task, seed=self.seed, hyperparameters=dataclasses.asdict(cfg))
+        """What a resume state must match to continue this cell: its head count, task, seed and training settings
+        (recorded as hyperparameters; evaluation settings are no part of a run)."""
+        return dict(heads=self.heads, task=self.task, seed=self.seed, hyperparameters=training_settings(cfg))
+
+
+def run_difference(recorded, wanted):
+    """The first way a recorded run (a resume state's run facts) differs from `wanted`, as "NAME: VALUE in the file,
+    VALUE now"; None when they are the same run. Older files also recorded evaluation settings among the
+    hyperparameters, and may lack a later training setting: only the training settings both hold are compared."""
+    recorded = recorded or {}
+    for key in ("heads", "task", "seed"):
+        if recorded.get(key) != wanted[key]:
+            return f"{key}: {recorded.get(key)!r} in the file, {wanted[key]!r} now"
+    stored = recorded.get("hyperparameters", {})
+    for name, value in wanted["hyperparameters"].items():
+        if name in stored and stored[name] != value:
+            return f"{name}: {stored[name]!r} in the file, {value!r} now"
+    return None
 
 
 def build_model(cfg, heads):
@@ -139,7 +155,7 @@ def save_trained(cell, cfg, *, state_dict, model_config, losses, sessions, tf32,
                  final_loss=losses[-1] if losses else None, losses=losses, torch_version=str(torch.__version__),
                  device=sessions[-1]["device"], hardware=sessions[-1]["hardware"], threads=sessions[-1]["threads"],
                  tf32=tf32, train_seconds=round(sum(s["seconds"] for s in sessions), 1), sessions=sessions,
-                 hyperparameters=dataclasses.asdict(cfg), **extra)
+                 hyperparameters=training_settings(cfg), **extra)
     state = {k: v.detach().cpu() for k, v in state_dict.items()}  # loadable on any machine, GPU or not
     save_checkpoint(cell.path, {"format": FORMAT, "state_dict": state, "config": model_config, "training": facts})
     cell.resume_path.unlink(missing_ok=True)

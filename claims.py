@@ -253,16 +253,22 @@ def mixing_grows_like_log_n(t):
             for (task, heads, layer), g in t.groupby(["task", "heads", "layer"], sort=False)}
 
 
-COLUMNS = ["claim", "task", "heads", "layer", "runs_holding", "runs", "holding", "authors_holds", "source", "test"]
+COLUMNS = ["claim", "task", "heads", "layer", "runs_holding", "runs", "holding", "authors_holds", "study_runs",
+           "source", "test"]
+
+
+def study_runs(table):
+    """The runs a per-run table holds, in its order, as one string: "42 0 1 2 3 4 authors"."""
+    return " ".join(dict.fromkeys(table.run.astype(str)))
 
 
 def count_claims(tables):
-    """tables: {"section4" | "tables56" | "synergy": per-run table with a `run` column}. For every claim and
-    instance: in how many of our runs it holds, out of how many, which, and whether it holds for the authors' models
-    ("" if absent). The authors' run never counts among ours."""
+    """tables: {a key of RUN_TABLES: per-run table with a `run` column}. For every claim and instance: in how many
+    of our runs it holds, out of how many, which, whether it holds for the authors' models ("" if absent), and the
+    runs of the study it was counted over (study_runs). The authors' run never counts among ours."""
     rows = []
     for c in (c for c in CLAIMS if c.table in tables):
-        results = {}
+        results, runs = {}, study_runs(tables[c.table])
         for run, part in tables[c.table].groupby("run", sort=False):
             for instance, holds in c.test(part).items():
                 results.setdefault(instance, {})[str(run)] = holds
@@ -270,15 +276,29 @@ def count_claims(tables):
             ours = {run: holds for run, holds in by_run.items() if run != AUTHORS}
             rows.append({"claim": c.name, **instance._asdict(), "runs_holding": sum(ours.values()), "runs": len(ours),
                          "holding": " ".join(run for run, holds in ours.items() if holds),
-                         "authors_holds": by_run.get(AUTHORS, ""), "source": c.source, "test": c.test_text})
+                         "authors_holds": by_run.get(AUTHORS, ""), "study_runs": runs, "source": c.source,
+                         "test": c.test_text})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def runs_note(claims):
+    """One line on the runs the claims were counted over: the same in every study, or a warning naming each
+    study's runs when they differ (then counts of different studies are over different runs)."""
+    table_of = {c.name: c.table for c in CLAIMS}
+    studies = claims.drop_duplicates("claim").groupby("study_runs", sort=False).claim.apply(
+        lambda names: sorted({table_of[n] for n in names}))
+    if len(studies) <= 1:
+        return f"Every study over the same runs: {studies.index[0] if len(studies) else 'none'}."
+    return ("**Warning: the studies hold different runs**, so their counts are over different runs: "
+            + "; ".join(f"{', '.join(tables)}: {runs}" for runs, tables in studies.items()) + ".")
 
 
 def claims_markdown(claims):
     """Per claim: its test, how many of its instances hold in every run, in some, in none; then the full table."""
     lines = ["# The claims, counted over training runs", "",
              "Each claim is tested on each run alone; `runs_holding` of `runs` of ours hold it (the authors' models, "
-             "where present, apart). source: paper = the paper's claim, title = its title claim, README = ours.", ""]
+             "where present, apart). source: paper = the paper's claim, title = its title claim, README = ours.", "",
+             runs_note(claims), ""]
     for name, part in claims.groupby("claim", sort=False):
         every, none = int((part.runs_holding == part.runs).sum()), int((part.runs_holding == 0).sum())
         authors = part.authors_holds[part.authors_holds != ""]
@@ -286,12 +306,14 @@ def claims_markdown(claims):
                      f"{every} hold in every run of ours, {len(part) - every - none} in some, {none} in none"
                      + (f"; the authors' models: {int(authors.astype(bool).sum())} of {len(authors)}." if len(authors)
                         else "."))
-    view = claims.drop(columns=["source", "test"])
+    view = claims.drop(columns=["study_runs", "source", "test"])
     return "\n".join(lines + ["", view.to_markdown(index=False), ""])
 
 
 def write_claims(folder):
-    """claims.csv and claims.md in `folder`, from whichever per-run tables it holds; returns the claims table."""
+    """claims.csv and claims.md in `folder`, from whichever per-run tables it holds; returns the claims table. Each
+    claim is counted over its own study's runs (study_runs); where the studies hold different runs, claims.md opens
+    with a warning that names them (runs_note)."""
     folder = Path(folder)
     tables = {table: pd.read_csv(folder / name, dtype={"run": str}) for table, name in RUN_TABLES.items()
               if (folder / name).is_file()}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Every hyperparameter of the experiments; the defaults are the paper's (its Section 4)."""
+class Training:
+    """What trains a model, and so a checkpoint's and a resume state's identity; the defaults are the paper's (its
+    Section 4). Changing any of these makes another run."""
     vocab_size: int = 256
     embed_dim: int = 64
     num_layers: int = 4
@@ -22,6 +23,11 @@ class Config:
     batch_size: int = 50
     epochs: int = 200
     lr: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """How a trained model is evaluated; changing these never touches a checkpoint or a resume state."""
     eval_sequences: int = 50  # sequences per layer for the proxies' mean +- std
     horizon: int = 100  # fidelity: diffusion steps
     max_steps: int = 100  # mixing time: cap on a walk's steps
@@ -32,6 +38,17 @@ class Config:
     amplification_sizes: tuple = (16, 32, 100)
     amplification_heads: tuple = (2, 4, 8)
     amplification_draws: int = 1068
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(Evaluation, Training):
+    """Every setting of the experiments: the training settings, then the evaluation settings (cfg.epochs,
+    cfg.horizon, ...). training_settings(cfg) is the part that identifies a run."""
+
+
+def training_settings(cfg):
+    """{name: value} of cfg's training settings: what a checkpoint and a resume state record as their run's."""
+    return {field.name: getattr(cfg, field.name) for field in dataclasses.fields(Training)}
 
 
 PAPER = Config()

@@ -16,6 +16,7 @@ import torch
 from scipy import stats
 
 import proxies
+import walks
 from sequence_datasets import make_dataset
 
 # Evaluating the same checkpoints on another CPU, GPU or torch version changes float32 attention in its last bits;
@@ -42,7 +43,7 @@ def fresh_sequences(cfg, samples, seed):
     return torch.randint(0, cfg.vocab_size, (samples, cfg.seq_length), generator=torch.Generator().manual_seed(seed))
 
 
-def _rows_per_task(models, cfg, seed, rows_of):
+def rows_per_task(models, cfg, seed, rows_of):
     """rows_of(model, tokens, task, heads) for every (heads, task) model, each task's on its evaluation sequences."""
     rows = []
     for task in dict.fromkeys(task for _, task in models):
@@ -80,7 +81,7 @@ def section4_summary(values, task, heads, estimator):
 
 def section4_rows(models, cfg, seed, estimator="exact"):
     """section4_summary rows of every (heads, task) model, on its task's evaluation sequences for `seed`."""
-    return _rows_per_task(models, cfg, seed, lambda model, tokens, task, heads: section4_summary(
+    return rows_per_task(models, cfg, seed, lambda model, tokens, task, heads: section4_summary(
         section4_values(model, tokens, cfg, estimator, seed), task, heads, estimator))
 
 
@@ -143,7 +144,7 @@ def head_diversity(attn):
 def head_set_values(attn, weights, cfg, epsilon_mixing=False):
     """Per head set of a batch (..., H, T, T) with head weights (uniform when None): the combined, parallel and
     best-head values of both proxies (dicts of (...) arrays) and head diversity; with epsilon_mixing, also the
-    averaged-start epsilon-mixing time of the layer's walk (proxies.mixture_walk) and of its fastest head."""
+    averaged-start epsilon-mixing time of the layer's walk (walks.mixture_walk) and of its fastest head."""
     fidelity = proxies.head_set_fidelities(attn, weights, cfg.horizon)
     per_head_mixing = proxies.mixing_time(attn[..., None, :, :], max_steps=cfg.max_steps)  # (..., H), once
     values = {
@@ -154,9 +155,9 @@ def head_set_values(attn, weights, cfg, epsilon_mixing=False):
                         "best_head": per_head_mixing.min(-1)},  # the best head mixes fastest
     }
     if epsilon_mixing:  # the heads' walks and the layer's in one batch (..., H + 1, T, T)
-        walks = proxies.head_walks(attn)
-        walks = torch.cat([walks, proxies.mix_walks(walks, weights)[..., None, :, :]], dim=-3)
-        times = proxies.epsilon_mixing_time(walks, validate=False)
+        per_head = walks.head_walks(attn)
+        per_head = torch.cat([per_head, walks.mix_walks(per_head, weights)[..., None, :, :]], dim=-3)
+        times = walks.epsilon_mixing_time(per_head, validate=False)
         values["epsilon_mixing_time"] = {"combined": times[..., -1], "best_head": times[..., :-1].min(-1)}
     return values, head_diversity(attn)
 
@@ -196,7 +197,7 @@ def synergy_summary(task, heads, values, diversity):
 
 def synergy_rows(models, cfg, seed):
     """synergy_summary rows of every (heads, task) model, on its task's evaluation sequences for `seed`."""
-    return _rows_per_task(models, cfg, seed, lambda model, tokens, task, heads: synergy_summary(
+    return rows_per_task(models, cfg, seed, lambda model, tokens, task, heads: synergy_summary(
         task, heads, *layer_values(model, tokens, cfg)))
 
 
@@ -209,26 +210,26 @@ def correlations(table):
     return out
 
 
-# Theorem 2.9: the epsilon-mixing time of each layer's walk (proxies.mixture_walk) against the bound 2N/p
-def _theorem29_p(walks, weights):
+# Theorem 2.9: the epsilon-mixing time of each layer's walk (walks.mixture_walk) against the bound 2N/p
+def _theorem29_p(per_head, weights):
     """p = sum_h w_h p_h per sequence and layer, p_h from each head's walk (S, L, H, T, T): its worst node's
     probability of stepping toward the sink (what the rigorous bound needs) and its mean node's (a heuristic)."""
-    move = proxies.move_probabilities(walks, validate=False)  # (S, L, H, T - 1)
+    move = walks.move_probabilities(per_head, validate=False)  # (S, L, H, T - 1)
     return proxies.head_average(move.min(-1), weights), proxies.head_average(move.mean(-1), weights)
 
 
-def theorem29_values(attn, weights, epsilon=proxies.EPSILON):
+def theorem29_values(attn, weights, epsilon=walks.EPSILON):
     """Per sequence and layer (S, L) of attention (S, L, H, T, T) with head weights (L, H): Theorem 2.9's p (each
     head's worst node's and, as a heuristic, its mean node's probability of stepping toward the sink, weighted by
     the head weights), the bound 2N/p of both, the rigorous Hoeffding bound, whether N p > ln(2/epsilon) (where
     2N/p is rigorous), and the measured epsilon-mixing times of the layer's walk and of its fastest head."""
-    walks = proxies.head_walks(attn)  # (S, L, H, T, T)
-    p_worst, p_mean = _theorem29_p(walks, weights)
+    per_head = walks.head_walks(attn)  # (S, L, H, T, T)
+    p_worst, p_mean = _theorem29_p(per_head, weights)
     N = attn.shape[-1] - 1
-    mixture = proxies.epsilon_mixing_times(proxies.mix_walks(walks, weights), epsilon, validate=False)
-    heads = proxies.epsilon_mixing_times(walks, epsilon, validate=False)  # (S, L, H) each
+    mixture = walks.epsilon_mixing_times(walks.mix_walks(per_head, weights), epsilon, validate=False)
+    heads = walks.epsilon_mixing_times(per_head, epsilon, validate=False)  # (S, L, H) each
     return {"p_worst": p_worst, "p_mean": p_mean, "bound": _bound(N, p_worst), "bound_mean_node": _bound(N, p_mean),
-            "hoeffding_bound": proxies.hoeffding_mixing_bound(N + 1, p_worst, epsilon),
+            "hoeffding_bound": walks.hoeffding_mixing_bound(N + 1, p_worst, epsilon),
             "rigorous": N * p_worst > np.log(2 / epsilon),
             "mixing": mixture["average"], "mixing_worst": mixture["worst"],
             "fastest_head": heads["average"].min(-1), "fastest_head_worst": heads["worst"].min(-1)}
@@ -242,8 +243,8 @@ def _bound(N, p):
 
 def _holds_share(measured, bound):
     """The share of sequences in which measured <= bound, among those where it can be told: a walk not mixed within
-    proxies.MAX_WALK_STEPS against a larger (finite) bound cannot. NaN if none can."""
-    told = np.isfinite(measured) | ~np.isfinite(bound) | (bound < proxies.MAX_WALK_STEPS)
+    walks.MAX_WALK_STEPS against a larger (finite) bound cannot. NaN if none can."""
+    told = np.isfinite(measured) | ~np.isfinite(bound) | (bound < walks.MAX_WALK_STEPS)
     return float(np.mean((measured <= bound)[told])) if told.any() else float("nan")
 
 
@@ -274,9 +275,9 @@ def prefix_values(attn, weights, lengths, cfg):
     out = {}
     for n in lengths:
         block = attn[..., :n, :n]
-        walks = proxies.head_walks(block)
-        p_worst, _ = _theorem29_p(walks, weights)
-        out[n] = {"mixing": proxies.epsilon_mixing_time(proxies.mix_walks(walks, weights), validate=False),
+        per_head = walks.head_walks(block)
+        p_worst, _ = _theorem29_p(per_head, weights)
+        out[n] = {"mixing": walks.epsilon_mixing_time(walks.mix_walks(per_head, weights), validate=False),
                   "bound": _bound(n - 1, p_worst),
                   "mixing_time": proxies.mixing_time(block, weights, cfg.max_steps),
                   "fidelity": proxies.minimax_fidelity(block, weights, cfg.horizon)}
@@ -302,61 +303,6 @@ def _theory_rows_of(model, tokens, task, heads, cfg):
 def theory_rows(models, cfg, seed):
     """{"theorem29": theorem29_summary rows, "prefix": prefix_summary rows at cfg.prefix_lengths} of every
     (heads, task) model, on its task's evaluation sequences for `seed`."""
-    tagged = _rows_per_task(models, cfg, seed, lambda model, tokens, task, heads: _theory_rows_of(
+    tagged = rows_per_task(models, cfg, seed, lambda model, tokens, task, heads: _theory_rows_of(
         model, tokens, task, heads, cfg))
     return {table: [row for tag, row in tagged if tag == table] for table in ("theorem29", "prefix")}
-
-
-# The amplification map (theory.py --amplification): how often the combination beats its best head
-AMPLIFY_RTOL = 1e-9  # a gain below this share of the best head's value is float rounding (identical heads: ~1e-16)
-HIGHER_IS_BETTER = {"fidelity": True, "learned_fidelity": True, "mixing_time": False, "epsilon_mixing_time": False}
-
-
-def amplification_summary(values, diversity):
-    """Over a sample of head sets (random draws, or one layer's sequences): for each proxy in `values` (as
-    head_set_values gives them), the share where the combination beats its best head by more than AMPLIFY_RTOL
-    (higher fidelity, fewer steps) with its Wilson 95% interval, the mean gain over the best head and, where the
-    parallel heads are given, the mean synergy over them (both signed: positive = the combination helps); and the
-    mean head diversity."""
-    row = {"samples": int(np.size(diversity)), "diversity": float(np.mean(diversity))}
-    for proxy, v in values.items():
-        sign = 1 if HIGHER_IS_BETTER[proxy] else -1
-        gain = sign * (v["combined"] - v["best_head"])
-        wins = int((gain > AMPLIFY_RTOL * np.abs(v["best_head"])).sum())
-        low, high = wilson_interval(wins, gain.size)
-        row.update({f"{proxy}_best_head": float(np.mean(v["best_head"])),
-                    f"{proxy}_combined": float(np.mean(v["combined"])), f"{proxy}_share": wins / gain.size,
-                    f"{proxy}_share_low": low, f"{proxy}_share_high": high, f"{proxy}_gain": float(np.mean(gain))})
-        if "parallel" in v:
-            row[f"{proxy}_synergy"] = float(np.mean(sign * (v["combined"] - v["parallel"])))
-    return row
-
-
-def _layer_amplification(model, tokens, task, heads, cfg):
-    """amplification_summary rows of a model's layers over its sequences (fidelity with its learned head weights,
-    and with uniform weights beside), with the spread of its learned weights (std of their logarithm)."""
-    with torch.no_grad():
-        attn = model.attention(tokens).double()  # (S, L, H, T, T)
-    weights = proxies.model_head_weights(model)  # (L, H)
-    fidelity = proxies.head_set_fidelities(attn, weights, cfg.horizon)
-    best = fidelity["heads"].max(-1)
-    uniform = proxies.minimax_fidelity(attn, horizon=cfg.horizon)
-    diversity = head_diversity(attn)
-    rows = []
-    for layer in range(attn.shape[1]):
-        learned = {"combined": fidelity["combined"][:, layer], "parallel": fidelity["parallel"][:, layer],
-                   "best_head": best[:, layer]}
-        summary = amplification_summary({"fidelity": learned}, diversity[:, layer])
-        check = amplification_summary({"fidelity": {"combined": uniform[:, layer], "best_head": best[:, layer]}},
-                                      diversity[:, layer])
-        rows.append({"task": task, "heads": heads, "layer": layer + 1, "n": attn.shape[-1], **summary,
-                     "uniform_fidelity_share": check["fidelity_share"], "uniform_fidelity_gain": check["fidelity_gain"],
-                     "weight_log_spread": float(np.log(weights[layer]).std())})  # how far from uniform
-    return rows
-
-
-def layer_amplification_rows(models, cfg, seed):
-    """_layer_amplification rows of every (heads, task) model with more than one head, on its task's evaluation
-    sequences for `seed` (those of the synergy study)."""
-    return _rows_per_task({key: model for key, model in models.items() if key[0] > 1}, cfg, seed,
-                          lambda model, tokens, task, heads: _layer_amplification(model, tokens, task, heads, cfg))

@@ -28,7 +28,8 @@ from claims import claims_markdown
 from config import AUTHORS, HEADS
 from evaluation import SECTION4_PROXIES, section4_rows
 from runs import evaluate_runs, runs_of, write_study
-from script_io import add_evaluation_args, input_errors, resolve_evaluation, save_figure, save_table
+from script_io import (add_evaluation_args, authors_checkpoints, input_errors, resolve_evaluation, save_figure,
+                       save_table)
 from train import models_of
 
 
@@ -111,8 +112,9 @@ def main():
     cfg, device, ckpt_dir, out = resolve_evaluation(parser, args)
     cells = [(h, t) for t in args.tasks for h in args.heads]
     if args.seeds is not None:
+        runs = runs_of(args.seed, args.seeds, ckpt_dir, authors=authors_checkpoints(parser, args))
         with input_errors(parser):
-            per_run = evaluate_runs(cfg, cells, runs_of(args.seed, args.seeds, ckpt_dir, args.quick), device,
+            per_run = evaluate_runs(cfg, cells, runs, device,
                                     lambda models, seed: section4_rows(models, cfg, seed, args.estimator))
         claims = write_study(per_run, out, stem="section4", keys=["task", "heads", "layer"], values=SECTION4_PROXIES,
                              name="proxy", view=markdown_view, plot=plot_runs)

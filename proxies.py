@@ -1,5 +1,5 @@
-"""The paper's two proxies of how signal reaches the sink (Appendix E), and the epsilon-mixing time its theory
-bounds (Theorem 2.9; Vitvitskyi et al.), exact and batched.
+"""The paper's two proxies of how signal reaches the sink (Appendix E), and their parallel counterparts, exact and
+batched. The epsilon-mixing time its theory bounds (Theorem 2.9) and the walks live in walks.py.
 
 Input: one layer's attention (H, T, T) or a batch (..., H, T, T), NumPy or torch (any device); rows are queries,
 so every matrix is row-stochastic. A (T, T) matrix is read as one head. The heads are combined as
@@ -16,9 +16,7 @@ on the input's device.
     proxies.parallel_minimax_fidelity(attn, w)             # the heads as parallel channels: no path switches heads
     proxies.head_set_fidelities(attn, w)                   # each head's, the combination's and the parallel one at once
     proxies.parallel_mixing_time(attn, w)                  # a walk that draws one head, then stays on it
-    proxies.epsilon_mixing_times(proxies.mixture_walk(attn, w))   # Vitvitskyi et al.'s epsilon-mixing time (the
-                                                                  # theory's), averaged and worst start
-    proxies.epsilon_mixing_time(proxies.graph_walk(adjacency))    # ... of a feed-forward graph
+    proxies.converged_minimax_fidelity(diffusion)          # the fidelity at an unlimited horizon, certified
 
 The authors' walk (their code's mixing-time estimate): from position c the walk reads column c of C (how much each
 later query attends to c) as a cumulative distribution, clipped at 1, and sends any deficit to the sink. Two quirks
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 ROW_SUM_TOLERANCE = 1e-4  # float32 softmax rows sum to 1 within ~1e-6 at T = 100
-CPU_CHUNK = 16  # matrices per chunk on the CPU: a chunk stays in cache through all the steps (~2x faster here)
+CPU_CHUNK = 16  # matrices per chunk on the CPU: small enough that a chunk stays in cache through all the steps
 
 
 def head_weights(attn_module):
@@ -47,7 +45,7 @@ def model_head_weights(model):
     return np.stack([head_weights(layer.attn) for layer in model.layers])
 
 
-def _check_layer(attn):
+def check_layer(attn):
     """The attention as a float64 tensor (..., H, T, T), or a ValueError that says what is wrong."""
     if isinstance(attn, np.ndarray):
         attn = torch.from_numpy(attn)
@@ -72,7 +70,7 @@ def _check_layer(attn):
     return attn
 
 
-def _check_weights(head_weights, attn):
+def check_weights(head_weights, attn):
     """Head weights as a float64 tensor broadcastable to attn's (..., H), normalised to sum 1."""
     H = attn.shape[-3]
     if head_weights is None:
@@ -97,11 +95,11 @@ def _check_weights(head_weights, attn):
 
 def combine_heads(attn, head_weights=None):
     """The multi-head diffusion matrix C = sum_h w_h A_h, float64 (..., T, T); validates both inputs."""
-    attn = _check_layer(attn)
-    return _weighted_sum(_check_weights(head_weights, attn), attn)
+    attn = check_layer(attn)
+    return weighted_sum(check_weights(head_weights, attn), attn)
 
 
-def _weighted_sum(w, matrices):
+def weighted_sum(w, matrices):
     """sum_h w_h M_h of checked weights (..., H) and matrices (..., H, T, T)."""
     if matrices.shape[-3] == 1:
         return matrices[..., 0, :, :]
@@ -123,7 +121,7 @@ def _over_chunks(fn, C, *aligned, item_dims=2):
     return out.reshape((*batch_shape, *out.shape[1:]))
 
 
-def _to_numpy(x):
+def to_numpy(x):
     x = x.cpu().numpy()
     return float(x) if x.ndim == 0 else x
 
@@ -138,31 +136,31 @@ def _sink_rows(C, horizon):
     return torch.cat(rows, dim=1)
 
 
-def _check_steps(name, value):
+def check_steps(name, value):
     if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def sink_signal(attn, head_weights=None, horizon=20):
     """(C^t)[tau, j] for t = 1..horizon: array (..., horizon, T), the curves of Figure 3."""
-    _check_steps("horizon", horizon)
-    return _to_numpy(_over_chunks(lambda c: _sink_rows(c, horizon), combine_heads(attn, head_weights)))
+    check_steps("horizon", horizon)
+    return to_numpy(_over_chunks(lambda c: _sink_rows(c, horizon), combine_heads(attn, head_weights)))
 
 
 def per_node_fidelity(attn, head_weights=None, horizon=100):
     """phi_j = max over t = 1..horizon of (C^t)[tau, j], as a fraction: array (..., T)."""
-    _check_steps("horizon", horizon)
+    check_steps("horizon", horizon)
     C = combine_heads(attn, head_weights)
-    return _to_numpy(_over_chunks(lambda c: _sink_rows(c, horizon).amax(dim=1), C))
+    return to_numpy(_over_chunks(lambda c: _sink_rows(c, horizon).amax(dim=1), C))
 
 
 def minimax_fidelity(attn, head_weights=None, horizon=100):
     """min over all positions j (the sink included) of phi_j, in percent, as the authors compute it. Stepped only
     until its value is certain (the certificate of head_set_fidelities), so equal to 100 x the minimum of
     per_node_fidelity within 1e-12 relative."""
-    _check_steps("horizon", horizon)
+    check_steps("horizon", horizon)
     C = combine_heads(attn, head_weights)[..., None, :, :]  # (..., 1, T, T): one matrix each
-    return 100 * _to_numpy(_over_chunks(lambda c: _certified_fidelities(c, None, horizon)[:, 0], C, item_dims=3))
+    return 100 * to_numpy(_over_chunks(lambda c: _certified_fidelities(c, None, horizon)[:, 0], C, item_dims=3))
 
 
 def walk_transition(C, walk="authors"):
@@ -213,9 +211,9 @@ def _expected_capped_steps(P, max_steps):
 
 def expected_walk_steps(attn, head_weights=None, max_steps=100, walk="authors"):
     """Exact expected capped steps to the sink from each start position: array (..., T); the sink scores 0."""
-    _check_steps("max_steps", max_steps)
+    check_steps("max_steps", max_steps)
     P = walk_transition(combine_heads(attn, head_weights), walk)
-    return _to_numpy(_over_chunks(lambda p: _expected_capped_steps(p, max_steps), P))
+    return to_numpy(_over_chunks(lambda p: _expected_capped_steps(p, max_steps), P))
 
 
 def mixing_time(attn, head_weights=None, max_steps=100):
@@ -234,8 +232,8 @@ def mixing_time_mc(attn, head_weights=None, num_simulations=500, max_steps=100, 
     """The authors' Monte Carlo estimate: num_simulations walks from every start, each scored by its steps to the
     sink capped at max_steps; mean over walks, then over starts. Vectorised over walkers and starts (only those
     still walking are stepped), seeded."""
-    _check_steps("num_simulations", num_simulations)
-    _check_steps("max_steps", max_steps)
+    check_steps("num_simulations", num_simulations)
+    check_steps("max_steps", max_steps)
     C = combine_heads(attn, head_weights)
     batch_shape, T = C.shape[:-2], C.shape[-1]
     generator = torch.Generator(device=C.device).manual_seed(seed)
@@ -253,14 +251,14 @@ def mixing_time_mc(attn, head_weights=None, num_simulations=500, max_steps=100, 
             pos[walking] = nxt
             walking = walking[nxt != T - 1]
         estimates.append(steps.double().mean())
-    return _to_numpy(torch.stack(estimates).reshape(batch_shape)) if estimates else np.zeros(batch_shape)
+    return to_numpy(torch.stack(estimates).reshape(batch_shape)) if estimates else np.zeros(batch_shape)
 
 
 def head_average(per_head, head_weights=None):
     """sum_h w_h x_h of per-head values (..., H), with the proxies' head weights (normalised; uniform if None)."""
     x = torch.as_tensor(np.asarray(per_head), dtype=torch.float64)
-    w = _check_weights(head_weights, x[..., None, None])  # the weights' checks, on a stand-in of shape (..., H, 1, 1)
-    return _to_numpy((w * x).sum(-1))
+    w = check_weights(head_weights, x[..., None, None])  # the weights' checks, on a stand-in of shape (..., H, 1, 1)
+    return to_numpy((w * x).sum(-1))
 
 
 def parallel_minimax_fidelity(attn, head_weights=None, horizon=100):
@@ -277,12 +275,12 @@ def head_set_fidelities(attn, head_weights=None, horizon=100):
     parallel_minimax_fidelity(attn, w). An item stops before the horizon once all its values are certain
     (converged_minimax_fidelity's certificate: no later step raises phi_i above the signal that sources >= i still
     have at the sink), so each agrees with the full horizon's within 1e-12 relative."""
-    _check_steps("horizon", horizon)
-    attn = _check_layer(attn)
-    w = _check_weights(head_weights, attn).expand(*attn.shape[:-2])  # (..., H)
+    check_steps("horizon", horizon)
+    attn = check_layer(attn)
+    w = check_weights(head_weights, attn).expand(*attn.shape[:-2])  # (..., H)
     H = attn.shape[-3]
-    matrices = torch.cat([attn, _weighted_sum(w, attn)[..., None, :, :]], dim=-3)  # (..., H + 1, T, T)
-    fidelity = 100 * _to_numpy(_over_chunks(lambda m, v: _certified_fidelities(m, v, horizon), matrices, w,
+    matrices = torch.cat([attn, weighted_sum(w, attn)[..., None, :, :]], dim=-3)  # (..., H + 1, T, T)
+    fidelity = 100 * to_numpy(_over_chunks(lambda m, v: _certified_fidelities(m, v, horizon), matrices, w,
                                             item_dims=3))  # (..., H + 2): heads, combined, parallel
     return {"heads": fidelity[..., :H], "combined": fidelity[..., H], "parallel": fidelity[..., H + 1]}
 
@@ -336,212 +334,8 @@ def _with_parallel(rows, w):
 def parallel_mixing_time(attn, head_weights=None, max_steps=100):
     """The counterfactual walk that draws head h with probability w_h once, then walks on A_h alone by the authors'
     rules: sum_h w_h mixing_time(A_h). One head: the plain proxy."""
-    attn = _check_layer(attn)
-    return head_average(mixing_time(attn[..., None, :, :], max_steps=max_steps), _check_weights(head_weights, attn))
-
-
-# The epsilon-mixing time of Vitvitskyi et al. (ICML 2025), the quantity Theorem 2.9 bounds. A walk here is
-# column-stochastic: W[i, j] = the probability of stepping from node j to node i >= j, the sink tau = n - 1 absorbing.
-# From start j the walk's distribution after t steps is column j of W^t, and its L1 distance to the sink's point mass
-# is 2 (1 - (W^t)[tau, j]): only row tau of W^t is ever needed.
-EPSILON = 0.25
-MAX_WALK_STEPS = 10 ** 12  # the epsilon-mixing time's cap; a walk not mixed within it scores inf, never the cap
-LINEAR_STEPS = 128  # steps taken one mat-vec at a time (all walks together) before the slow ones switch to squaring
-WALK_CHUNK = 256  # walks stepped together (~20 MB of 100 x 100 walks: measured fastest here)
-SQUARING_CHUNK = 32  # slow walks squared together: log2(cap) = 40 powers of each are held at once
-
-
-def _detached(x):
-    return x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-
-
-def _check_walk(walk, validate=True):
-    """A batch of walks as float64 (B, n, n) and its batch shape, or a ValueError that says what is wrong;
-    validate=False only reshapes (a walk that head_walks, mix_walks or graph_walk built)."""
-    if not validate:
-        return walk.reshape(-1, *walk.shape[-2:]), walk.shape[:-2]
-    walk = _detached(walk)
-    if not (walk.is_floating_point() and walk.ndim >= 2 and walk.shape[-1] == walk.shape[-2] and walk.shape[-1] > 1):
-        raise ValueError(f"a walk must be a float array (..., n, n) of square matrices with n >= 2, "
-                         f"got shape {tuple(walk.shape)} of {walk.dtype}")
-    walk = walk.to(torch.float64)
-    if not torch.isfinite(walk).all() or (walk < -ROW_SUM_TOLERANCE).any():
-        raise ValueError("a walk must have finite, non-negative entries")
-    above = walk.triu(1).abs().amax().item()
-    if above > 0:
-        raise ValueError(f"a walk must be causal: W[i, j] > 0 only for i >= j (a step goes toward the sink), "
-                         f"found {above:.3g} above the diagonal")
-    worst = (walk.sum(-2) - 1).abs().amax().item()
-    if worst > ROW_SUM_TOLERANCE:
-        raise ValueError(f"a walk's columns must sum to 1 (column-stochastic: column j = where a step from j goes); "
-                         f"worst column is off by {worst:.3g}")
-    return walk.reshape(-1, *walk.shape[-2:]), walk.shape[:-2]
-
-
-def _column_normalised(matrix, what):
-    mass = matrix.sum(-2, keepdim=True)
-    if (mass <= 0).any():
-        raise ValueError(f"{what} has a zero column: some node has nowhere to step (expected a self-loop or an edge "
-                         f"out of every node)")
-    return matrix / mass
-
-
-def head_walks(attn):
-    """Each head's walk toward the sink, W_h[i, j] = A_h[i, j] / sum_i' A_h[i', j]: column j of the head's attention
-    (how much each later query reads key j) normalised into where a step from j goes. (..., H, T, T)."""
-    return _column_normalised(_check_layer(attn), "the attention")
-
-
-def mixture_walk(attn, head_weights=None):
-    """The layer's walk of Theorem 2.9, W = sum_h w_h W_h with each head's walk normalised first (head_walks).
-    mixing_time_normalized instead normalises the columns of the combined attention sum_h w_h A_h, which weighs
-    each head's column by its mass: the two agree for one head, not in general. (..., T, T)."""
-    return mix_walks(head_walks(attn), head_weights)
-
-
-def mix_walks(walks, head_weights=None):
-    """sum_h w_h W_h of the heads' walks (..., H, T, T) from head_walks (not checked again), w normalised."""
-    return _weighted_sum(_check_weights(head_weights, walks), walks)
-
-
-def graph_walk(adjacency):
-    """Vitvitskyi et al.'s walk of a feed-forward graph, W[i, j] = a[i, j] / out-degree(j), where a[i, j] = 1 iff
-    (j, i) is an edge (j <= i). (..., n, n)."""
-    a = _check_adjacency(adjacency)
-    return _column_normalised(a, "the adjacency")
-
-
-def graph_diffusion(adjacency):
-    """Vitvitskyi et al.'s diffusion of a feed-forward graph, D[i, j] = a[i, j] / in-degree(i): row-stochastic, as
-    uniform causal attention over the graph's edges. (..., n, n)."""
-    a = _check_adjacency(adjacency)
-    mass = a.sum(-1, keepdim=True)
-    if (mass <= 0).any():
-        raise ValueError("the adjacency has a zero row: some node receives no edge (expected a self-loop on every "
-                         "node)")
-    return a / mass
-
-
-def _check_adjacency(adjacency):
-    a = _detached(adjacency)
-    if not (a.ndim >= 2 and a.shape[-1] == a.shape[-2]):
-        raise ValueError(f"an adjacency must be (..., n, n), got shape {tuple(a.shape)}")
-    a = a.to(torch.float64)
-    if not torch.isfinite(a).all() or (a < 0).any():
-        raise ValueError("an adjacency must have finite, non-negative entries")
-    if (a.triu(1) != 0).any():
-        raise ValueError("an adjacency must be causal: a[i, j] = 1 iff (j, i) is an edge with j <= i, so nothing "
-                         "above the diagonal")
-    return a
-
-
-STARTS = ("average", "worst")
-
-
-def _sink_share(rows, start):
-    """The sink's share of the walk's mass at one step, from row tau of W^t (B, n): averaged over starts or the
-    worst start's."""
-    return rows.mean(-1) if start == "average" else rows.amin(-1)
-
-
-def _last_unmixed_by_squaring(W, row, t0, need, max_steps, starts):
-    """For walks not mixed (from one of `starts`) at step t0, row = row tau of W^t0: the last step at which each is
-    still not mixed, per start (B, len(starts)), or a step >= max_steps if it does not mix by then; by binary lifting
-    over W, W^2, W^4, ... shared by the starts (the sink's share only grows, so the search is exact)."""
-    def unmixed(rows):  # rows (B, S, 1, n), one search per start -> (B, S): that start not yet mixed
-        return torch.stack([_sink_share(rows[:, k, 0], start) <= need for k, start in enumerate(starts)], dim=-1)
-    rows = torch.stack([row] * len(starts), dim=1)  # (B, S, 1, n)
-    powers = [W]  # W^(2^k), squared only until every walk here has mixed within 2^k more steps (or the cap)
-    while 2 ** len(powers) <= max_steps - t0 and unmixed(rows @ powers[-1][:, None]).any():
-        powers.append(powers[-1] @ powers[-1])
-    t = torch.full((len(row), len(starts)), t0, dtype=torch.long, device=W.device)
-    for k in reversed(range(len(powers))):
-        candidate = rows @ powers[k][:, None]
-        jump = unmixed(candidate)
-        rows = torch.where(jump[..., None, None], candidate, rows)
-        t = t + jump * 2 ** k
-    return t
-
-
-def _first_mixed_steps(W, need, max_steps, starts=STARTS):
-    """First t <= max_steps at which the sink's share exceeds `need`, for each of `starts` ("average": averaged over
-    starts, "worst": the worst start's), per walk of W (B, n, n): (B, len(starts)), inf where none. A walk is set
-    aside once it has mixed from all of them (with the worst start, when that one has)."""
-    B, n = W.shape[0], W.shape[-1]
-    row = torch.zeros(B, 1, n, dtype=W.dtype, device=W.device)
-    row[..., -1] = 1.0  # t = 0: row tau of the identity
-    first = torch.full((B, len(starts)), math.inf, dtype=torch.float64, device=W.device)
-    active, t, found = torch.arange(B, device=W.device), 0, first.clone()  # found: first[active]
-    while len(active) and t < min(LINEAR_STEPS, max_steps):
-        for _ in range(min(max(4, t), 32, max_steps - t)):  # compacted after steps 4, 8, 16, 32, 64, 96, ...
-            t += 1
-            row = row @ W
-            mixed = torch.stack([_sink_share(row[:, 0], start) for start in starts], dim=-1) > need
-            found = torch.where(torch.isinf(found) & mixed, float(t), found)
-        first[active] = found
-        walking = torch.isinf(found).any(-1)
-        active, row, W, found = active[walking], row[walking], W[walking], found[walking]
-    for i in range(0, len(active) if t < max_steps else 0, SQUARING_CHUNK):
-        part = slice(i, i + SQUARING_CHUNK)
-        last = _last_unmixed_by_squaring(W[part], row[part], t, need, max_steps, starts)
-        found = torch.where(last >= max_steps, math.inf, (last + 1).double())
-        first[active[part]] = torch.where(torch.isinf(first[active[part]]), found, first[active[part]])
-    return first
-
-
-def epsilon_mixing_times(walk, epsilon=EPSILON, convention="published", max_steps=MAX_WALK_STEPS, validate=True,
-                         starts=STARTS):
-    """Vitvitskyi et al.'s epsilon-mixing time of a walk (..., n, n) (column-stochastic, causal: from mixture_walk or
-    graph_walk), from both starts in one pass: {"average": ..., "worst": ...}. The first t at which the L1 distance
-    of the walk's distribution to the sink, 2 (1 - (W^t)[tau, j]), is below epsilon, averaged over the n starts j
-    (their averaged mixing time) or for the worst start. convention="published" counts one step less, as the values
-    of their Figure 1 do (the last step at which the distance is still >= epsilon); "first" is the first step below
-    it. Exact (no sampling); inf where the walk has not mixed within max_steps. Floats, or float64 arrays of the
-    batch shape. validate=False skips the checks of the walk (they read a large batch several times) for walks that
-    head_walks, mixture_walk or graph_walk built, valid by construction. starts: the ones wanted (fewer is faster:
-    the averaged start mixes long before the worst)."""
-    if not 0 < epsilon < 1:
-        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
-    if convention not in ("published", "first"):
-        raise ValueError(f"convention must be 'published' or 'first', got {convention!r}")
-    if not starts or any(start not in STARTS for start in starts):
-        raise ValueError(f"starts must be among 'average' and 'worst', got {starts!r}")
-    _check_steps("max_steps", max_steps)
-    flat, batch_shape = _check_walk(walk, validate)
-    need = 1.0 - epsilon / 2  # distance 2 (1 - share) < epsilon  <=>  share > 1 - epsilon / 2
-    first = torch.cat([_first_mixed_steps(flat[i:i + WALK_CHUNK], need, max_steps, tuple(starts))
-                       for i in range(0, len(flat), WALK_CHUNK)]) - float(convention == "published")
-    return {start: _to_numpy(first[:, k].reshape(batch_shape)) for k, start in enumerate(starts)}
-
-
-def epsilon_mixing_time(walk, epsilon=EPSILON, start="average", convention="published", max_steps=MAX_WALK_STEPS,
-                        validate=True):
-    """epsilon_mixing_times from one start: "average" (Vitvitskyi et al.'s averaged mixing time) or "worst"."""
-    if start not in STARTS:
-        raise ValueError(f"start must be 'average' or 'worst', got {start!r}")
-    return epsilon_mixing_times(walk, epsilon, convention, max_steps, validate, starts=(start,))[start]
-
-
-def move_probabilities(walk, validate=True):
-    """Each non-sink node's probability of stepping toward the sink, 1 - W[j, j]: (..., n - 1). Theorem 2.9's p_h
-    is its minimum over nodes (what a rigorous bound needs) or, as a heuristic, its mean. validate as in
-    epsilon_mixing_times."""
-    flat, batch_shape = _check_walk(walk, validate)
-    return _to_numpy((1.0 - flat.diagonal(dim1=-2, dim2=-1)[:, :-1]).reshape(*batch_shape, -1))
-
-
-def hoeffding_mixing_bound(n, p, epsilon=EPSILON):
-    """A rigorous bound on the worst-start epsilon-mixing time ("first" convention) of a walk on n nodes whose every
-    non-sink node steps toward the sink with probability >= p: the least integer t with 2 exp(-2 (t p - N)^2 / t)
-    < epsilon, N = n - 1, i.e. floor(((sqrt(c) + sqrt(c + 4 p N)) / (2 p))^2) + 1 with c = ln(2 / epsilon) / 2
-    (docs/theory.md); inf for p = 0. Theorem 2.9's 2N/p is at least this whenever N p > ln(2 / epsilon)."""
-    p = np.asarray(p, dtype=float)
-    if (p < 0).any() or (p > 1).any() or not 0 < epsilon < 1:
-        raise ValueError(f"p must lie in [0, 1] and epsilon in (0, 1), got p in [{p.min()}, {p.max()}] and "
-                         f"epsilon {epsilon}")
-    c, N = math.log(2 / epsilon) / 2, n - 1
-    with np.errstate(divide="ignore", over="ignore"):
-        return np.floor(((math.sqrt(c) + np.sqrt(c + 4 * p * N)) / (2 * p)) ** 2) + 1
+    attn = check_layer(attn)
+    return head_average(mixing_time(attn[..., None, :, :], max_steps=max_steps), check_weights(head_weights, attn))
 
 
 def converged_minimax_fidelity(diffusion, max_horizon=100_000):
@@ -549,14 +343,14 @@ def converged_minimax_fidelity(diffusion, max_horizon=100_000):
     iterated until the answer is certain (_certificate: the signal that source i or any later node has at the sink
     can only fall, so max(phi_i(t), sum_{j >= i} (D^t)[tau, j]) bounds phi_i from above); ValueError if not within
     max_horizon. Returns (fidelity, horizon reached) as float and int (or arrays)."""
-    D = _check_layer(diffusion)  # row-stochastic, as attention
+    D = check_layer(diffusion)  # row-stochastic, as attention
     D = D.reshape(-1, *D.shape[-2:])
     row = D[:, -1:, :]
     phi = row[:, 0].clone()
     for t in range(1, max_horizon + 1):
         low, certain = _certificate(phi, row[:, 0])
         if bool(certain.all()):
-            return _to_numpy(low.reshape(diffusion.shape[:-2])), t
+            return to_numpy(low.reshape(diffusion.shape[:-2])), t
         row = row @ D
         phi = torch.maximum(phi, row[:, 0])
     raise ValueError(f"the fidelity did not converge within {max_horizon} steps")

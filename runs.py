@@ -2,8 +2,8 @@
 --seeds study routine that main.py, test_amplification.py and synergy.py share.
 
     from runs import runs_of, evaluate_runs, write_study
-    runs = runs_of(seed=42, seeds=[0, 1], ckpt_dir=Path("checkpoints"))   # 42 in checkpoints/, S in seeds/seed_S/,
-                                                                          # then the authors' where present
+    runs = runs_of(seed=42, seeds=[0, 1], ckpt_dir=Path("checkpoints"), authors=None)  # 42 in checkpoints/, S in
+                                                   # seeds/seed_S/, then the authors' when their folder is given
     per_run = evaluate_runs(cfg, cells, runs, device, rows_of)           # rows_of(models, seed) -> rows, per run
     write_study(per_run, out, stem="section4", keys=[...], values={...}, name="proxy", view=markdown_view)
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
-from checkpoints import Cell, load_model, seed_folder
+from checkpoints import Cell, load_model, read_checkpoint, seed_folder
 from claims import write_claims
 from config import AUTHORS, SEED
-from official import authors_folder
 from script_io import save_figure, save_table
 
 
@@ -32,13 +32,13 @@ class Run:
     folder: Path
 
 
-def runs_of(seed, seeds, ckpt_dir, quick=False):
-    """The runs of --seed and --seeds: seed's in ckpt_dir, seed S's in ckpt_dir/seeds/seed_S, then the authors' where
-    present (not with quick: they are paper-scale). The authors' seed is the paper's, 42, as in their code."""
+def runs_of(seed, seeds, ckpt_dir, authors=None):
+    """The runs of --seed and --seeds: seed's in ckpt_dir, seed S's in ckpt_dir/seeds/seed_S, then the authors' when
+    `authors` (their checkpoints' folder, from --with-authors) is given. The authors' seed is the paper's, 42, as in
+    their code."""
     runs = [Run(str(seed), seed, Path(ckpt_dir))]
     runs += [Run(str(s), s, seed_folder(ckpt_dir, s)) for s in seeds]
-    folder = None if quick else authors_folder()
-    return runs + ([Run(AUTHORS, SEED, folder)] if folder else [])
+    return runs + ([Run(AUTHORS, SEED, Path(authors))] if authors else [])
 
 
 def load_runs(cfg, cells, runs, device, log=print):
@@ -120,3 +120,50 @@ def write_study(per_run, out, *, stem, keys, values, name, view, digits=2, plot=
     if plot is not None:
         save_figure(plot(per_run, across), out / f"{stem}_runs")
     return write_claims(out)
+
+
+# Where the training of a run's cells stands (train.py --status)
+def _cell_files(cfg, cell):
+    """(state, epochs trained, sessions) of a cell, read from its checkpoint or resume state."""
+    if cell.path.is_file():
+        facts = read_checkpoint(cell.path).get("training", {})
+        return "finished", facts.get("epochs", cfg.epochs), facts.get("sessions", [])
+    if cell.resume_path.is_file():
+        state = read_checkpoint(cell.resume_path)
+        return f"epoch {state['epoch']}/{cfg.epochs}", state["epoch"], state.get("sessions", [])
+    return "not started", 0, []
+
+
+def training_status(cfg, cells, device_type, jobs):
+    """Where the training of the Cells stands, read from their files.
+
+    Returns one row per cell (finished, stopped after epoch k, or not started; the hours it took and on what), a
+    summary line, and the cell-hours left: each unfinished cell's epochs times the seconds per epoch that these
+    cells' own sessions on `device_type` took at its head count (a grouped session's time shared among its cells;
+    nan where no session measured that head count)."""
+    rows, spent = [], {}
+    for cell in cells:
+        state, epochs, sessions = _cell_files(cfg, cell)
+        cell_seconds = [s["seconds"] / s.get("group", 1) for s in sessions]
+        for s, seconds in zip(sessions, cell_seconds):
+            if torch.device(s["device"]).type == device_type:
+                total = spent.setdefault(cell.heads, [0.0, 0])
+                total[0] += seconds
+                total[1] += s["last_epoch"] - s["first_epoch"] + 1
+        rows.append(dict(seed=cell.seed, heads=cell.heads, task=cell.task, state=state, epochs=epochs,
+                         hours=round(sum(cell_seconds) / 3600, 2),
+                         on=", ".join(dict.fromkeys(f"{s['hardware']} ({s['device']}"
+                                                    + (f", {s['threads']} thread(s))" if s["device"] == "cpu" else ")")
+                                                    for s in sessions))))
+    per_epoch = {h: seconds / epochs for h, (seconds, epochs) in sorted(spent.items()) if epochs}
+    left = [r for r in rows if r["state"] != "finished"]
+    hours_left = sum((cfg.epochs - r["epochs"]) * per_epoch.get(r["heads"], float("nan")) for r in left) / 3600
+    summary = (f"{len(rows) - len(left)} of {len(rows)} cells finished, {sum(r['epochs'] > 0 for r in left)} "
+               f"unfinished, {sum(r['epochs'] == 0 for r in left)} not started; "
+               f"{sum(r['hours'] for r in rows):.1f} cell-hours spent. ")
+    if not left:
+        return rows, summary + "Nothing left.", hours_left
+    return rows, summary + (
+        f"Left: about {hours_left:.1f} cell-hours on {device_type}, {hours_left / jobs:.1f} h with {jobs} at a time, "
+        f"at the seconds per epoch these cells took on {device_type} ("
+        + (", ".join(f"{h} heads {t:.1f} s" for h, t in per_epoch.items()) or "none measured") + ")"), hours_left

@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files, never windows
 import matplotlib.pyplot as plt
 
 from config import CKPT_DIR, PAPER, QUICK, SEED, TASKS
-from official import fetch_official
+from official import authors_folder, fetch_official
 
 
 @contextlib.contextmanager
@@ -150,8 +150,11 @@ def add_evaluation_args(parser, heads):
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
                         help="evaluate every training run instead of one: seed --seed's checkpoints in CKPT_DIR, "
-                             "seed S's in CKPT_DIR/seeds/seed_S, and the authors' released models where present "
-                             "(shown beside ours, never pooled); trains nothing; writes OUT/seeds/")
+                             "seed S's in CKPT_DIR/seeds/seed_S; trains nothing; writes OUT/seeds/")
+    parser.add_argument("--with-authors", action="store_true",
+                        help="with --seeds: the authors' released models as one more run, shown beside ours and "
+                             "never pooled (read from the cache or ../shared/official_checkpoints, else fetched as "
+                             "--official does)")
     parser.add_argument("--retrain", action="store_true", help="train every cell even if its checkpoint exists")
     add_training_args(parser)
     add_common_args(parser, out_help="output folder (default results; results/quick with --quick, "
@@ -218,13 +221,29 @@ def _official_folder(parser, args):
         parser.exit(1, f"{parser.prog}: error: {error}\n")
 
 
-def resolve_evaluation(parser, args):
-    """(config, device, ckpt_dir, out) of an evaluation script: resolve_training, then --seeds and --official checked
+def authors_checkpoints(parser, args):
+    """--with-authors: the folder of the authors' 8 verified checkpoints (the cache or the shared copy, else fetched;
+    exit status 1 when they cannot be had); None without the flag, whatever a cache holds."""
+    if not args.with_authors:
+        return None
+    try:
+        return authors_folder() or fetch_official()
+    except RuntimeError as error:
+        parser.exit(1, f"{parser.prog}: error: --with-authors: {error}\n")
+
+
+def resolve_evaluation(parser, args, several_runs=None):
+    """(config, device, ckpt_dir, out) of an evaluation script: resolve_training, then --seeds, --with-authors
+    (only where the study has several runs: several_runs, by default --seeds given) and --official checked
     (--official fetches the authors' models: ckpt_dir is their folder), and the output folder, created and checked:
     --out, else results (results/quick with --quick, results/official with --official); OUT/seeds with --seeds."""
     cfg, device, ckpt_dir = resolve_training(parser, args)
     if args.seeds is not None:
         _check_seeds(parser, args)
+    if args.with_authors and not (args.seeds is not None if several_runs is None else several_runs):
+        parser.error("--with-authors adds the authors' run to a study over several runs: give --seeds too")
+    if args.with_authors and args.quick:
+        parser.error("--with-authors: the authors' models are paper-scale; they cannot join a --quick study")
     out = args.out or results_folder(args.quick)
     if args.official:
         ckpt_dir = _official_folder(parser, args)

@@ -30,7 +30,8 @@ import pandas as pd
 from config import AMPLIFICATION_HEADS, AUTHORS
 from evaluation import correlations, synergy_rows
 from runs import evaluate_runs, runs_of, write_study
-from script_io import add_evaluation_args, input_errors, resolve_evaluation, save_figure, write_atomic, write_text
+from script_io import (add_evaluation_args, authors_checkpoints, input_errors, resolve_evaluation, save_figure,
+                       write_atomic, write_text)
 from train import models_of
 
 PROXIES = {"fidelity": "minimax fidelity (%)", "mixing_time": "mixing time (steps)"}
@@ -145,8 +146,9 @@ def main():
     cfg, device, ckpt_dir, out = resolve_evaluation(parser, args)
     cells = [(h, t) for t in args.tasks for h in args.heads]
     if args.seeds is not None:
+        runs = runs_of(args.seed, args.seeds, ckpt_dir, authors=authors_checkpoints(parser, args))
         with input_errors(parser):
-            per_run = evaluate_runs(cfg, cells, runs_of(args.seed, args.seeds, ckpt_dir, args.quick), device,
+            per_run = evaluate_runs(cfg, cells, runs, device,
                                     lambda models, seed: synergy_rows(models, cfg, seed))
         write_study(per_run, out, stem="synergy", keys=["task", "heads", "layer", "proxy"], values=ACROSS_RUNS,
                     name="quantity", view=markdown_view, digits=3, plot=plot_runs)

@@ -21,7 +21,7 @@ import pandas as pd
 from config import AMPLIFICATION_HEADS
 from evaluation import tables56_rows
 from runs import evaluate_runs, runs_of, write_study
-from script_io import add_evaluation_args, input_errors, resolve_evaluation, save_table
+from script_io import add_evaluation_args, authors_checkpoints, input_errors, resolve_evaluation, save_table
 from train import models_of
 
 TABLE_NAMES = {"copy": "table5_copy", "cycle": "table6_cycle"}
@@ -55,8 +55,9 @@ def main():
     cfg, device, ckpt_dir, out = resolve_evaluation(parser, args)
     cells = [(h, t) for t in args.tasks for h in args.heads]
     if args.seeds is not None:
+        runs = runs_of(args.seed, args.seeds, ckpt_dir, authors=authors_checkpoints(parser, args))
         with input_errors(parser):
-            per_run = evaluate_runs(cfg, cells, runs_of(args.seed, args.seeds, ckpt_dir, args.quick), device,
+            per_run = evaluate_runs(cfg, cells, runs, device,
                                     lambda models, seed: tables56_rows(models, cfg, args.samples, seed))
         write_study(per_run, out, stem="tables56", keys=["task", "heads", "layer"], values=ACROSS_RUNS,
                     name="quantity", view=lambda t: pd.concat([t[["run", "task"]], markdown_view(t)], axis=1))

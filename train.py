@@ -13,46 +13,27 @@ model whether it is trained alone, in any order, or in parallel with others.
 
 Read top to bottom: `train_here` is the training loop (init or resume, epochs, batches, log, resume state, deadline,
 checkpoint) of one cell, or of a group of cells of one head count that share one vmapped step (--group yes);
-`OneCell` and `Group` are the two ways a step is taken. Below them: the grid (worker processes and their
-watchdog), what the evaluation scripts call to train missing cells (`ensure_models`), time estimates, and --status.
+learners.py's `OneCell` and `Group` are the two ways a step is taken. Below it: resume states, the grid (worker
+processes and their watchdog), where the evaluation scripts get their models (`models_of`, `trained_runs`: the
+missing cells trained first), time estimates, and --status.
 """
 import argparse
 import contextlib
-import copy
 import os
 import threading
 import time
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
-from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
-from checkpoints import Cell, build_model, load_model, read_checkpoint, save_checkpoint, save_trained, seed_folder
+from checkpoints import Cell, load_model, read_checkpoint, run_difference, save_checkpoint, save_trained, seed_folder
 from config import HEADS, TASKS
-from script_io import add_common_args, add_training_args, deadline_of, hardware_name, resolve_training
-from sequence_datasets import make_dataset
-
-
-def make_optimizer(parameters, cfg, device):
-    """Adam over `parameters` (a model's, or a group's stacked ones) at the config's learning rate; fused on CUDA."""
-    return torch.optim.Adam(list(parameters), lr=cfg.lr, **({"fused": True} if device.type == "cuda" else {}))
-
-
-def train_step(model, optimizer, inputs, targets, explicit_attention=False):
-    """One Adam step on a batch, cross-entropy over all positions; returns the loss as a device tensor (no host
-    sync). explicit_attention=True takes the authors' explicit attention path instead of the fused one."""
-    out = model(inputs, return_attn=explicit_attention)
-    logits = out[0] if explicit_attention else out
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+from learners import Group, OneCell, timing_step
+from runs import Run, load_runs, training_status
+from script_io import add_common_args, add_training_args, deadline_of, hardware_name, input_errors, resolve_training
 
 
 def train_here(cfg, cells, *, group=False, device="cpu", resume=False, save_every=10, tf32=False, compile=False,
@@ -124,115 +105,6 @@ def steps_per_epoch(cfg):
     return -(-cfg.num_sequences // cfg.batch_size)
 
 
-class OneCell:
-    """One cell's model and Adam, stepped on the fast attention path (PyTorch's fused attention on a GPU,
-    cpu_attention's kernel on a CPU), dropout drawn from torch's default generator seeded by the cell seed."""
-
-    def __init__(self, cfg, cell, device, compile=False):
-        data = make_dataset(cell.task, cfg.num_sequences, cfg.seq_length, cfg.vocab_size, cell.seed)
-        self.inputs, self.targets = data.inputs.to(device), data.targets.to(device)
-        torch.manual_seed(cell.cell_seed)  # initialisation and dropout
-        self.model = build_model(cfg, cell.heads).to(device).train()
-        self.optimizer = make_optimizer(self.model.parameters(), cfg, device)
-        self.shuffles = [torch.Generator().manual_seed(cell.cell_seed)]
-        self.step_model = torch.compile(self.model) if compile else self.model
-        self.config = self.model.config
-        self.label = None  # a lone cell belongs to no group
-
-    def step(self, batch):
-        """One Adam step on the sequences that batch (1, B) indexes; the loss, on the device."""
-        return train_step(self.step_model, self.optimizer, self.inputs[batch[0]], self.targets[batch[0]])
-
-    def load(self, states):
-        self.model.load_state_dict(states[0]["model"])
-        self.optimizer.load_state_dict(states[0]["optimizer"])
-
-    def cell_states(self):
-        """[(weights, Adam state)] of the cell."""
-        return [(self.model.state_dict(), self.optimizer.state_dict())]
-
-
-class Group:
-    """Cells of one head count trained together, in one process, all cells in every step.
-
-    A cell stays a cell: its initialisation from its cell seed, its own data and shuffling generator, its own Adam
-    moments (one Adam over the stacked weights is elementwise), its own resume state and checkpoint in the one-cell
-    formats. Their weights are stacked, and one vmapped forward and backward (group_loss) and one Adam step serve them
-    all. Dropout masks come from the group's own generator (seeded from its cells), a different mask for every cell:
-    a cell's masks depend on its group and differ from a single-cell run's, so a group resumes only as the same
-    group."""
-
-    def __init__(self, cfg, cells, device):
-        if len({c.heads for c in cells}) != 1:
-            raise ValueError(f"a group trains one head count, got {sorted({c.heads for c in cells})}")
-        data = [make_dataset(c.task, cfg.num_sequences, cfg.seq_length, cfg.vocab_size, c.seed) for c in cells]
-        self.inputs = torch.stack([d.inputs for d in data]).to(device)
-        self.targets = torch.stack([d.targets for d in data]).to(device)
-        models = []
-        for c in cells:
-            torch.manual_seed(c.cell_seed)  # each cell's own initialisation
-            models.append(build_model(cfg, c.heads).to(device))
-        self.shuffles = [torch.Generator().manual_seed(c.cell_seed) for c in cells]
-        self.label = group_label(cells)  # recorded in its resume states and checkpoints
-        torch.manual_seed(zlib.crc32("; ".join(self.label).encode()))  # the group's dropout stream
-        self.params, self.buffers = stack_module_state(models)
-        self.optimizer = make_optimizer(self.params.values(), cfg, device)
-        self.loss_of = group_loss(models[0])
-        self.config = models[0].config
-        self.rows = torch.arange(len(cells), device=device)[:, None]
-
-    def step(self, batch):
-        """One vmapped Adam step, cell m on the sequences batch[m] indexes; the cells' losses (M,), on the device."""
-        loss = self.loss_of(self.params, self.buffers, self.inputs[self.rows, batch], self.targets[self.rows, batch])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.sum().backward()  # each cell's weights get the gradient of its own loss
-        self.optimizer.step()
-        return loss.detach()
-
-    def load(self, states):
-        with torch.no_grad():
-            for name, value in self.params.items():
-                value.copy_(torch.stack([state["model"][name] for state in states]))
-        self.optimizer.load_state_dict(_stack_optimizer_state([state["optimizer"] for state in states]))
-
-    def cell_states(self):
-        """[(weights, Adam state)] of each cell, as a one-cell run would hold them."""
-        optimizer_state = self.optimizer.state_dict()
-        return [({k: v[m].detach() for k, v in self.params.items()}, _cell_optimizer_state(optimizer_state, m))
-                for m in range(len(self.shuffles))]
-
-
-def group_label(cells):
-    """What a group's resume states and checkpoints record of it, and what seeds its dropout stream."""
-    return [f"seed {c.seed}, {c.heads} heads, {c.task}" for c in cells]
-
-
-def group_loss(model):
-    """A function (stacked params, stacked buffers, inputs (M, B, T), targets (M, B, T)) -> the M cells' mean
-    cross-entropies, one vmapped forward over M stacked copies of `model`'s architecture. It takes the explicit
-    attention path (PyTorch's fused attention has no vmap rule for its backward), and dropout draws another mask for
-    every cell (randomness="different") from torch's default generator."""
-    base = copy.deepcopy(model).to("meta").train()
-
-    def cell_loss(params, buffers, inputs, targets):
-        logits, _ = functional_call(base, (params, buffers), (inputs,), {"return_attn": True})
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    return vmap(cell_loss, randomness="different")
-
-
-def _stack_optimizer_state(states):
-    """One Adam state over stacked parameters from the cells' own (the inverse of _cell_optimizer_state)."""
-    return {"state": {i: {k: v if k == "step" else torch.stack([s["state"][i][k] for s in states])
-                          for k, v in entry.items()} for i, entry in states[0]["state"].items()},
-            "param_groups": states[0]["param_groups"]}
-
-
-def _cell_optimizer_state(state, m):
-    """Cell m's Adam state, as a one-cell optimizer over its own parameters would hold it."""
-    return {"state": {i: {k: v if k == "step" else v[m] for k, v in entry.items()}
-                      for i, entry in state["state"].items()}, "param_groups": state["param_groups"]}
-
-
 def _rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -267,11 +139,14 @@ def resume_states(cfg, cells, learner, device, log):
     states = [read_checkpoint(cell.resume_path, device) for cell in cells]
     group = learner.label
     for cell, state in zip(cells, states):
-        same = state.get("run") == cell.run_facts(cfg) and state.get("group") == group
-        if not same or state["epoch"] != states[0]["epoch"]:
-            raise ValueError(f"{cell.resume_path} belongs to another run or group ({state.get('run')}, group "
-                             f"{state.get('group')}, epoch {state['epoch']}), not to {cell.run_facts(cfg)}, group "
-                             f"{group}: delete {'the group' if group else 'its'} resume state(s) to start afresh")
+        difference = run_difference(state.get("run"), cell.run_facts(cfg))
+        if difference is None and state.get("group") != group:
+            difference = f"group: {state.get('group')} in the file, {group} now"
+        if difference is None and state["epoch"] != states[0]["epoch"]:
+            difference = f"epoch: {state['epoch']} in the file, {states[0]['epoch']} in {cells[0].resume_path}"
+        if difference:
+            raise ValueError(f"{cell.resume_path} belongs to another run or group ({difference}): delete "
+                             f"{'the group' if group else 'its'} resume state(s) to start afresh")
     learner.load(states)
     for shuffle, state in zip(learner.shuffles, states):
         shuffle.set_state(state["shuffle"].cpu())
@@ -405,23 +280,15 @@ def models_of(cfg, cells, args, device, ckpt_dir):
     return {(cell.heads, cell.task): model for cell, (model, _) in models.items()}
 
 
+def trained_runs(cfg, cells, args, device, ckpt_dir, others):
+    """[(run, {(heads, task): model})] of --seed's run (models_of: its missing cells trained first) and of each Run
+    of `others` that has any of the cells (runs.load_runs: read and checked, nothing trained)."""
+    first = Run(str(args.seed), args.seed, ckpt_dir)
+    return [(first, models_of(cfg, cells, args, device, ckpt_dir))] + (load_runs(cfg, cells, others, device)
+                                                                       if others else [])
+
+
 # Time: steps timed, training estimated
-def timing_step(cfg, heads, device, explicit_attention=False):
-    """One training step of a fresh model on a random batch, as a callable returning the loss: for timing."""
-    model = build_model(cfg, heads).to(device).train()
-    optimizer = make_optimizer(model.parameters(), cfg, device)
-    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.seq_length), device=device)
-    return lambda: train_step(model, optimizer, x, x, explicit_attention=explicit_attention)
-
-
-def group_timing_step(cfg, heads, cells, device):
-    """One grouped training step (Group.step) of `cells` fresh stacked models, as a callable returning the cells'
-    losses: for timing."""
-    group = Group(cfg, [Cell(heads, "copy", seed=seed) for seed in range(cells)], device)
-    batch = torch.arange(cfg.batch_size, device=device).expand(cells, cfg.batch_size)
-    return lambda: group.step(batch)
-
-
 def seconds_per_step(cfg, heads, device, threads=1, steps=3):
     """Measured seconds of one training step of a fresh model on `threads` threads (median of `steps`, after a
     warm-up step)."""
@@ -456,53 +323,6 @@ def warn_of_long_training(cfg, heads_of_cells, jobs, threads, device, longer_tha
               "--time-budget MINUTES stops with resume states. Ctrl-C now to choose.", flush=True)
 
 
-# --status
-def _cell_files(cfg, cell):
-    """(state, epochs trained, sessions) of a cell, read from its checkpoint or resume state."""
-    if cell.path.is_file():
-        facts = read_checkpoint(cell.path).get("training", {})
-        return "finished", facts.get("epochs", cfg.epochs), facts.get("sessions", [])
-    if cell.resume_path.is_file():
-        state = read_checkpoint(cell.resume_path)
-        return f"epoch {state['epoch']}/{cfg.epochs}", state["epoch"], state.get("sessions", [])
-    return "not started", 0, []
-
-
-def training_status(cfg, cells, device_type, jobs):
-    """Where the training of the Cells stands, read from their files.
-
-    Returns one row per cell (finished, stopped after epoch k, or not started; the hours it took and on what), a
-    summary line, and the cell-hours left: each unfinished cell's epochs times the seconds per epoch that these
-    cells' own sessions on `device_type` took at its head count (a grouped session's time shared among its cells;
-    nan where no session measured that head count)."""
-    rows, spent = [], {}
-    for cell in cells:
-        state, epochs, sessions = _cell_files(cfg, cell)
-        cell_seconds = [s["seconds"] / s.get("group", 1) for s in sessions]
-        for s, seconds in zip(sessions, cell_seconds):
-            if torch.device(s["device"]).type == device_type:
-                total = spent.setdefault(cell.heads, [0.0, 0])
-                total[0] += seconds
-                total[1] += s["last_epoch"] - s["first_epoch"] + 1
-        rows.append(dict(seed=cell.seed, heads=cell.heads, task=cell.task, state=state, epochs=epochs,
-                         hours=round(sum(cell_seconds) / 3600, 2),
-                         on=", ".join(dict.fromkeys(f"{s['hardware']} ({s['device']}"
-                                                    + (f", {s['threads']} thread(s))" if s["device"] == "cpu" else ")")
-                                                    for s in sessions))))
-    per_epoch = {h: seconds / epochs for h, (seconds, epochs) in sorted(spent.items()) if epochs}
-    left = [r for r in rows if r["state"] != "finished"]
-    hours_left = sum((cfg.epochs - r["epochs"]) * per_epoch.get(r["heads"], float("nan")) for r in left) / 3600
-    summary = (f"{len(rows) - len(left)} of {len(rows)} cells finished, {sum(r['epochs'] > 0 for r in left)} "
-               f"unfinished, {sum(r['epochs'] == 0 for r in left)} not started; "
-               f"{sum(r['hours'] for r in rows):.1f} cell-hours spent. ")
-    if not left:
-        return rows, summary + "Nothing left.", hours_left
-    return rows, summary + (
-        f"Left: about {hours_left:.1f} cell-hours on {device_type}, {hours_left / jobs:.1f} h with {jobs} at a time, "
-        f"at the seconds per epoch these cells took on {device_type} ("
-        + (", ".join(f"{h} heads {t:.1f} s" for h, t in per_epoch.items()) or "none measured") + ")"), hours_left
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, nargs="+", default=list(HEADS),
@@ -527,9 +347,10 @@ def main():
         rows, summary, _ = training_status(cfg, grid, device.type, default_jobs(args.jobs, grid))
         print(tabulate(rows, headers="keys", tablefmt="github"), summary, sep="\n\n")
         return
-    paths = train_cells(cfg, grid, jobs=args.jobs, threads=args.threads, group=args.group == "yes", device=device,
-                        resume=args.resume, save_every=args.save_every, tf32=args.tf32, compile=args.compile,
-                        log=tqdm.write, deadline=deadline_of(args.time_budget))
+    with input_errors(parser):  # a resume state of another run: one line naming the setting, no traceback
+        paths = train_cells(cfg, grid, jobs=args.jobs, threads=args.threads, group=args.group == "yes",
+                            device=device, resume=args.resume, save_every=args.save_every, tf32=args.tf32,
+                            compile=args.compile, log=tqdm.write, deadline=deadline_of(args.time_budget))
     for cell, path in zip(grid, paths):
         print(f"wrote {path}" if path else f"unfinished (time budget): {cell.heads} heads {cell.task} seed "
               f"{cell.seed} -- rerun with --resume to continue")

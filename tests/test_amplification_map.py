@@ -1,4 +1,4 @@
-"""theory.py --amplification: Section 3's worked argument by matrix powers, identical heads never amplify, the
+"""The amplification map (amplification.py, theory.py --amplification): Section 3's worked argument by matrix powers, identical heads never amplify, the
 sharing knob at its ends, Wilson intervals and the summary by hand, the draws' seeds, the trained layers' placing on
 the map, and the script end to end in its quick mode."""
 import math
@@ -9,15 +9,16 @@ import pytest
 import torch
 from scipy import stats
 
-import theory
-from config import POISSON_P, QUICK
+import amplification
+import graphs
+from amplification import AMPLIFY_RTOL, amplification_summary, layer_amplification_rows
 from checkpoints import load_model
-from evaluation import (AMPLIFY_RTOL, amplification_summary, head_diversity, head_set_values, layer_amplification_rows,
-                        wilson_interval)
+from config import POISSON_P, QUICK, SHARE_LEVELS
+from evaluation import head_diversity, head_set_values, wilson_interval
 
 
 def draws(family, share, size=16, heads=4, n=12, seed=0):
-    return theory.FAMILIES[family](size, heads, n, share, torch.Generator().manual_seed(seed))
+    return graphs.FAMILIES[family](size, heads, n, share, torch.Generator().manual_seed(seed))
 
 
 def test_worked_argument_by_matrix_powers():
@@ -25,11 +26,11 @@ def test_worked_argument_by_matrix_powers():
     beta (1 - beta) / 4 there after two steps, so phi_u >= beta (1 - beta) / 4 for every convex beta."""
     by_hand = np.array([[[1, 0, 0], [0.5, 0.5, 0], [0, 0, 1]],  # head 1: u -> v, self-loops, rows = receivers
                         [[1, 0, 0], [0, 1, 0], [0, 0.5, 0.5]]])  # head 2: v -> tau
-    assert np.array_equal(theory.three_node_heads().numpy(), by_hand)
+    assert np.array_equal(graphs.three_node_heads().numpy(), by_hand)
     for head in by_hand:
         assert all(np.linalg.matrix_power(head, t)[2, 0] == 0 for t in range(1, 101))
     betas = np.linspace(0.02, 0.98, 25)
-    table = theory.worked_argument(betas, horizon=100)
+    table = amplification.worked_argument(betas, horizon=100)
     assert (table.phi_u_head_1 == 0).all() and (table.phi_u_head_2 == 0).all()
     for beta, row in zip(betas, table.itertuples()):
         combined = beta * by_hand[0] + (1 - beta) * by_hand[1]
@@ -40,7 +41,7 @@ def test_worked_argument_by_matrix_powers():
         assert row.phi_u_combined >= row.cross_term_bound == pytest.approx(beta * (1 - beta) / 4)
 
 
-@pytest.mark.parametrize("family", list(theory.FAMILIES))
+@pytest.mark.parametrize("family", list(graphs.FAMILIES))
 def test_identical_heads_never_amplify(family):
     """All shared: every head of a draw is the same matrix, diversity is exactly 0, the combination equals each head
     (up to float rounding, far below AMPLIFY_RTOL) and no proxy counts a win."""
@@ -54,7 +55,7 @@ def test_identical_heads_never_amplify(family):
     assert all(summary[f"{proxy}_share"] == 0 for proxy in values)
 
 
-@pytest.mark.parametrize("family", list(theory.FAMILIES))
+@pytest.mark.parametrize("family", list(graphs.FAMILIES))
 def test_sharing_knob_at_its_ends_and_between(family):
     """Diversity is 0 with everything shared and grows as less is shared; with nothing shared every pair of heads
     differs."""
@@ -102,7 +103,7 @@ def test_amplification_summary_by_hand():
 
 
 def test_draws_reproduce_from_their_seed():
-    cell = lambda seed, share=0.5: theory.cell_values("dense", 8, 2, share, QUICK, seed=seed, spread=0.05)
+    cell = lambda seed, share=0.5: amplification.cell_values("dense", 8, 2, share, QUICK, seed=seed, spread=0.05)
     assert cell(3) == cell(3) and cell(3) != cell(4) and cell(3) != cell(3, share=0.0)
     assert torch.equal(draws("sparse", 0.5, seed=1), draws("sparse", 0.5, seed=1))
 
@@ -115,7 +116,7 @@ def test_place_on_map_by_hand():
     table = pd.concat([curve, curve.assign(family="sparse", fidelity_share=[0.0, 0.5, 0.9])])
     trained = pd.DataFrame({"run": "0", "heads": [4, 4, 16, 4], "n": 100, "diversity": [0.6, 0.1, 0.5, 0.9],
                             "fidelity_share": 0.5})
-    placed = theory.place_on_map(trained, table)
+    placed = amplification.place_on_map(trained, table)
     assert placed.random_dense_share.tolist()[:2] == pytest.approx([0.4, 0.05])
     assert placed.random_sparse_share.tolist()[:2] == pytest.approx([0.7, 0.125])
     assert placed.random_dense_share[2:].isna().all()
@@ -129,7 +130,7 @@ def test_amplification_script_quick_end_to_end(tmp_path, run_ok, run_main):
     assert "beats its best head" in out
     folder = tmp_path / "theory"
     table, trained = pd.read_csv(folder / "amplification.csv"), pd.read_csv(folder / "amplification_trained.csv")
-    assert len(table) == len(theory.FAMILIES) * 2 * 2 * len(theory.SHARE_LEVELS)
+    assert len(table) == len(graphs.FAMILIES) * 2 * 2 * len(SHARE_LEVELS)
     assert (table[table.share == 1.0].fidelity_share == 0).all() and (table[table.share == 1.0].diversity == 0).all()
     assert len(trained) == QUICK.num_layers and set(trained.heads) == {4}
     model = load_model(QUICK, 4, tmp_path / "ckpt" / "4_heads_cycle.pt", "cpu")[0]  # the worker's rows, here
@@ -138,7 +139,7 @@ def test_amplification_script_quick_end_to_end(tmp_path, run_ok, run_main):
                                   check_dtype=False, rtol=1e-12)
     spread = trained.weight_log_spread.max()
     for row in table.iloc[[3, 7, 16]].itertuples():
-        again = theory.cell_values(row.family, row.n, row.heads, row.share, QUICK, seed=42, spread=spread)
+        again = amplification.cell_values(row.family, row.n, row.heads, row.share, QUICK, seed=42, spread=spread)
         assert again == pytest.approx({k: getattr(row, k) for k in again}, rel=1e-12)
     markdown = (folder / "amplification.md").read_text()
     assert "worked argument" in markdown and "## Findings" in markdown and "trained layers on the map" in markdown
@@ -150,5 +151,5 @@ def test_amplification_script_quick_end_to_end(tmp_path, run_ok, run_main):
 
 def test_first_crossing_by_hand():
     x, y = np.array([0.0, 0.2, 0.4, 0.6]), np.array([0.0, 0.4, 0.6, 0.45])
-    assert theory._first_crossing(x, y, 0.5) == pytest.approx(0.3)  # between 0.2 and 0.4, the first time only
-    assert theory._first_crossing(x, y, 0.0) == 0.0 and math.isnan(theory._first_crossing(x, y, 0.7))
+    assert amplification._first_crossing(x, y, 0.5) == pytest.approx(0.3)  # between 0.2 and 0.4, the first time only
+    assert amplification._first_crossing(x, y, 0.0) == 0.0 and math.isnan(amplification._first_crossing(x, y, 0.7))

@@ -10,9 +10,11 @@ MAY_IMPORT_TRAIN = {"main", "test_amplification", "synergy", "theory", "bench"}
 LAYERS = [  # a module imports only modules of lower layers (and of its own layer where listed together)
     {"example2", "main", "test_amplification", "synergy", "theory", "bench"},
     {"train"},
+    {"amplification", "learners"},
     {"evaluation", "runs", "claims"},
-    {"checkpoints"},
+    {"checkpoints", "graphs"},
     {"transformer"},
+    {"walks"},
     {"cpu_attention", "proxies", "sequence_datasets", "script_io"},
     {"official"},
     {"config"},

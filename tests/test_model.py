@@ -9,7 +9,8 @@ import transformer
 from sequence_datasets import CopyDataset, CycleDataset, make_dataset
 from config import HEADS, PAPER, QUICK
 from checkpoints import Cell, build_model, load_checkpoint, save_checkpoint
-from train import make_optimizer, train_cell, train_step
+from learners import make_optimizer, train_step
+from train import train_cell
 from transformer import dropout_keep_mask
 
 

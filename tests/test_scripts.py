@@ -163,8 +163,8 @@ def test_gpu_run_script_trains_only_the_seeds_asked_for(tmp_path):
 def truncated_checkpoint(tmp_path_factory):
     """A folder with a truncated 4_heads_copy.pt and no 4_heads_cycle.pt."""
     folder = tmp_path_factory.mktemp("bad")
-    model = __import__("train").build_model(__import__("config").QUICK, 4)
-    __import__("train").save_checkpoint(folder / "whole.pt", {"state_dict": model.state_dict()})
+    model = __import__("checkpoints").build_model(__import__("config").QUICK, 4)
+    __import__("checkpoints").save_checkpoint(folder / "whole.pt", {"state_dict": model.state_dict()})
     (folder / "4_heads_copy.pt").write_bytes((folder / "whole.pt").read_bytes()[:1000])
     return folder
 

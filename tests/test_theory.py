@@ -14,7 +14,8 @@ from conftest import ROOT
 from scipy import stats
 
 import proxies
-import theory
+import walks
+import graphs
 from checkpoints import build_model, load_model
 from config import PAPER, QUICK
 from evaluation import CROSS_MACHINE_ATOL, evaluation_sequences, theorem29_summary, theorem29_values, theory_rows
@@ -51,11 +52,11 @@ def test_line_graph_mixing_time_from_the_binomial_tail(n):
     worst = lambda t: 2 * stats.binom.cdf(N - 1, t, 0.5)
     first = {name: next(t for t in range(1, 10 * n) if d(t) < 0.25) for name, d in (("average", average),
                                                                                     ("worst", worst))}
-    walk = proxies.graph_walk(theory.line_graph(n))
-    assert proxies.epsilon_mixing_times(walk, convention="first") == first
-    assert proxies.epsilon_mixing_times(walk) == {name: t - 1 for name, t in first.items()}  # published: one less
+    walk = walks.graph_walk(graphs.line_graph(n))
+    assert walks.epsilon_mixing_times(walk, convention="first") == first
+    assert walks.epsilon_mixing_times(walk) == {name: t - 1 for name, t in first.items()}  # published: one less
     if n in PUBLISHED_LINE:
-        assert proxies.epsilon_mixing_time(walk) == PUBLISHED_LINE[n][0]
+        assert walks.epsilon_mixing_time(walk) == PUBLISHED_LINE[n][0]
 
 
 @pytest.mark.parametrize("n", [8, 16, 32, 64])
@@ -65,7 +66,7 @@ def test_line_graph_normalised_fidelity_in_closed_form(n):
     # node 0 gathers everything (its phi tends to 1) and the sink's is 1/2.
     k = n - 2
     closed_form = n * math.comb(2 * k, k) / 4 ** k
-    fidelity, _ = proxies.converged_minimax_fidelity(proxies.graph_diffusion(theory.line_graph(n)))
+    fidelity, _ = proxies.converged_minimax_fidelity(walks.graph_diffusion(graphs.line_graph(n)))
     assert n * fidelity == pytest.approx(closed_form, rel=1e-12)
     if n in PUBLISHED_LINE:
         assert n * fidelity == pytest.approx(PUBLISHED_LINE[n][1], abs=5e-4)
@@ -74,7 +75,7 @@ def test_line_graph_normalised_fidelity_in_closed_form(n):
 @pytest.mark.parametrize("n", [2, 16, 256])
 def test_fully_connected_normalised_fidelity_is_exactly_one(n):
     # the sink's own signal is 1/n after one step and only falls: min phi = 1/n, and every node gets 1/n at t = 1
-    fidelity, horizon = proxies.converged_minimax_fidelity(proxies.graph_diffusion(theory.fully_connected_graph(n)))
+    fidelity, horizon = proxies.converged_minimax_fidelity(walks.graph_diffusion(graphs.fully_connected_graph(n)))
     assert n * fidelity == pytest.approx(1.0, rel=1e-12) and horizon == 1
 
 
@@ -90,16 +91,16 @@ def test_converged_fidelity_equals_a_long_horizon_on_random_dags():
 def test_epsilon_mixing_time_equals_brute_force_and_both_search_paths_agree(monkeypatch):
     generator = torch.Generator().manual_seed(1)
     attn = random_causal_attention(8, 3, n=10, temperature=0.5, generator=generator)
-    walks = proxies.mixture_walk(attn, torch.rand(8, 3, generator=generator, dtype=torch.float64))
-    stepped = proxies.epsilon_mixing_times(walks, epsilon=0.1, convention="first")
-    for b, walk in enumerate(walks.numpy()):
-        assert brute_force_mixing(walk, 0.1, 500) == {start: stepped[start][b] for start in proxies.STARTS}
+    batch = walks.mixture_walk(attn, torch.rand(8, 3, generator=generator, dtype=torch.float64))
+    stepped = walks.epsilon_mixing_times(batch, epsilon=0.1, convention="first")
+    for b, walk in enumerate(batch.numpy()):
+        assert brute_force_mixing(walk, 0.1, 500) == {start: stepped[start][b] for start in walks.STARTS}
     cap = int(np.median(stepped["worst"]))
-    capped = proxies.epsilon_mixing_times(walks, epsilon=0.1, convention="first", max_steps=cap)
-    monkeypatch.setattr(proxies, "LINEAR_STEPS", 1)  # every walk found by repeated squaring instead
-    squared = proxies.epsilon_mixing_times(walks, epsilon=0.1, convention="first")
-    squared_capped = proxies.epsilon_mixing_times(walks, epsilon=0.1, convention="first", max_steps=cap)
-    for s in proxies.STARTS:
+    capped = walks.epsilon_mixing_times(batch, epsilon=0.1, convention="first", max_steps=cap)
+    monkeypatch.setattr(walks, "LINEAR_STEPS", 1)  # every walk found by repeated squaring instead
+    squared = walks.epsilon_mixing_times(batch, epsilon=0.1, convention="first")
+    squared_capped = walks.epsilon_mixing_times(batch, epsilon=0.1, convention="first", max_steps=cap)
+    for s in walks.STARTS:
         assert np.array_equal(stepped[s], squared[s])
         expected = np.where(stepped[s] <= cap, stepped[s], np.inf)  # not mixed within the cap: inf, never the cap
         assert np.array_equal(capped[s], expected) and np.array_equal(squared_capped[s], expected)
@@ -107,32 +108,32 @@ def test_epsilon_mixing_time_equals_brute_force_and_both_search_paths_agree(monk
 
 
 def test_a_walk_that_never_moves_is_not_mixed():
-    walk = proxies.graph_walk(theory.line_graph(5))
+    walk = walks.graph_walk(graphs.line_graph(5))
     walk[:, 2] = 0.0
     walk[2, 2] = 1.0  # node 2 keeps its walkers for ever
-    times = proxies.epsilon_mixing_times(walk)
+    times = walks.epsilon_mixing_times(walk)
     assert np.isinf(times["worst"]) and np.isinf(times["average"])  # distance >= 2/5 from node 2 alone: > 1/4
-    assert proxies.move_probabilities(walk)[2] == 0.0 and np.isinf(proxies.hoeffding_mixing_bound(5, 0.0))
+    assert walks.move_probabilities(walk)[2] == 0.0 and np.isinf(walks.hoeffding_mixing_bound(5, 0.0))
 
 
 def test_mixture_walk_is_the_weighted_sum_of_head_walks_and_not_the_normalised_combination():
     generator = torch.Generator().manual_seed(2)
     attn = random_causal_attention(2, n=7, temperature=0.7, generator=generator)
-    mixture = proxies.mixture_walk(attn, [3.0, 1.0])
-    walks = [a / a.sum(0, keepdim=True) for a in attn]  # each head's column j normalised
-    assert torch.allclose(mixture, 0.75 * walks[0] + 0.25 * walks[1], atol=1e-14)
+    mixture = walks.mixture_walk(attn, [3.0, 1.0])
+    head_walk = [a / a.sum(0, keepdim=True) for a in attn]  # each head's column j normalised
+    assert torch.allclose(mixture, 0.75 * head_walk[0] + 0.25 * head_walk[1], atol=1e-14)
     assert torch.allclose(mixture.sum(0), torch.ones(7, dtype=torch.float64), atol=1e-14)  # column-stochastic
     combined = 0.75 * attn[0] + 0.25 * attn[1]
     normalised = combined / combined.sum(0, keepdim=True)  # what mixing_time_normalized walks on
     assert not torch.allclose(mixture, normalised, atol=1e-3)
-    assert torch.allclose(proxies.mixture_walk(attn[:1]), walks[0], atol=1e-14)  # one head: the same walk
+    assert torch.allclose(walks.mixture_walk(attn[:1]), head_walk[0], atol=1e-14)  # one head: the same walk
 
 
 def test_move_probabilities_by_hand():
     # the line graph's diffusion read as one head's attention: column 0 holds 1 (row 0) and 1/2 (row 1), so the walk
     # leaves node 0 with probability 1/3; inner columns hold 1/2 and 1/2 (leave with 1/2)
-    attention = proxies.graph_diffusion(theory.line_graph(5))
-    move = proxies.move_probabilities(proxies.head_walks(attention))[0]
+    attention = walks.graph_diffusion(graphs.line_graph(5))
+    move = walks.move_probabilities(walks.head_walks(attention))[0]
     assert np.allclose(move, [1 / 3, 1 / 2, 1 / 2, 1 / 2])
 
 
@@ -144,24 +145,24 @@ def test_theorem29_rigorous_form_on_random_dags():
     for n, temperature in ((8, 2.0), (16, 1.0), (32, 3.0), (64, 0.5)):
         attn = random_causal_attention(20, 4, n=n, temperature=temperature, generator=generator)
         weights = torch.rand(20, 4, generator=generator, dtype=torch.float64) + 0.1
-        walks = proxies.head_walks(attn)
+        batch = walks.head_walks(attn)
         w = (weights / weights.sum(-1, keepdim=True)).numpy()
-        p = (proxies.move_probabilities(walks).min(-1) * w).sum(-1)
-        mixture = proxies.mixture_walk(attn, weights)
-        assert (proxies.move_probabilities(mixture).min(-1) >= p - 1e-12).all()
-        worst = proxies.epsilon_mixing_time(mixture, start="worst", convention="first")
-        assert (worst <= proxies.hoeffding_mixing_bound(n, p)).all()
+        p = (walks.move_probabilities(batch).min(-1) * w).sum(-1)
+        mixture = walks.mixture_walk(attn, weights)
+        assert (walks.move_probabilities(mixture).min(-1) >= p - 1e-12).all()
+        worst = walks.epsilon_mixing_time(mixture, start="worst", convention="first")
+        assert (worst <= walks.hoeffding_mixing_bound(n, p)).all()
         rigorous = (n - 1) * p > math.log(8)
         assert (worst[rigorous] <= np.ceil(2 * (n - 1) / p[rigorous])).all()
-        assert (proxies.hoeffding_mixing_bound(n, p[rigorous]) <= np.ceil(2 * (n - 1) / p[rigorous])).all()
+        assert (walks.hoeffding_mixing_bound(n, p[rigorous]) <= np.ceil(2 * (n - 1) / p[rigorous])).all()
         held += int(rigorous.sum())
     assert held >= 40  # the condition holds in most draws: the check has power
 
 
 def test_hoeffding_bound_by_hand():
     # n = 16, p = 1/2 (the line graph): c = ln(8)/2, sqrt(t) = (sqrt(c) + sqrt(c + 30)) / 1, t = 43.44 -> 44
-    assert proxies.hoeffding_mixing_bound(16, 0.5) == 44
-    assert proxies.epsilon_mixing_time(proxies.graph_walk(theory.line_graph(16)), start="worst",
+    assert walks.hoeffding_mixing_bound(16, 0.5) == 44
+    assert walks.epsilon_mixing_time(walks.graph_walk(graphs.line_graph(16)), start="worst",
                                        convention="first") == 36 <= 44 <= 2 * 15 / 0.5
 
 
@@ -180,10 +181,10 @@ def test_theorem29_rows_on_a_one_head_layer_equal_their_definitions():
     rows = pd.DataFrame(theory_rows({(1, "copy"): model}, QUICK, 42)["theorem29"])
     with torch.no_grad():
         attn = model.attention(evaluation_sequences(QUICK, "copy", 42))
-    walk = proxies.head_walks(attn)[:, :, 0]  # one head: the layer's walk is the head's
-    p = proxies.move_probabilities(walk).min(-1)
+    walk = walks.head_walks(attn)[:, :, 0]  # one head: the layer's walk is the head's
+    p = walks.move_probabilities(walk).min(-1)
     N = QUICK.seq_length - 1
-    mixing = proxies.epsilon_mixing_times(walk)
+    mixing = walks.epsilon_mixing_times(walk)
     assert np.allclose(rows.p_worst, p.mean(0)) and np.allclose(rows.bound, (2 * N / p).mean(0))
     assert np.allclose(rows.mixing, mixing["average"].mean(0)) and np.allclose(rows.fastest_head, rows.mixing)
     assert np.allclose(rows.bound_holds_share, (mixing["worst"] <= 2 * N / p).mean(0))
@@ -213,7 +214,7 @@ def test_committed_theory_results_reproduce_from_committed_checkpoints():
 def test_theorem29_summary_by_hand():
     """The bound is checked against the worst start; a walk not mixed within the cap counts only where that tells
     (a smaller bound: fails; a larger finite one: left out); an infinite bound (p = 0) always holds."""
-    cap = proxies.MAX_WALK_STEPS
+    cap = walks.MAX_WALK_STEPS
     column = lambda *x: np.array(x, dtype=float)[:, None]  # (S, L = 1)
     values = {"p_worst": column(0.1, 0.1, 0.1, 0.1, 0.0), "p_mean": column(0.5, 0.5, 0.5, 0.5, 0.5),
               "mixing": column(5, 5, 5, 7, 9), "mixing_worst": column(10, 10, np.inf, np.inf, np.inf),
@@ -228,7 +229,7 @@ def test_theorem29_summary_by_hand():
 
 
 def test_poisson_graph_reproduces_from_its_seed_and_keeps_the_line():
-    draw = lambda seed: theory.poisson_graph(64, 0.2, torch.Generator().manual_seed(seed))
+    draw = lambda seed: graphs.poisson_graph(64, 0.2, torch.Generator().manual_seed(seed))
     a = draw(7)
     assert torch.equal(a, draw(7)) and not torch.equal(a, draw(8))
     assert (a.triu(1) == 0).all() and (a.diagonal() == 1).all() and (a.diagonal(-1) == 1).all()
@@ -239,16 +240,16 @@ def test_poisson_graph_reproduces_from_its_seed_and_keeps_the_line():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: proxies.epsilon_mixing_time(torch.eye(3).T.flip(0)), "causal"),
-    (lambda: proxies.epsilon_mixing_time(torch.tensor([[0.5, 0.0], [0.4, 1.0]])), "columns must sum to 1"),
-    (lambda: proxies.epsilon_mixing_time(proxies.graph_walk(theory.line_graph(4)), epsilon=1.0), "(0, 1)"),
-    (lambda: proxies.epsilon_mixing_time(proxies.graph_walk(theory.line_graph(4)), epsilon=0.0), "(0, 1)"),
-    (lambda: proxies.epsilon_mixing_time(proxies.graph_walk(theory.line_graph(4)), start="best"), "'worst'"),
-    (lambda: proxies.graph_walk(torch.ones(3, 3)), "causal"),
-    (lambda: proxies.graph_walk(torch.tensor([[1.0, 0.0], [0.0, 0.0]])), "zero column"),
-    (lambda: proxies.graph_diffusion(torch.tensor([[0.0, 0.0], [1.0, 1.0]])), "zero row"),
-    (lambda: proxies.head_walks(torch.tensor([[1.0, 0.0], [1.0, 0.0]])), "zero column"),
-    (lambda: proxies.hoeffding_mixing_bound(10, 1.5), "p must lie in [0, 1]"),
+    (lambda: walks.epsilon_mixing_time(torch.eye(3).T.flip(0)), "causal"),
+    (lambda: walks.epsilon_mixing_time(torch.tensor([[0.5, 0.0], [0.4, 1.0]])), "columns must sum to 1"),
+    (lambda: walks.epsilon_mixing_time(walks.graph_walk(graphs.line_graph(4)), epsilon=1.0), "(0, 1)"),
+    (lambda: walks.epsilon_mixing_time(walks.graph_walk(graphs.line_graph(4)), epsilon=0.0), "(0, 1)"),
+    (lambda: walks.epsilon_mixing_time(walks.graph_walk(graphs.line_graph(4)), start="best"), "'worst'"),
+    (lambda: walks.graph_walk(torch.ones(3, 3)), "causal"),
+    (lambda: walks.graph_walk(torch.tensor([[1.0, 0.0], [0.0, 0.0]])), "zero column"),
+    (lambda: walks.graph_diffusion(torch.tensor([[0.0, 0.0], [1.0, 1.0]])), "zero row"),
+    (lambda: walks.head_walks(torch.tensor([[1.0, 0.0], [1.0, 0.0]])), "zero column"),
+    (lambda: walks.hoeffding_mixing_bound(10, 1.5), "p must lie in [0, 1]"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -11,9 +11,11 @@ import pytest
 import torch
 from conftest import ROOT
 
+import learners
+import runs
 import train
 from checkpoints import Cell, build_model, cell_seed, load_checkpoint
-from config import QUICK
+from config import QUICK, Training, training_settings
 from script_io import hardware_name, resolve_device
 from train import estimated_training_seconds, seconds_per_step, train_cell, train_cells
 
@@ -82,8 +84,28 @@ def test_resume_gives_the_uninterrupted_model(tmp_path):
 def test_resume_refuses_another_runs_state(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_cell(CFG, Cell(4, "copy", 1, folder=tmp_path), save_every=1, progress=True, log=interrupt_at(2))
-    with pytest.raises(ValueError, match="belongs to another run"):
+    with pytest.raises(ValueError, match=r"belongs to another run or group \(seed: 1 in the file, 2 now\)"):
         train_cell(CFG, Cell(4, "copy", 2, folder=tmp_path), resume=True, **quiet)
+    with pytest.raises(ValueError, match=r"\(lr: 0.001 in the file, 0.002 now\)"):
+        train_cell(dataclasses.replace(CFG, lr=2e-3), Cell(4, "copy", 1, folder=tmp_path), resume=True, **quiet)
+
+
+def test_an_evaluation_setting_keeps_resume_states_and_older_records_load(tmp_path):
+    """A run is its training settings: a resume state stays valid when only evaluation settings change, and one
+    written before the split (evaluation settings among its hyperparameters, a training setting missing) resumes."""
+    full = train_cell(CFG, Cell(4, "copy", folder=tmp_path / "full"), **quiet)
+    cut = Cell(4, "copy", folder=tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        train_cell(CFG, cut, save_every=1, progress=True, log=interrupt_at(3))
+    state = torch.load(cut.resume_path, weights_only=True)
+    assert set(state["run"]["hyperparameters"]) == {f.name for f in dataclasses.fields(Training)}
+    older = dict(state["run"]["hyperparameters"], amplification_draws=1068, horizon=100)
+    del older["dropout"]
+    torch.save(dict(state, run=dict(state["run"], hyperparameters=older)), cut.resume_path)
+    evaluation_changed = dataclasses.replace(CFG, amplification_draws=7, horizon=3, eval_sequences=2)
+    resumed = train_cell(evaluation_changed, cut, resume=True, **quiet)
+    assert same_weights(weights(full), weights(resumed))
+    assert torch.load(resumed, weights_only=True)["training"]["hyperparameters"] == training_settings(CFG)
 
 
 def test_parallel_jobs_give_bit_identical_checkpoints(tmp_path):
@@ -125,8 +147,8 @@ def test_a_first_epoch_the_deadline_cuts_is_dropped_and_the_earlier_state_kept(t
     state = (tmp_path / "4_heads_copy.pt.resume").read_bytes()
     clock = {"now": 1000.0}  # a fake clock that only training steps advance, one second a step: no timing margin
     monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock["now"], perf_counter=time.perf_counter))
-    step = train.train_step
-    monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: clock.update(now=clock["now"] + 1) or step(
+    step = learners.train_step
+    monkeypatch.setattr(learners, "train_step", lambda *args, **kwargs: clock.update(now=clock["now"] + 1) or step(
         *args, **kwargs))
     for folder, resume in ((tmp_path / "fresh", False), (tmp_path, True)):
         messages = []
@@ -215,7 +237,7 @@ def test_a_groups_dropout_draws_other_masks_for_every_cell():
     model = build_model(CFG, 4)
     params, buffers = torch.func.stack_module_state([model, copy.deepcopy(model), copy.deepcopy(model)])
     tokens = torch.randint(0, CFG.vocab_size, (1, 5, CFG.seq_length)).expand(3, 5, CFG.seq_length)
-    losses = train.group_loss(model)(params, buffers, tokens, tokens)  # the same weights and data in every cell
+    losses = learners.group_loss(model)(params, buffers, tokens, tokens)  # the same weights and data in every cell
     assert len(set(losses.tolist())) == 3  # so the masks differ
     ones = torch.func.vmap(lambda x: torch.nn.functional.dropout(x, CFG.dropout), randomness="different")(
         torch.ones(3, 200_000))  # the mechanism group_loss relies on: keep rate 1 - p in every cell
@@ -262,7 +284,7 @@ def test_status_reads_each_cells_files_and_estimates_the_hours_left(tmp_path):
         state = torch.load(path, weights_only=True)
         (state["training"] if "training" in state else state)["sessions"][0]["seconds"] = seconds
         torch.save(state, path)
-    rows, summary, hours_left = train.training_status(CFG, cells + [dataclasses.replace(cells[2], heads=1)], "cpu", 2)
+    rows, summary, hours_left = runs.training_status(CFG, cells + [dataclasses.replace(cells[2], heads=1)], "cpu", 2)
     assert [r["state"] for r in rows] == ["finished", "finished", "epoch 2/3", "not started"]
     assert [r["epochs"] for r in rows] == [3, 3, 2, 0]
     assert rows[0]["on"] == f"{hardware_name('cpu')} (cpu, {torch.get_num_threads()} thread(s))"
@@ -270,11 +292,11 @@ def test_status_reads_each_cells_files_and_estimates_the_hours_left(tmp_path):
     assert summary.startswith("2 of 4 cells finished, 1 unfinished, 1 not started; 2.5 cell-hours spent.")
     assert np.isnan(hours_left)  # no 1-head session measured
     # By hand: a 4-head epoch took (3600 + 3600 + 1800) s / (3 + 3 + 2) epochs = 1125 s; one epoch is left
-    _, summary, hours_left = train.training_status(CFG, cells, "cpu", 2)
+    _, summary, hours_left = runs.training_status(CFG, cells, "cpu", 2)
     assert hours_left == pytest.approx(1125 / 3600) and "0.3 cell-hours on cpu, 0.2 h with 2 at a time" in summary
     assert "4 heads 1125.0 s" in summary
-    assert np.isnan(train.training_status(CFG, cells, "cuda", 1)[2])  # no session on a GPU
-    assert train.training_status(CFG, cells[:2], "cpu", 2)[1].endswith("Nothing left.")
+    assert np.isnan(runs.training_status(CFG, cells, "cuda", 1)[2])  # no session on a GPU
+    assert runs.training_status(CFG, cells[:2], "cpu", 2)[1].endswith("Nothing left.")
 
 
 def test_status_flag_prints_and_trains_nothing(tmp_path):
@@ -339,4 +361,4 @@ def test_retrain_in_groups_trains_every_cell_again(tmp_path, monkeypatch):
     models = train.ensure_models(cfg, cells, device=torch.device("cpu"), retrain=True, group=True)
     for cell in cells:
         facts = torch.load(cell.path, weights_only=True)["training"]
-        assert facts["group"] == train.group_label(cells) and models[cell][1]["group"] == facts["group"]
+        assert facts["group"] == learners.group_label(cells) and models[cell][1]["group"] == facts["group"]
