@@ -97,7 +97,7 @@ def worked_argument(betas, horizon):
 DRAW_BATCHES = 8  # a cell's draws come in this many batches; it stops early once every share is known to +-3 points
 HALF_WIDTH = 0.03
 DRAW_CHUNK = 32  # draws evaluated together: 26 MB at n = 100, 8 heads, under glibc's 32 MB mmap ceiling, so memory
-#                  is reused rather than faulted in afresh (1.1x-1.5x faster here than 256 at a time)
+#                  is reused rather than faulted in afresh (docs/speed.md, "The amplification map")
 
 
 def draw_generator(seed, family, n, heads, share):

@@ -246,6 +246,17 @@ def growth_fit(n, values):
     return r2_log, r2_linear, "log" if r2_log > r2_linear else "linear"
 
 
+def growth_table(prefix):
+    """Per (run where present), task, head count and layer of a prefix table: how the layer's averaged
+    epsilon-mixing time (`mixing`) grows with n (growth_fit)."""
+    keys = [k for k in ("run", "task", "heads", "layer") if k in prefix.columns]
+    rows = []
+    for key, part in prefix.groupby(keys, sort=False):
+        r2_log, r2_linear, growth = growth_fit(part.n, part.mixing)
+        rows.append({**dict(zip(keys, key)), "r2_log": r2_log, "r2_linear": r2_linear, "growth": growth})
+    return pd.DataFrame(rows)
+
+
 @claim("prefix", "README", "averaged epsilon-mixing time over the prefix lengths n: a + b log n fits better (R^2) "
                            "than a + b n")
 def mixing_grows_like_log_n(t):
@@ -293,19 +304,34 @@ def runs_note(claims):
             + "; ".join(f"{', '.join(tables)}: {runs}" for runs, tables in studies.items()) + ".")
 
 
+def claims_overview(claims):
+    """One row per claim: how many of its instances hold in every one of our runs, in some, in none (over `runs` of
+    ours), and in the authors' models ("k of n", "–" without them). claims as count_claims gives it, or as read back
+    from claims.csv (authors_holds then the strings "True", "False" or empty)."""
+    rows = []
+    for name, part in claims.groupby("claim", sort=False):
+        every, none = int((part.runs_holding == part.runs).sum()), int((part.runs_holding == 0).sum())
+        authors = part.authors_holds.astype(str)
+        authors = authors[authors != ""]
+        rows.append({"claim": name, "source": part.source.iloc[0], "runs": int(part.runs.max()),
+                     "instances": len(part), "in every run": every, "in some": len(part) - every - none,
+                     "in none": none,
+                     "the authors'": f"{int((authors == 'True').sum())} of {len(authors)}" if len(authors) else "–"})
+    return pd.DataFrame(rows)
+
+
 def claims_markdown(claims):
-    """Per claim: its test, how many of its instances hold in every run, in some, in none; then the full table."""
+    """Per claim: its test and claims_overview's counts; then the full table."""
     lines = ["# The claims, counted over training runs", "",
              "Each claim is tested on each run alone; `runs_holding` of `runs` of ours hold it (the authors' models, "
              "where present, apart). source: paper = the paper's claim, title = its title claim, README = ours.", "",
              runs_note(claims), ""]
-    for name, part in claims.groupby("claim", sort=False):
-        every, none = int((part.runs_holding == part.runs).sum()), int((part.runs_holding == 0).sum())
-        authors = part.authors_holds[part.authors_holds != ""]
-        lines.append(f"- **{name}** ({part.source.iloc[0]}): {part.test.iloc[0]}. Of {len(part)} instance(s): "
-                     f"{every} hold in every run of ours, {len(part) - every - none} in some, {none} in none"
-                     + (f"; the authors' models: {int(authors.astype(bool).sum())} of {len(authors)}." if len(authors)
-                        else "."))
+    tests = dict(zip(claims.claim, claims.test))
+    for _, r in claims_overview(claims).iterrows():
+        authors = r["the authors'"]
+        lines.append(f"- **{r.claim}** ({r.source}): {tests[r.claim]}. Of {r.instances} instance(s): "
+                     f"{r['in every run']} hold in every run of ours, {r['in some']} in some, {r['in none']} in none"
+                     + (f"; the authors' models: {authors}." if authors != "–" else "."))
     view = claims.drop(columns=["study_runs", "source", "test"])
     return "\n".join(lines + ["", view.to_markdown(index=False), ""])
 

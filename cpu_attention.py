@@ -47,7 +47,7 @@ VECTOR = 8  # V in the C source: keys per block, rows padded to a multiple of it
 C_SOURCE = (Path(__file__).resolve().parent / "cpu_attention.c").read_text()
 
 # Tried in order, the first that compiles is used: -march=native for the CPU's widest vectors (and the AVX2 Philox),
-# -fopenmp for threads, fused multiply-adds (-std=c99 alone turns their contraction off: 15% slower). Never
+# -fopenmp for threads, fused multiply-adds (-std=c99 alone turns their contraction off). Never
 # -ffast-math: its startup code would change the whole process's floating-point mode.
 COMPILE_FLAGS = (["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
                  ["-O3", "-march=native", "-ffp-contract=fast"], ["-O3"])

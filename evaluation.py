@@ -306,3 +306,31 @@ def theory_rows(models, cfg, seed):
     tagged = rows_per_task(models, cfg, seed, lambda model, tokens, task, heads: _theory_rows_of(
         model, tokens, task, heads, cfg))
     return {table: [row for tag, row in tagged if tag == table] for table in ("theorem29", "prefix")}
+
+
+# Any model's layer (pretrained.py): every study's per-sequence values from one layer's attention
+STUDIES = ("section4", "tables56", "synergy", "theorem29", "prefix")
+
+
+def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
+    """{study: {name: (S,) array}} of one layer's attention (S, H, T, T) with its head weights (H,): section4 (the
+    combination's mixing time, the authors' walk and the principled one, its fidelity at the paper's horizon and,
+    certified, at convergence), tables56 and synergy (head_set_values, diversity among them), theorem29, and prefix
+    ({n: values} at the prefix lengths). Each value is a column of the study's summary, as for the toy models."""
+    attn = torch.as_tensor(attn).double()
+    layer, w = attn[:, None], np.asarray(weights, dtype=float)[None]  # one layer: (S, 1, H, T, T), (1, H)
+    out = {}
+    if "section4" in studies:
+        C = proxies.combine_heads(attn, weights)[:, None, None]  # (S, 1, 1, T, T)
+        out["section4"] = {"mixing_time": proxies.mixing_time(C, max_steps=cfg.max_steps),
+                           "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
+                           "mixing_time_normalized": proxies.mixing_time_normalized(C, max_steps=cfg.max_steps),
+                           "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C[:, 0, 0])[0][:, None]}
+    if {"tables56", "synergy"} & set(studies):
+        values, diversity = head_set_values(layer, w, cfg)
+        out["synergy"] = {"values": values, "diversity": diversity}
+    if "theorem29" in studies:
+        out["theorem29"] = theorem29_values(layer, w)
+    if "prefix" in studies:
+        out["prefix"] = prefix_values(layer, w, [n for n in lengths if n <= attn.shape[-1]], cfg)
+    return out

@@ -88,7 +88,7 @@ def sparse_heads(draws, heads, n, share, generator):
     """Sparse random causal DAGs: the line graph with self-loops, and each further edge (a, b), a <= b - 2, with
     probability POISSON_P (the Bernoulli form of poisson_graph's in-edges); each edge slot is common to all heads
     of a draw with probability `share`, else drawn for each head. In-degree normalised: (draws, heads, n, n)."""
-    common = torch.rand(draws, 1, n, n, generator=generator)  # float32 coins: 4x faster to draw, exact enough
+    common = torch.rand(draws, 1, n, n, generator=generator)  # float32 coins: cheaper to draw, exact enough
     own_edges = torch.rand(draws, heads, n, n, generator=generator) < POISSON_P
     # a common slot (common < share) holds an edge when common / share < POISSON_P: one uniform decides both
     further = torch.where(common < share, common < share * POISSON_P, own_edges)
@@ -99,7 +99,7 @@ def dense_heads(draws, heads, n, share, generator):
     """Dense random causal attention: softmax over the causal mask of scores (sqrt(share) z + sqrt(1 - share) z_h)
     / DENSE_TEMPERATURE, z common to the heads of a draw and z_h each head's own, all standard normal (so each head's
     scores have the same law at every share). (draws, heads, n, n), float64."""
-    common = torch.randn(draws, 1, n, n, generator=generator)  # float32 normals: 4x faster to draw
+    common = torch.randn(draws, 1, n, n, generator=generator)  # float32 normals: cheaper to draw
     own = torch.randn(draws, heads, n, n, generator=generator)
     scores = (math.sqrt(share) * common + math.sqrt(1 - share) * own).double() / DENSE_TEMPERATURE
     return scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf).softmax(-1)

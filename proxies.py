@@ -192,10 +192,13 @@ def _expected_capped_steps(P, max_steps):
 
     With Q the transitions among the non-sink positions, P(H > t | start s) = (Q^t 1)_s, so the answer is
     s_M = sum_{t<M} Q^t 1. Binary doubling over the bits of M (s_2n = s_n + Q^n s_n; s_n+1 = s_n + Q^n 1) needs
-    O(log M) matrix products instead of M dependent mat-vec steps. The sink scores 0.
+    O(log M) matrix products, O(T^3 log M), instead of M dependent mat-vec steps, O(M T^2): the products win while
+    M >= T (the paper's T = M = 100), the steps on long sequences (a language model's T = 1024). The sink scores 0.
     """
     Q = P[:, :-1, :-1].contiguous()
     ones = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
+    if max_steps < Q.shape[-1]:
+        return _capped_steps_by_stepping(Q, ones, max_steps)
     total, power = torch.zeros_like(ones), None  # total = s_n, power = Q^n (None for n = 0)
     bits = bin(max_steps)[2:]
     for k, bit in enumerate(bits):
@@ -206,6 +209,15 @@ def _expected_capped_steps(P, max_steps):
         if bit == "1":  # n -> n + 1
             total = total + (ones if power is None else power @ ones)
             power = Q if power is None else None if last else power @ Q
+    return torch.cat([total[..., 0], torch.zeros_like(total[:, :1, 0])], dim=-1)
+
+
+def _capped_steps_by_stepping(Q, ones, max_steps):
+    """_expected_capped_steps by M mat-vec steps: s_M = 1 + Q 1 + ... + Q^(M-1) 1; the sink appended with 0."""
+    total, survive = torch.zeros_like(ones), ones
+    for _ in range(max_steps):
+        total = total + survive
+        survive = Q @ survive
     return torch.cat([total[..., 0], torch.zeros_like(total[:, :1, 0])], dim=-1)
 
 

@@ -34,7 +34,7 @@ import pandas as pd
 
 from amplification import (HALF_WIDTH, amplification_map, conditions, place_on_map, trained_layers, worked_argument,
                            worker_pool)
-from claims import claims_markdown, growth_fit
+from claims import claims_markdown, growth_table
 from config import AUTHORS, GRAPH_SIZES, HEADS, QUICK_GRAPH_SIZE, SEEDS
 from evaluation import theory_rows
 from graphs import FAMILIES, graph_rows, reference_graphs
@@ -46,16 +46,6 @@ from train import models_of, trained_runs
 THEOREM29_ACROSS = {"mixing": "mixing", "mixing_worst": "mixing_worst", "fastest_head": "fastest_head",
                     "bound": "bound", "bound_holds_share": "bound_holds_share"}
 PREFIX_ACROSS = {"mixing": "mixing", "bound": "bound", "mixing_time": "mixing_time", "fidelity": "fidelity"}
-
-
-def growth_table(prefix):
-    """Per (run where present), task, head count and layer: how the layer's mixing time grows with n."""
-    keys = [k for k in ("run", "task", "heads", "layer") if k in prefix.columns]
-    rows = []
-    for key, part in prefix.groupby(keys, sort=False):
-        r2_log, r2_linear, growth = growth_fit(part.n, part.mixing)
-        rows.append({**dict(zip(keys, key)), "r2_log": r2_log, "r2_linear": r2_linear, "growth": growth})
-    return pd.DataFrame(rows)
 
 
 def plot_prefix(prefix, references):

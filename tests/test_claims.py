@@ -147,3 +147,34 @@ def test_growth_claim_fits_log_and_linear_by_hand():
     assert r2_log == pytest.approx(1.0) and r2_linear < 0.95 and growth == "log"
     assert claims.growth_fit(n, [1 + 0.9 * k for k in n])[1:] == (pytest.approx(1.0), "linear")
     assert claims.growth_fit(n, [5, 6, float("inf"), 7, 8])[2] == "not mixed"
+
+
+def test_a_folder_whose_studies_hold_different_runs_is_marked(tmp_path):
+    """write_claims counts each claim over its own study's runs, records them (study_runs) and opens claims.md with a
+    warning naming each study's runs when the studies differ; the same runs everywhere: one plain line."""
+    rows = [("copy", h, 1, 3.0 + h / 100, 1.0 + h) for h in (1, 4)]
+    per_run = lambda runs: pd.DataFrame([(run, *row) for run in runs for row in rows], columns=["run", *SECTION4])
+    tables56 = lambda runs: pd.DataFrame([{"run": run, "task": "copy", "heads": 4, "layer": 1, "amplification": True,
+                                           "p_value": 0.5, "wins": 1, "samples": 2, "ties": 0} for run in runs])
+    per_run(["42", "0", "1"]).to_csv(tmp_path / "section4_runs.csv", index=False)
+    tables56(["42", "0"]).to_csv(tmp_path / "tables56_runs.csv", index=False)
+    table = claims.write_claims(tmp_path)
+    assert set(table[table.claim == "one_head_mixes_slowest"].study_runs) == {"42 0 1"}
+    assert set(table[table.claim == "combination_wins_majority"].study_runs) == {"42 0"}
+    assert set(table[table.claim == "combination_wins_majority"].runs) == {2}
+    text = (tmp_path / "claims.md").read_text()
+    assert "**Warning: the studies hold different runs**" in text
+    assert "section4: 42 0 1" in text and "tables56: 42 0" in text
+    tables56(["42", "0", "1"]).to_csv(tmp_path / "tables56_runs.csv", index=False)
+    claims.write_claims(tmp_path)
+    assert "Every study over the same runs: 42 0 1." in (tmp_path / "claims.md").read_text()
+
+
+def test_claims_overview_reads_the_csv_strings_of_the_authors():
+    """claims.csv gives authors_holds back as "True"/"False"/"": "False" must not count as holding."""
+    table = pd.DataFrame({"claim": ["c", "c", "d"], "source": "paper", "runs": 3, "runs_holding": [3, 0, 1],
+                          "authors_holds": ["True", "False", ""]})
+    overview = claims.claims_overview(table).set_index("claim")
+    assert overview.loc["c", ["instances", "in every run", "in some", "in none", "the authors'"]].tolist() == \
+        [2, 1, 0, 1, "1 of 2"]
+    assert overview.loc["d", "the authors'"] == "–" and overview.loc["d", "in some"] == 1

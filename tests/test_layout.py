@@ -4,13 +4,13 @@ import ast
 
 from conftest import ROOT
 
-SCRIPTS = {"example2", "main", "test_amplification", "synergy", "theory", "train", "bench"}
+SCRIPTS = {"example2", "main", "test_amplification", "synergy", "theory", "train", "bench", "pretrained"}
 # The one exception: the evaluation scripts train missing cells through train.py, and bench.py times its steps.
 MAY_IMPORT_TRAIN = {"main", "test_amplification", "synergy", "theory", "bench"}
 LAYERS = [  # a module imports only modules of lower layers (and of its own layer where listed together)
-    {"example2", "main", "test_amplification", "synergy", "theory", "bench"},
+    {"example2", "main", "test_amplification", "synergy", "theory", "bench", "pretrained"},
     {"train"},
-    {"amplification", "learners"},
+    {"amplification", "learners", "hf_models"},
     {"evaluation", "runs", "claims"},
     {"checkpoints", "graphs"},
     {"transformer"},

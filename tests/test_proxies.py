@@ -86,6 +86,20 @@ def test_exact_walk_equals_brute_force():
     assert proxies.mixing_time(A, w, max_steps=25) == pytest.approx(means.mean(), abs=1e-12)
 
 
+def test_long_sequences_step_and_agree_with_doubling():
+    """Caps below T (a language model's long inputs) sum M mat-vec steps instead of doubling: the same exact value,
+    checked against the brute-force walk, and both paths agree to rounding."""
+    rng = np.random.default_rng(5)
+    A, w = random_causal((2,), 12, rng), np.array([0.7, 0.3])
+    means, _ = brute_force_walk(np.tensordot(w, A, axes=1), 5)
+    assert np.allclose(proxies.expected_walk_steps(A, w, max_steps=5), means, atol=1e-12)
+    P = proxies.walk_transition(torch.from_numpy(np.tensordot(w, A, axes=1))[None])
+    for M in (3, 10, 11, 40):
+        Q = P[:, :-1, :-1].contiguous()
+        stepped = proxies._capped_steps_by_stepping(Q, torch.ones(1, 11, 1, dtype=torch.float64), M)
+        assert torch.allclose(proxies._expected_capped_steps(P, M), stepped, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("seed", [3, 4, 5])
 def test_monte_carlo_within_four_standard_errors(seed):
     rng = np.random.default_rng(seed)

@@ -15,6 +15,7 @@ from scipy import stats
 
 import proxies
 import walks
+import claims
 import graphs
 from checkpoints import build_model, load_model
 from config import PAPER, QUICK
@@ -284,3 +285,53 @@ def test_theory_script_quick_end_to_end(tmp_path, run_ok):
     assert set(growth.growth) <= {"log", "linear", "not mixed"} and len(growth) == 2 * 2
     for ext in ("png", "pdf", "md"):
         assert (tmp_path / "theory" / f"prefix.{ext}").stat().st_size > 500
+
+
+@pytest.mark.parametrize("growth, prefix", [("theory/growth.csv", "theory/prefix.csv"),
+                                            ("seeds/growth_runs.csv", "seeds/prefix_runs.csv")])
+def test_committed_growth_tables_are_fits_of_the_mixing_column(growth, prefix):
+    """Each layer's R^2 against log n and against n, recomputed by scipy's linregress from the committed prefix
+    table's `mixing` column (the averaged epsilon-mixing time), and the label of the better fit."""
+    growth = pd.read_csv(ROOT / "results" / growth, dtype={"run": str})
+    prefix = pd.read_csv(ROOT / "results" / prefix, dtype={"run": str})
+    pd.testing.assert_frame_equal(claims.growth_table(prefix), growth, check_exact=False, rtol=1e-12)
+    keys = [k for k in ("run", "task", "heads", "layer") if k in growth.columns]
+    assert len(growth) == len(prefix.groupby(keys)) > 0
+    for row, (_, part) in zip(growth.itertuples(index=False), prefix.groupby(keys, sort=False)):
+        assert [getattr(row, k) for k in keys] == [part[k].iloc[0] for k in keys]
+        if not np.isfinite(part.mixing).all():
+            assert row.growth == "not mixed"
+            continue
+        r2 = [stats.linregress(x, part.mixing).rvalue ** 2 if part.mixing.nunique() > 1 else 1.0
+              for x in (np.log(part.n), part.n)]
+        assert (row.r2_log, row.r2_linear) == pytest.approx(r2, abs=1e-9)
+        assert row.growth == ("log" if r2[0] > r2[1] else "linear")
+
+
+def two_node_walk(q):
+    """Node 0 steps to the sink (node 1) with probability q, else stays: the averaged start's distance to the sink
+    after t steps is (1 - q)^t, the worst start's 2 (1 - q)^t."""
+    return torch.tensor([[1 - q, 0.0], [q, 1.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("squaring", [False, True])
+def test_epsilon_mixing_time_at_exact_ties(squaring, monkeypatch):
+    """q = 1/2, epsilon = 2^-6 (every quantity exact in binary): the averaged distance (1/2)^t equals epsilon at
+    t = 6 (not below it: mixed at t = 7), the worst start's 2 (1/2)^t at t = 7 (mixed at 8); found by stepping, and
+    by repeated squaring once the first 4 steps are taken; the published convention one less; a cap at the mixing
+    step gives it, one below gives inf, never the cap."""
+    if squaring:
+        monkeypatch.setattr(walks, "LINEAR_STEPS", 1)  # 4 steps one at a time, then squaring
+    walk, epsilon = two_node_walk(0.5), 2.0 ** -6
+    first = walks.epsilon_mixing_times(walk, epsilon=epsilon, convention="first")
+    assert (first["average"], first["worst"]) == (7.0, 8.0)
+    published = walks.epsilon_mixing_times(walk, epsilon=epsilon)
+    assert (published["average"], published["worst"]) == (6.0, 7.0)
+    first_within = lambda cap, start: walks.epsilon_mixing_time(walk, epsilon=epsilon, start=start, convention="first",
+                                                                max_steps=cap)
+    assert first_within(7, "average") == 7.0 and math.isinf(first_within(6, "average"))
+    assert first_within(8, "worst") == 8.0 and math.isinf(first_within(7, "worst"))
+    # a slow walk found by squaring past many steps: (3/4)^t < 2^-k exactly never ties; check against the log
+    slow = two_node_walk(2.0 ** -20)
+    t = walks.epsilon_mixing_time(slow, epsilon=0.25, convention="first")
+    assert (1 - 2.0 ** -20) ** t < 0.25 <= (1 - 2.0 ** -20) ** (t - 1)

@@ -1,0 +1,191 @@
+"""Hugging Face models, offline: tiny random GPT-2, GPT-NeoX, Llama (grouped-query attention, head_dim != hidden /
+heads) and Gemma 2 (a sliding window shorter than T) built from configs and saved with save_pretrained. The streamed
+attention equals the model's own output_attentions, the head weights equal norms worked out from the state_dict in
+each layout, no two layers' attention are alive at once, pretrained.py --quick writes the library's values, and
+every bad input is one line with nothing written."""
+import gc
+import json
+import os
+import shutil
+import weakref
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
+
+import hf_models  # noqa: E402
+from config import PAPER  # noqa: E402
+from evaluation import layer_study_values, section4_summary, synergy_summary, theorem29_summary  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+SIZE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=64)
+T = 12
+WINDOW = 4
+
+
+def tiny_models():
+    """{name: (model class, config)}: every layout the module reads."""
+    t = transformers
+    return {
+        "gpt2": t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                               bos_token_id=0, eos_token_id=0)),
+        "gpt_neox": t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**SIZE)),
+        "llama": t.LlamaForCausalLM(t.LlamaConfig(**SIZE, num_key_value_heads=2, head_dim=16)),
+        "gemma2": t.Gemma2ForCausalLM(t.Gemma2Config(**SIZE, num_key_value_heads=2, head_dim=8, sliding_window=WINDOW,
+                                                     layer_types=["sliding_attention", "full_attention"])),
+    }
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    out = {}
+    for name, model in tiny_models().items():
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    return {name: hf_models.load_causal_lm(folder) for name, folder in folders.items()}
+
+
+def tokens(samples=2, seed=0):
+    return torch.randint(0, 64, (samples, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "llama", "gemma2"])
+def test_streamed_attention_is_the_models_own(name, loaded):
+    model, ids = loaded[name], tokens()
+    streamed = {}
+    hf_models.stream_attention(model, ids, lambda i, attn: streamed.__setitem__(i, attn.clone()))
+    with torch.no_grad():
+        reference = model(input_ids=ids, output_attentions=True).attentions
+    assert sorted(streamed) == list(range(len(reference))) == [0, 1]
+    for layer, attn in streamed.items():
+        assert attn.shape == (2, 4, T, T)  # a matrix per query head, grouped-query attention included
+        assert torch.allclose(attn, reference[layer], atol=1e-6, rtol=0)
+        assert (attn.triu(1) == 0).all()  # causal
+        assert torch.allclose(attn.sum(-1), torch.ones(2, 4, T), atol=1e-6)  # row-stochastic
+    if name == "gemma2":  # the sliding layer is banded, the global one is not
+        assert (streamed[0].tril(-WINDOW) == 0).all() and (streamed[1].tril(-WINDOW) != 0).any()
+
+
+def test_head_weights_are_the_norms_of_each_layout_by_hand(loaded):
+    """GPT-2's c_proj is a Conv1D (weight (in, out)): a head is a block of rows; the others are nn.Linear
+    (out, in): a block of columns, of head_dim from the config (16 for the Llama, where hidden / heads is 8)."""
+    keys = {"gpt2": ("transformer.h.{}.attn.c_proj.weight", True), "gpt_neox": ("gpt_neox.layers.{}.attention.dense"
+            ".weight", False), "llama": ("model.layers.{}.self_attn.o_proj.weight", False),
+            "gemma2": ("model.layers.{}.self_attn.o_proj.weight", False)}
+    for name, (key, rows) in keys.items():
+        state, d = loaded[name].state_dict(), {"llama": 16, "gemma2": 8}.get(name, 8)
+        for layer in range(2):
+            weight = state[key.format(layer)].double().numpy()
+            blocks = [weight[h * d:(h + 1) * d, :] if rows else weight[:, h * d:(h + 1) * d] for h in range(4)]
+            norms = np.array([np.sqrt((block ** 2).sum()) for block in blocks])
+            assert np.allclose(hf_models.head_weights(loaded[name])[layer], norms / norms.sum(), rtol=1e-12), name
+    assert loaded["llama"].state_dict()["model.layers.0.self_attn.o_proj.weight"].shape == (32, 64)
+
+
+def test_no_two_layers_attention_are_alive_at_once(loaded):
+    alive = []
+
+    def on_layer(index, attn):
+        gc.collect()
+        assert all(ref() is None for ref in alive), f"an earlier layer's attention is alive at layer {index}"
+        alive.append(weakref.ref(attn))
+    hf_models.stream_attention(loaded["gpt2"], tokens(), on_layer)
+    assert len(alive) == 2
+
+
+def library_tables(model, ids):
+    """The studies' rows from the library alone: every layer's attention from output_attentions at once."""
+    with torch.no_grad():
+        attention = model(input_ids=ids, output_attentions=True).attentions
+    weights = hf_models.head_weights(model)
+    layers = [layer_study_values(a, weights[i], PAPER, ("section4", "synergy", "theorem29"))
+              for i, a in enumerate(attention)]
+    joined = lambda pick: np.concatenate([pick(v) for v in layers], axis=1)
+    section4 = {k: joined(lambda v: v["section4"][k]) for k in layers[0]["section4"]}
+    values = {p: {k: joined(lambda v: v["synergy"]["values"][p][k]) for k in ("combined", "parallel", "best_head")}
+              for p in ("fidelity", "mixing_time")}
+    theorem = {k: joined(lambda v: v["theorem29"][k]) for k in layers[0]["theorem29"]}
+    return {"section4": pd.DataFrame(section4_summary(section4, "random", 4, "exact")),
+            "synergy": pd.DataFrame(synergy_summary("random", 4, values, joined(lambda v: v["synergy"]["diversity"]))),
+            "theorem29": pd.DataFrame(theorem29_summary(theorem, "random", 4))}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_pretrained_quick_writes_the_librarys_values(name, folders, loaded, run_ok, tmp_path):
+    out = run_ok("pretrained.py", "--model", folders[name], "--quick", "--input", "random", "--length", T,
+                 "--out", tmp_path, "--seed", 5)
+    folder = tmp_path / folders[name].name
+    assert "theorem29:" in out and {p.name for p in folder.iterdir()} >= {
+        f"{s}.{ext}" for s in ("section4", "tables56", "synergy", "theorem29", "prefix") for ext in
+        ("csv", "md", "png", "pdf")} | {"tokens.csv"}
+    ids = torch.tensor([[int(x) for x in row.split()] for row in pd.read_csv(folder / "tokens.csv").token_ids])
+    assert ids.shape == (3, T) and torch.equal(ids, torch.randint(0, 64, (3, T),
+                                                                  generator=torch.Generator().manual_seed(5)))
+    for study, table in library_tables(loaded[name], ids).items():
+        written = pd.read_csv(folder / f"{study}.csv")
+        pd.testing.assert_frame_equal(written, table, check_dtype=False, rtol=1e-9)
+    prefix = pd.read_csv(folder / "prefix.csv")
+    assert sorted(prefix.n.unique()) == [8, T] and set(prefix.growth) <= {"log", "linear", "not mixed"}
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(folders, tmp_path_factory):
+    """The GPT-2 folder with a word-level tokenizer built in code (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    folder = tmp_path_factory.mktemp("tok") / "gpt2_words"
+    shutil.copytree(folders["gpt2"], folder)
+    words = [f"w{i}" for i in range(63)]
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                           unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+def test_text_input_goes_through_the_tokenizer(with_tokenizer, tmp_path, run_ok):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 63}" for i in range(40)))
+    run_ok("pretrained.py", "--model", with_tokenizer, "--quick", "--input", "text", "--text", text, "--length", T,
+           "--studies", "section4", "--out", tmp_path / "out")
+    ids = pd.read_csv(tmp_path / "out" / "gpt2_words" / "tokens.csv").token_ids
+    first = [int(x) for x in ids[0].split()]
+    assert first == list(range(1, T + 1))  # w0 w1 ... at the start of the file: ids 1, 2, ...
+    assert {p.stem for p in (tmp_path / "out" / "gpt2_words").glob("*.csv")} == {"tokens", "section4"}
+
+
+def bad_inputs(folders, with_tokenizer, tmp):
+    """(arguments, what the one-line error says) for every bad input of the issue."""
+    empty = tmp / "no_config"
+    empty.mkdir(exist_ok=True)
+    mamba = tmp / "mamba"
+    mamba.mkdir(exist_ok=True)
+    (mamba / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    short = tmp / "short.txt"
+    short.write_text("w1 w2 w3")
+    return [(["--model", "no-such-owner/no-such-model"], "could not load 'no-such-owner/no-such-model'"),
+            (["--model", empty], "has no config.json"),
+            (["--model", mamba], "architecture 'mamba' is not supported"),
+            (["--model", folders["gpt2"], "--length", 65], "beyond the 64 positions"),
+            (["--model", with_tokenizer, "--input", "text", "--text", short, "--length", T], "fewer than --length"),
+            (["--model", folders["gpt2"], "--input", "text", "--text", short], "has no tokenizer"),
+            (["--model", folders["gpt2"], "--studies", "section4,nonsense"], "--studies: expected")]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(folders, with_tokenizer, tmp_path, run_main):
+    for args, message in bad_inputs(folders, with_tokenizer, tmp_path):
+        code, _, err = run_main("pretrained.py", *args, "--quick", "--out", tmp_path / "out")
+        lines = [line for line in err.strip().splitlines() if "error:" in line]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err[-500:])
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()

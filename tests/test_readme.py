@@ -1,0 +1,53 @@
+"""The README's counts come out of the committed results: its claims table equals the one claims.py computes from
+results/seeds/claims.csv, the seed study's tables all hold the same runs, and the README fits a first read."""
+import pandas as pd
+from conftest import ROOT
+
+from claims import claims_overview
+
+README = (ROOT / "README.md").read_text()
+SEEDS = ROOT / "results" / "seeds"
+
+
+def readme_claims_table():
+    """The README's claims table: its header's run count and {claim: [source, instances, every, some, none,
+    authors']} from its rows."""
+    text = README.split("| claim | source |", 1)[1].split("\n\n", 1)[0]
+    lines = ["| claim | source |" + text.splitlines()[0]] + [line for line in text.splitlines() if line.startswith("| `")]
+    runs = int(lines[0].split("in all ")[1].split(" runs")[0])
+    rows = {}
+    for line in lines[1:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1:]
+    return runs, rows
+
+
+def test_the_readme_claims_table_is_the_committed_claims_table():
+    overview = claims_overview(pd.read_csv(SEEDS / "claims.csv", keep_default_na=False))
+    runs, rows = readme_claims_table()
+    assert set(overview.runs) == {runs}
+    assert list(rows) == list(overview.claim)
+    for r in overview.itertuples(index=False):
+        assert rows[r.claim] == [r.source, str(r.instances), str(r[4]), str(r[5]), str(r[6]), r[7]], r.claim
+
+
+def test_every_study_of_the_seed_folder_holds_the_same_runs():
+    """A claims table over studies of different runs would count each claim over other runs: every per-run table
+    of results/seeds, and every claim's study_runs, name the same runs in the same order."""
+    tables = sorted(path for path in SEEDS.glob("*_runs.csv") if not path.name.endswith("_across_runs.csv"))
+    assert len(tables) >= 6
+    runs = {path.name: " ".join(dict.fromkeys(pd.read_csv(path, dtype={"run": str}).run)) for path in tables}
+    assert len(set(runs.values())) == 1, runs
+    claims = pd.read_csv(SEEDS / "claims.csv", dtype={"study_runs": str})
+    assert set(claims.study_runs) == set(runs.values())
+    ours = " ".join(run for run in next(iter(runs.values())).split() if run != "authors")
+    for path in SEEDS.glob("*_across_runs.csv"):  # the summaries over runs: over ours, all of them, in every row
+        assert set(pd.read_csv(path, dtype={"runs": str}).runs) == {ours}, path.name
+    assert "Every study over the same runs" in (SEEDS / "claims.md").read_text()
+
+
+def test_the_readme_fits_a_first_read_and_names_the_commands():
+    assert len(README) <= 12_000
+    for command in ("python main.py", "python example2.py", "python test_amplification.py", "python synergy.py",
+                    "python theory.py", "python -m pytest", "--with-authors"):
+        assert command in README, command
