@@ -1,6 +1,7 @@
 """Speed of training and evaluation, measured on this machine; prints a table and writes results/bench_<device>.md.
 
     python bench.py [--device auto|cpu|cuda] [--quick] [--ckpt-dir FOLDER]
+    python bench.py --pretrained [--device cpu]     # pretrained.py's costs: results/bench_pretrained_<device>.md
 
 Training: ms per step for H = 1, 4, 8, 16 on the fast path (on a CPU cpu_attention's fused kernel, on a GPU
 PyTorch's fused attention), on the explicit-attention path the authors' code takes and, on a CPU, on the PyTorch-ops
@@ -11,6 +12,9 @@ authors' 500-walk Monte Carlo; theory.py's evaluation of one run and its largest
 random head sets (per 1000) and trained layers. On a CPU also the 8 paper cells' estimated wall time with each
 scheduling (one cell on every thread, or one cell per core side by side). Uses the checkpoints in --ckpt-dir where
 present, else randomly initialised models of the same size (the cost is the same). Under 3 minutes on a 2-core CPU.
+--pretrained: every study of pretrained.py on a GPT-2-small-shaped model at 1,024 tokens against one forward pass
+with output_attentions, section4 of a 16-layer 16-head model at 4,096 tokens, each with its peak memory (each in a
+process of its own), and each study's cost on one layer against T with its log-log slope.
 """
 import argparse
 import math

@@ -316,7 +316,8 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
     """{study: {name: (S,) array}} of one layer's attention (S, H, T, T) with its head weights (H,): section4 (the
     combination's mixing time, the authors' walk and the principled one, its fidelity at the paper's horizon and,
     certified, at convergence), tables56 and synergy (head_set_values, diversity among them), theorem29, and prefix
-    ({n: values} at the prefix lengths). Each value is a column of the study's summary, as for the toy models."""
+    ({n: values} at the prefix lengths); the head sets' values that tables56 and synergy share under "head_sets".
+    Each value is a column of the study's summary, as for the toy models."""
     attn = torch.as_tensor(attn).double()
     layer, w = attn[:, None], np.asarray(weights, dtype=float)[None]  # one layer: (S, 1, H, T, T), (1, H)
     out = {}
@@ -328,7 +329,7 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
                            "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C[:, 0, 0])[0][:, None]}
     if {"tables56", "synergy"} & set(studies):
         values, diversity = head_set_values(layer, w, cfg)
-        out["synergy"] = {"values": values, "diversity": diversity}
+        out["head_sets"] = {"values": values, "diversity": diversity}  # tables56 and synergy
     if "theorem29" in studies:
         out["theorem29"] = theorem29_values(layer, w)
     if "prefix" in studies:

@@ -64,10 +64,10 @@ def study_tables(values, studies, kind, heads):
     if "section4" in values:
         tables["section4"] = pd.DataFrame(section4_summary(values["section4"], kind, heads, "exact"))
     if "tables56" in studies:
-        fidelity = values["synergy"]["values"]["fidelity"]
+        fidelity = values["head_sets"]["values"]["fidelity"]
         tables["tables56"] = pd.DataFrame(tables56_summary(kind, heads, fidelity["best_head"], fidelity["combined"]))
     if "synergy" in studies:
-        tables["synergy"] = pd.DataFrame(synergy_summary(kind, heads, **values["synergy"]))
+        tables["synergy"] = pd.DataFrame(synergy_summary(kind, heads, **values["head_sets"]))
     if "theorem29" in values:
         tables["theorem29"] = pd.DataFrame(theorem29_summary(values["theorem29"], kind, heads))
     if "prefix" in values:

@@ -18,7 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 
 import hf_models  # noqa: E402
 from config import PAPER  # noqa: E402
-from evaluation import layer_study_values, section4_summary, synergy_summary, theorem29_summary  # noqa: E402
+from claims import growth_table  # noqa: E402
+from evaluation import (layer_study_values, prefix_summary, section4_summary, synergy_summary,  # noqa: E402
+                        tables56_summary, theorem29_summary)
 
 transformers = pytest.importorskip("transformers")
 SIZE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -109,15 +111,20 @@ def library_tables(model, ids):
     with torch.no_grad():
         attention = model(input_ids=ids, output_attentions=True).attentions
     weights = hf_models.head_weights(model)
-    layers = [layer_study_values(a, weights[i], PAPER, ("section4", "synergy", "theorem29"))
+    layers = [layer_study_values(a, weights[i], PAPER, ("section4", "synergy", "theorem29", "prefix"), (8, T))
               for i, a in enumerate(attention)]
     joined = lambda pick: np.concatenate([pick(v) for v in layers], axis=1)
     section4 = {k: joined(lambda v: v["section4"][k]) for k in layers[0]["section4"]}
-    values = {p: {k: joined(lambda v: v["synergy"]["values"][p][k]) for k in ("combined", "parallel", "best_head")}
+    values = {p: {k: joined(lambda v: v["head_sets"]["values"][p][k]) for k in ("combined", "parallel", "best_head")}
               for p in ("fidelity", "mixing_time")}
     theorem = {k: joined(lambda v: v["theorem29"][k]) for k in layers[0]["theorem29"]}
+    prefix = pd.DataFrame(prefix_summary({n: {k: joined(lambda v: v["prefix"][n][k]) for k in layers[0]["prefix"][n]}
+                                          for n in (8, T)}, "random", 4))
+    fidelity = values["fidelity"]
     return {"section4": pd.DataFrame(section4_summary(section4, "random", 4, "exact")),
-            "synergy": pd.DataFrame(synergy_summary("random", 4, values, joined(lambda v: v["synergy"]["diversity"]))),
+            "tables56": pd.DataFrame(tables56_summary("random", 4, fidelity["best_head"], fidelity["combined"])),
+            "prefix": prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer"),
+            "synergy": pd.DataFrame(synergy_summary("random", 4, values, joined(lambda v: v["head_sets"]["diversity"]))),
             "theorem29": pd.DataFrame(theorem29_summary(theorem, "random", 4))}
 
 
@@ -137,6 +144,7 @@ def test_pretrained_quick_writes_the_librarys_values(name, folders, loaded, run_
         pd.testing.assert_frame_equal(written, table, check_dtype=False, rtol=1e-9)
     prefix = pd.read_csv(folder / "prefix.csv")
     assert sorted(prefix.n.unique()) == [8, T] and set(prefix.growth) <= {"log", "linear", "not mixed"}
+    assert len(pd.read_csv(folder / "tables56.csv")) == 2 and len(prefix) == 4
 
 
 @pytest.fixture(scope="module")
