@@ -26,6 +26,7 @@ there (an "attention sink"): docs/pretrained.md says how that shapes each proxy.
 import argparse
 from pathlib import Path
 
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -77,53 +78,80 @@ def study_tables(values, studies, kind, heads):
     return tables
 
 
-def _axes(panels):
+def _panels(label, panels):
+    """A row of panels (title, y label) against the layer."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, ylabel) in zip(axes[0], panels):
-        ax.set(title=title, xlabel="layer", ylabel=ylabel)
+        ax.set(title=f"{label}: {title}" if ax is axes[0, 0] else title, xlabel="layer", ylabel=ylabel)
     return fig, axes[0]
 
 
+def _with_interval(ax, x, mean, low, high, **style):
+    ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", ms=4, capsize=3, **style)
+    ax.axhline(0.5 if style.get("label") == "wins" else 0.0, color="grey", lw=0.8, ls=":")
+
+
+def plot_section4(t, label):
+    fig, (mix, fid) = _panels(label, [("mixing time", "steps"), ("minimax fidelity", "%")])
+    mix.plot(t.layer, t.mixing_time_mean, "o-", label="the authors' walk")
+    mix.plot(t.layer, t.mixing_time_normalized_mean, "s--", label="the principled walk")
+    fid.plot(t.layer, t.fidelity_mean, "o-", label="100 steps")
+    fid.plot(t.layer, t.fidelity_converged_mean, "s--", label="converged")
+    return fig, (mix, fid)
+
+
+def plot_tables56(t, label):
+    fig, (fid, wins) = _panels(label, [("combination vs best head", "fidelity (%)"),
+                                       ("samples where the combination wins", "share (Wilson 95%)")])
+    fid.plot(t.layer, t["mean_combined_%"], "o-", label="combination")
+    fid.plot(t.layer, t["mean_best_individual_%"], "s--", label="best single head")
+    _with_interval(wins, t.layer, t.win_rate, t.win_ci_low, t.win_ci_high, label="wins")
+    return fig, (fid, wins)
+
+
+def plot_synergy(t, label):
+    fig, axes = _panels(label, [("fidelity synergy", "combined − parallel (pp)"),
+                                ("mixing-time synergy", "parallel − combined (steps)"), ("head diversity", "mean TV")])
+    for ax, proxy in zip(axes, ("fidelity", "mixing_time")):
+        part = t[t.proxy == proxy]
+        _with_interval(ax, part.layer, part.synergy, part.ci_low, part.ci_high, label="synergy (t 95%)")
+    part = t[t.proxy == "fidelity"]
+    axes[2].plot(part.layer, part.diversity, "o-", label="diversity")
+    return fig, axes
+
+
+def plot_theorem29(t, label):
+    fig, (ax,) = _panels(label, [("Theorem 2.9: bound and ε-mixing time", "steps")])
+    ax.plot(t.layer, t.bound, "o-", label="2N/p (worst node)")
+    ax.plot(t.layer, t.mixing_worst, "s--", label="measured, worst start")
+    ax.plot(t.layer, t.mixing, "^:", label="measured, averaged start")
+    ax.set_yscale("log")
+    return fig, (ax,)
+
+
+def plot_prefix(t, label):
+    fig, (ax,) = _panels(label, [("ε-mixing time on the first n tokens", "steps")])
+    for k, (layer, part) in enumerate(t.groupby("layer")):
+        ax.plot(part.n, part.mixing, "o-", ms=3, color=plt.cm.viridis(k / max(1, t.layer.nunique() - 1)),
+                label=f"layer {layer} ({part.growth.iloc[0]})")
+    lengths = sorted(t.n.unique())
+    ax.set(xscale="log", xlabel="n (tokens, log scale)")  # log n grows as a straight line, n as an exponential
+    ax.set_xticks(lengths, labels=[str(n) for n in lengths], minor=False)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    return fig, (ax,)
+
+
+PLOTS = {"section4": plot_section4, "tables56": plot_tables56, "synergy": plot_synergy,
+         "theorem29": plot_theorem29, "prefix": plot_prefix}
+
+
 def plot_study(study, table, label):
-    """One figure a study: its per-layer values against the layer."""
-    if study == "prefix":
-        fig, (ax,) = _axes([(f"{label}: ε-mixing time on the first n tokens", "ε-mixing time (steps)")])
-        for k, (layer, part) in enumerate(table.groupby("layer")):
-            ax.plot(part.n, part.mixing, "o-", ms=3, color=plt.cm.viridis(k / max(1, table.layer.nunique() - 1)),
-                    label=f"layer {layer} ({part.growth.iloc[0]})")
-        ax.set(xscale="log", yscale="log", xlabel="n (tokens)")
-        ax.legend(fontsize=6, frameon=False, ncol=2)
-        return fig
-    panels = PANELS[study]
-    fig, axes = _axes([(f"{label}: {title}", ylabel) for title, ylabel, _ in panels])
-    for ax, (_, _, curves) in zip(axes, panels):
-        for column, name, style in curves:
-            ax.plot(table.layer, table[column], style, ms=4, label=name)
-        ax.legend(fontsize=7, frameon=False)
+    """The study's figure: its per-layer values against the layer (prefix: against n), a legend in each panel."""
+    fig, axes = PLOTS[study](table, label)
+    for ax in axes:
+        ax.legend(fontsize=7, frameon=False, ncol=2 if study == "prefix" else 1)
+    fig.tight_layout()
     return fig
-
-
-PANELS = {  # study: [(title, y label, [(column, legend, style)])]
-    "section4": [("mixing time", "steps", [("mixing_time_mean", "authors' walk", "o-"),
-                                           ("mixing_time_normalized_mean", "principled walk", "s--")]),
-                 ("minimax fidelity", "%", [("fidelity_mean", "100 steps", "o-"),
-                                            ("fidelity_converged_mean", "converged", "s--")])],
-    "tables56": [("combination vs best head", "fidelity (%)", [("mean_combined_%", "combination", "o-"),
-                                                               ("mean_best_individual_%", "best head", "s--")]),
-                 ("combination wins", "share of samples", [("win_rate", "wins", "o-")])],
-    "synergy": [("synergy (combined − parallel)", "signed: + helps", [("fidelity_synergy", "fidelity (pp)", "o-"),
-                                                                     ("mixing_time_synergy", "mixing (steps)", "s--")]),
-                ("head diversity", "mean TV", [("fidelity_diversity", "diversity", "o-")])],
-    "theorem29": [("Theorem 2.9", "steps (log)", [("bound", "2N/p", "o-"), ("mixing_worst", "measured, worst start",
-                                                                            "s--"), ("mixing", "measured", "^:")])],
-}
-
-
-def wide_synergy(table):
-    """The synergy table with one column per proxy (for its figure)."""
-    wide = table.pivot(index="layer", columns="proxy", values=["synergy", "diversity"])
-    wide.columns = [f"{proxy}_{name}" for name, proxy in wide.columns]
-    return wide.reset_index()
 
 
 def write_outputs(tables, tokens, folder, label):
@@ -132,11 +160,7 @@ def write_outputs(tables, tokens, folder, label):
     write_atomic(folder / "tokens.csv", lambda tmp: ids.to_csv(tmp, index=False))
     for study, table in tables.items():
         save_table(table, folder / study, view=table.round(4))
-        figure_table = wide_synergy(table) if study == "synergy" else table
-        fig = plot_study(study, figure_table, label)
-        if study == "theorem29":
-            fig.axes[0].set_yscale("log")
-        save_figure(fig, folder / study)
+        save_figure(plot_study(study, table, label), folder / study)
 
 
 def summary_lines(tables):
