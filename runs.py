@@ -1,11 +1,13 @@
-"""Training runs: the runs that --seeds names, their models, their per-run tables summarised across runs, and the one
---seeds study routine that main.py, test_amplification.py and synergy.py share.
+"""Training runs: the runs that --seeds names, their models (load_runs: read and checked, nothing trained), their
+per-run tables summarised across runs, the one --seeds study routine the evaluation scripts share, and where the
+training of a run's cells stands (training_status, for train.py --status).
 
     from runs import runs_of, evaluate_runs, write_study
     runs = runs_of(seed=42, seeds=[0, 1], ckpt_dir=Path("checkpoints"), authors=None)  # 42 in checkpoints/, S in
                                                    # seeds/seed_S/, then the authors' when their folder is given
     per_run = evaluate_runs(cfg, cells, runs, device, rows_of)           # rows_of(models, seed) -> rows, per run
     write_study(per_run, out, stem="section4", keys=[...], values={...}, name="proxy", view=markdown_view)
+    rows, summary, hours_left = training_status(cfg, cells, "cpu", jobs=2)
 
 Across runs: per group, the mean over our runs with its std (ddof 1) and Student-t 95% interval, min and max; the
 authors' value beside it, never pooled.

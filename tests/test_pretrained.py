@@ -1,8 +1,8 @@
 """Hugging Face models, offline: tiny random GPT-2, GPT-NeoX, Llama (grouped-query attention, head_dim != hidden /
-heads) and Gemma 2 (a sliding window shorter than T) built from configs and saved with save_pretrained. The streamed
-attention equals the model's own output_attentions, the head weights equal norms worked out from the state_dict in
-each layout, no two layers' attention are alive at once, pretrained.py --quick writes the library's values, and
-every bad input is one line with nothing written."""
+heads), Gemma 2 (a sliding window shorter than T), Qwen2, Mistral and Gemma 3 built from configs and saved with
+save_pretrained. The streamed attention equals the model's own output_attentions, the head weights equal norms
+worked out from the state_dict in each layout, no two layers' attention are alive at once, pretrained.py --quick
+writes the library's values, and every bad input is one line with nothing written."""
 import gc
 import json
 import os
@@ -39,6 +39,9 @@ def tiny_models():
         "llama": t.LlamaForCausalLM(t.LlamaConfig(**SIZE, num_key_value_heads=2, head_dim=16)),
         "gemma2": t.Gemma2ForCausalLM(t.Gemma2Config(**SIZE, num_key_value_heads=2, head_dim=8, sliding_window=WINDOW,
                                                      layer_types=["sliding_attention", "full_attention"])),
+        "qwen2": t.Qwen2ForCausalLM(t.Qwen2Config(**SIZE, num_key_value_heads=2)),
+        "mistral": t.MistralForCausalLM(t.MistralConfig(**SIZE, num_key_value_heads=2)),
+        "gemma3": t.Gemma3ForCausalLM(t.Gemma3TextConfig(**SIZE, num_key_value_heads=2, head_dim=8)),
     }
 
 
@@ -62,7 +65,7 @@ def tokens(samples=2, seed=0):
     return torch.randint(0, 64, (samples, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "llama", "gemma2"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "llama", "gemma2", "qwen2", "mistral", "gemma3"])
 def test_streamed_attention_is_the_models_own(name, loaded):
     model, ids = loaded[name], tokens()
     streamed = {}
@@ -84,7 +87,8 @@ def test_head_weights_are_the_norms_of_each_layout_by_hand(loaded):
     (out, in): a block of columns, of head_dim from the config (16 for the Llama, where hidden / heads is 8)."""
     keys = {"gpt2": ("transformer.h.{}.attn.c_proj.weight", True), "gpt_neox": ("gpt_neox.layers.{}.attention.dense"
             ".weight", False), "llama": ("model.layers.{}.self_attn.o_proj.weight", False),
-            "gemma2": ("model.layers.{}.self_attn.o_proj.weight", False)}
+            **{name: ("model.layers.{}.self_attn.o_proj.weight", False) for name in ("gemma2", "qwen2", "mistral",
+                                                                                       "gemma3")}}
     for name, (key, rows) in keys.items():
         state, d = loaded[name].state_dict(), {"llama": 16, "gemma2": 8}.get(name, 8)
         for layer in range(2):
