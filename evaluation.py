@@ -312,6 +312,17 @@ def theory_rows(models, cfg, seed):
 STUDIES = ("section4", "tables56", "synergy", "theorem29", "prefix")
 
 
+def without_first_token(attn):
+    """The DAG without position 0 (a language model's attention sink): positions 1..T-1, each query's attention to
+    them renormalised to sum 1, A'[i, j] = A[i, j] / sum_{k >= 1} A[i, k], (..., T-1, T-1). ValueError where some
+    query attends to position 0 alone (nothing is left to renormalise)."""
+    rest = torch.as_tensor(attn)[..., 1:, 1:]
+    mass = rest.sum(-1, keepdim=True)
+    if (mass <= 0).any():
+        raise ValueError("a query attends to position 0 alone: without it, its row is empty")
+    return rest / mass
+
+
 def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
     """{study: {name: (S,) array}} of one layer's attention (S, H, T, T) with its head weights (H,): section4 (the
     combination's mixing time, the authors' walk and the principled one, its fidelity at the paper's horizon and,

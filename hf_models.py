@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation import STUDIES, layer_study_values
+from evaluation import STUDIES, layer_study_values, without_first_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,15 +181,17 @@ def _concatenated(parts, axis):
     return np.concatenate([np.asarray(p) for p in parts], axis=axis)
 
 
-def study_values(model, tokens, cfg, studies=STUDIES, lengths=()):
+def study_values(model, tokens, cfg, studies=STUDIES, lengths=(), first_token=True):
     """Every study's values (evaluation.layer_study_values), (S, L) arrays, from one forward pass per sample of
-    tokens (S, T), the layers streamed: memory holds one layer's attention of one sample at a time."""
+    tokens (S, T), the layers streamed: memory holds one layer's attention of one sample at a time. first_token=False:
+    on the DAG without position 0 (evaluation.without_first_token), prefix lengths counted without it."""
     weights = head_weights(model)
+    read = (lambda attn: attn) if first_token else without_first_token
     per_sample = []
     for sample in tokens:
         layers = []
         stream_attention(model, sample[None], lambda i, attn: layers.append(
-            layer_study_values(attn, weights[i], cfg, studies, lengths)))
+            layer_study_values(read(attn), weights[i], cfg, studies, lengths)))
         per_sample.append(_concatenated(layers, axis=1))
     return _concatenated(per_sample, axis=0)
 

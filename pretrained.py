@@ -5,6 +5,7 @@ Gemma 2/3), one layer at a time.
     python pretrained.py --model FOLDER --input text --text FILE --length 512 --samples 8
     python pretrained.py --model FOLDER --studies section4,theorem29 --device cuda
     python pretrained.py --model FOLDER --quick             # seconds: 3 samples of 24 tokens
+    python pretrained.py --model FOLDER --without-first-token   # also without position 0: OUT/<model>/without_first_token/
 
 Inputs (--input): repeat (default: random tokens followed by their copy, the language-model form of the paper's copy
 task and the classic induction probe), random (uniform tokens, the paper's inputs), text (consecutive windows of a
@@ -202,6 +203,9 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the random and repeat inputs (default {SEED})")
     parser.add_argument("--out", type=Path, default=Path("results") / "pretrained", help="output folder (default "
                         "results/pretrained); the files go to OUT/<model name>/")
+    parser.add_argument("--without-first-token", action="store_true",
+                        help="also the variant without position 0 (the attention sink): each query's attention to "
+                             "positions 1..T-1 renormalised; written to OUT/<model>/without_first_token/")
     parser.add_argument("--quick", action="store_true", help="a few short samples: seconds on a CPU")
     return parser, parser.parse_args()
 
@@ -240,16 +244,19 @@ def main():
         tokens = input_tokens(args.input, samples=samples, length=length, vocab_size=model.config.vocab_size,
                               seed=args.seed, tokenizer=tokenizer, text=text)
     label = model_label(args.model)
-    folder = args.out / label
-    check_writable(parser, folder)
-    values = study_values(model, tokens, PAPER, studies, prefix_lengths(length))
-    heads = head_weights(model).shape[1]
-    tables = study_tables(values, studies, args.input, heads)
-    write_outputs(tables, tokens, folder, label)
-    print(f"{label}: {samples} {args.input} sample(s) of {length} tokens, {head_weights(model).shape[0]} layers, "
-          f"{heads} heads on {device}")
-    print("\n".join(summary_lines(tables)))
-    print(f"wrote {folder}/tokens.csv and " + ", ".join(f"{s}.*" for s in tables))
+    check_writable(parser, args.out / label)
+    layers, heads = head_weights(model).shape
+    print(f"{label}: {samples} {args.input} sample(s) of {length} tokens, {layers} layers, {heads} heads on {device}")
+    variants = [(True, args.out / label)] + ([(False, args.out / label / "without_first_token")]
+                                             if args.without_first_token else [])
+    for first_token, folder in variants:
+        n = length if first_token else length - 1
+        with input_errors(parser):
+            values = study_values(model, tokens, PAPER, studies, prefix_lengths(n), first_token=first_token)
+        tables = study_tables(values, studies, args.input, heads)
+        write_outputs(tables, tokens, folder, label if first_token else f"{label} without position 0")
+        print(("" if first_token else "without position 0:\n") + "\n".join(summary_lines(tables)))
+        print(f"wrote {folder}/tokens.csv and " + ", ".join(f"{s}.*" for s in tables))
 
 
 if __name__ == "__main__":

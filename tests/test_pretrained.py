@@ -20,7 +20,7 @@ import hf_models  # noqa: E402
 from config import PAPER  # noqa: E402
 from claims import growth_table  # noqa: E402
 from evaluation import (layer_study_values, prefix_summary, section4_summary, synergy_summary,  # noqa: E402
-                        tables56_summary, theorem29_summary)
+                        tables56_summary, theorem29_summary, without_first_token)
 
 transformers = pytest.importorskip("transformers")
 SIZE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -201,3 +201,29 @@ def test_bad_input_is_one_line_and_writes_nothing(folders, with_tokenizer, tmp_p
         assert code == 2 and len(lines) == 1 and message in lines[0], (args, err[-500:])
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_without_first_token_by_hand():
+    """Position 0 dropped, each query's attention to the rest renormalised: the rows of a 3-token head by hand."""
+    attn = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.4, 0.0], [0.5, 0.2, 0.3]], dtype=torch.float64)
+    assert torch.allclose(without_first_token(attn), torch.tensor([[1.0, 0.0], [0.4, 0.6]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="position 0 alone"):
+        without_first_token(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+
+
+def test_the_variant_without_position_0_end_to_end(folders, loaded, run_ok, tmp_path):
+    """--without-first-token writes the same studies on the DAG without position 0, beside the full one."""
+    run_ok("pretrained.py", "--model", folders["gpt_neox"], "--quick", "--input", "random", "--length", T,
+           "--studies", "section4", "--without-first-token", "--out", tmp_path)
+    folder = tmp_path / "gpt_neox"
+    ids = torch.tensor([[int(x) for x in row.split()] for row in pd.read_csv(folder / "tokens.csv").token_ids])
+    with torch.no_grad():
+        attention = loaded["gpt_neox"](input_ids=ids, output_attentions=True).attentions
+    weights = hf_models.head_weights(loaded["gpt_neox"])
+    for name, read in (("", lambda a: a), ("without_first_token", without_first_token)):
+        values = [layer_study_values(read(a), weights[i], PAPER, ("section4",))["section4"]
+                  for i, a in enumerate(attention)]
+        joined = {k: np.concatenate([v[k] for v in values], axis=1) for k in values[0]}
+        expected = pd.DataFrame(section4_summary(joined, "random", 4, "exact"))
+        pd.testing.assert_frame_equal(pd.read_csv(folder / name / "section4.csv"), expected, check_dtype=False,
+                                      rtol=1e-9)
