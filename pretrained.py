@@ -5,7 +5,7 @@ Gemma 2/3), one layer at a time.
     python pretrained.py --model FOLDER --input text --text FILE --length 512 --samples 8
     python pretrained.py --model FOLDER --studies section4,theorem29 --device cuda
     python pretrained.py --model FOLDER --quick             # seconds: 3 samples of 24 tokens
-    python pretrained.py --model FOLDER --without-first-token   # also without position 0: OUT/<model>/without_first_token/
+    python pretrained.py --model FOLDER --without-first-token   # also without position 0 (the sink)
 
 Inputs (--input): repeat (default: random tokens followed by their copy, the language-model form of the paper's copy
 task and the classic induction probe), random (uniform tokens, the paper's inputs), text (consecutive windows of a
@@ -112,7 +112,8 @@ def plot_tables56(t, label):
 
 def plot_synergy(t, label):
     fig, axes = _panels(label, [("fidelity synergy", "combined − parallel (pp)"),
-                                ("mixing-time synergy", "parallel − combined (steps)"), ("head diversity", "mean TV")])
+                                ("mixing-time synergy", "parallel − combined (steps)"),
+                                ("head diversity", "mean TV")])
     for ax, proxy in zip(axes, ("fidelity", "mixing_time")):
         part = t[t.proxy == proxy]
         _with_interval(ax, part.layer, part.synergy, part.ci_low, part.ci_high, label="synergy (t 95%)")
