@@ -1,6 +1,6 @@
-"""The amplification map (amplification.py, theory.py --amplification): Section 3's worked argument by matrix powers, identical heads never amplify, the
-sharing knob at its ends, Wilson intervals and the summary by hand, the draws' seeds, the trained layers' placing on
-the map, and the script end to end in its quick mode."""
+"""The amplification map (amplification.py, theory.py --amplification): Section 3's worked argument by matrix
+powers, identical heads never amplify, the sharing knob at its ends, Wilson intervals and the summary by hand, the
+draws' seeds, the trained layers' placing on the map, and the script end to end in its quick mode."""
 import math
 
 import numpy as np

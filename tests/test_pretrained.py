@@ -128,7 +128,8 @@ def library_tables(model, ids):
     return {"section4": pd.DataFrame(section4_summary(section4, "random", 4, "exact")),
             "tables56": pd.DataFrame(tables56_summary("random", 4, fidelity["best_head"], fidelity["combined"])),
             "prefix": prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer"),
-            "synergy": pd.DataFrame(synergy_summary("random", 4, values, joined(lambda v: v["head_sets"]["diversity"]))),
+            "synergy": pd.DataFrame(synergy_summary("random", 4, values,
+                                                    joined(lambda v: v["head_sets"]["diversity"]))),
             "theorem29": pd.DataFrame(theorem29_summary(theorem, "random", 4))}
 
 

@@ -13,7 +13,8 @@ def readme_claims_table():
     """The README's claims table: its header's run count and {claim: [source, instances, every, some, none,
     authors']} from its rows."""
     text = README.split("| claim | source |", 1)[1].split("\n\n", 1)[0]
-    lines = ["| claim | source |" + text.splitlines()[0]] + [line for line in text.splitlines() if line.startswith("| `")]
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    lines = ["| claim | source |" + text.splitlines()[0]] + rows
     runs = int(lines[0].split("in all ")[1].split(" runs")[0])
     rows = {}
     for line in lines[1:]:
