@@ -8,8 +8,8 @@ Gemma 2/3), one layer at a time.
     python pretrained.py --model FOLDER --without-first-token   # also without position 0 (the sink)
 
 Inputs (--input): repeat (default: random tokens followed by their copy, the language-model form of the paper's copy
-task and the classic induction probe), random (uniform tokens, the paper's inputs), text (consecutive windows of a
-file through the model's tokenizer). Each sample runs through the model once; every layer's attention is handed to
+task and the classic induction probe), random (uniform tokens, the paper's inputs), text (windows of --length
+tokens spread evenly over a file, through the model's tokenizer). Each sample runs through the model once; every layer's attention is handed to
 the studies as soon as it is computed and let go (hf_models.stream_attention), so memory holds one layer's
 attention. Per layer (1-indexed), with the layer's learned head weights (hf_models.head_weights):
 
