@@ -9,9 +9,10 @@ Gemma 2/3), one layer at a time.
 
 Inputs (--input): repeat (default: random tokens followed by their copy, the language-model form of the paper's copy
 task and the classic induction probe), random (uniform tokens, the paper's inputs), text (windows of --length
-tokens spread evenly over a file, through the model's tokenizer). Each sample runs through the model once; every layer's attention is handed to
-the studies as soon as it is computed and let go (hf_models.stream_attention), so memory holds one layer's
-attention. Per layer (1-indexed), with the layer's learned head weights (hf_models.head_weights):
+tokens spread evenly over a file, through the model's tokenizer). Each sample runs through the model once; every
+layer's attention is handed to the studies as soon as it is computed and let go (hf_models.stream_attention), so
+memory holds one layer's attention. Per layer (1-indexed), with the layer's learned head weights
+(hf_models.head_weights):
 
     section4    mixing time (the authors' walk and the principled one) and minimax fidelity of the combination,
                 at the paper's 100 steps and, certified, at convergence (fidelity_converged)
