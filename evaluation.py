@@ -56,8 +56,11 @@ def rows_per_task(models, cfg, seed, rows_of):
 # Section 4
 def section4_values(model, tokens, cfg, estimator="exact", seed=0):
     """Per-sequence, per-layer proxies of the layer's learned combination of heads: dict of (S, L) arrays."""
-    attn = model.attention(tokens)  # (S, L, H, T, T)
-    weights = proxies.model_head_weights(model)  # (L, H), shared by every sequence
+    return attention_section4_values(model.attention(tokens), proxies.model_head_weights(model), cfg, estimator, seed)
+
+
+def attention_section4_values(attn, weights, cfg, estimator="exact", seed=0):
+    """section4_values of attention (S, L, H, T, T) with head weights (L, H), shared by every sequence."""
     C = proxies.combine_heads(attn, weights)[..., None, :, :]  # combined once: (S, L, 1, T, T)
     if estimator == "exact":
         mixing = proxies.mixing_time(C, max_steps=cfg.max_steps)
@@ -333,11 +336,9 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
     layer, w = attn[:, None], np.asarray(weights, dtype=float)[None]  # one layer: (S, 1, H, T, T), (1, H)
     out = {}
     if "section4" in studies:
-        C = proxies.combine_heads(attn, weights)[:, None, None]  # (S, 1, 1, T, T)
-        out["section4"] = {"mixing_time": proxies.mixing_time(C, max_steps=cfg.max_steps),
-                           "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
-                           "mixing_time_normalized": proxies.mixing_time_normalized(C, max_steps=cfg.max_steps),
-                           "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C[:, 0, 0])[0][:, None]}
+        C = proxies.combine_heads(attn, weights)  # (S, T, T), for the certified fidelity beside the paper's
+        out["section4"] = {**attention_section4_values(layer, w, cfg),
+                           "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C)[0][:, None]}
     if {"tables56", "synergy"} & set(studies):
         values, diversity = head_set_values(layer, w, cfg)
         out["head_sets"] = {"values": values, "diversity": diversity}  # tables56 and synergy

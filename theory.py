@@ -252,9 +252,9 @@ def map_jobs(args, device):
 def write_amplification(parser, cfg, args, *, device, ckpt_dir, out):
     """--amplification: the trained layers, the map (learned-like weights as wide as the widest trained spread), the
     worked argument; OUT/theory/amplification.{csv,md,png,pdf} and amplification_trained.csv."""
-    others = runs_of(args.seed, () if args.quick else SEEDS, ckpt_dir, authors=authors_checkpoints(parser, args))[1:]
+    runs = runs_of(args.seed, () if args.quick else SEEDS, ckpt_dir, authors=authors_checkpoints(parser, args))
     with input_errors(parser):
-        loaded = trained_runs(cfg, multi_head_cells(args), args, device, ckpt_dir, others)
+        loaded = trained_runs(cfg, multi_head_cells(args), args, device, runs)
     with worker_pool(map_jobs(args, device)) as pool:
         began = time.perf_counter()
         trained = trained_layers(loaded, cfg, multi_head_cells(args), pool)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from checkpoints import Cell, load_model, read_checkpoint, run_difference, save_checkpoint, save_trained, seed_folder
 from config import HEADS, TASKS
 from learners import Group, OneCell, timing_step
-from runs import Run, load_runs, training_status
+from runs import load_runs, training_status
 from script_io import add_common_args, add_training_args, deadline_of, hardware_name, input_errors, resolve_training
 
 
@@ -280,12 +280,13 @@ def models_of(cfg, cells, args, device, ckpt_dir):
     return {(cell.heads, cell.task): model for cell, (model, _) in models.items()}
 
 
-def trained_runs(cfg, cells, args, device, ckpt_dir, others):
-    """[(run, {(heads, task): model})] of --seed's run (models_of: its missing cells trained first) and of each Run
-    of `others` that has any of the cells (runs.load_runs: read and checked, nothing trained)."""
-    first = Run(str(args.seed), args.seed, ckpt_dir)
-    return [(first, models_of(cfg, cells, args, device, ckpt_dir))] + (load_runs(cfg, cells, others, device)
-                                                                       if others else [])
+def trained_runs(cfg, cells, args, device, runs):
+    """[(run, {(heads, task): model})] of runs (as runs.runs_of gives them): the first, --seed's, through models_of
+    (its missing cells trained first); each other run that has any of the cells through runs.load_runs (read and
+    checked, nothing trained)."""
+    first, *others = runs
+    return [(first, models_of(cfg, cells, args, device, first.folder))] + (load_runs(cfg, cells, others, device)
+                                                                          if others else [])
 
 
 # Time: steps timed, training estimated
