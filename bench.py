@@ -354,9 +354,9 @@ def _lm_job(shape, length, studies, device):
 
 
 def _layer_job(length, study, device):
-    """Seconds of one study on one layer's attention (12 peaked heads at `length` tokens, one sequence)."""
-    scores = 3 * torch.randn(1, 12, length, length, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    attn = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), -math.inf).softmax(-1).to(device)
+    """Seconds of one study on one layer's attention: 12 independent heads of the map's dense family (peaked softmax
+    attention) at `length` tokens, one sequence."""
+    attn = dense_heads(1, 12, length, share=0.0, generator=torch.Generator().manual_seed(0)).to(device)
     began = time.perf_counter()
     layer_study_values(attn, torch.ones(12, dtype=torch.float64), PAPER, (study,), hf_models.prefix_lengths(length))
     sync(device)
@@ -407,7 +407,7 @@ def pretrained_section(device):
          "peak GiB": big_gib}]).round(2)
     return ["## Hugging Face models (pretrained.py)", "", "Random weights, peaked attention, one sequence; each "
             "row in a process of its own (peak: its resident memory).", "", table.to_markdown(index=False), "",
-            "Each study on one layer (12 peaked heads) against T, seconds; the slope over the last three lengths "
+            "Each study on one layer (12 heads of the amplification map's dense family) against T, seconds; the slope over the last three lengths "
             f"measured (a study stops at the first T over {COST_BUDGET_SECONDS} s):", "",
             cost_table(device).to_markdown(index=False), ""]
 
