@@ -59,9 +59,18 @@ def section4_values(model, tokens, cfg, estimator="exact", seed=0):
     return attention_section4_values(model.attention(tokens), proxies.model_head_weights(model), cfg, estimator, seed)
 
 
-def attention_section4_values(attn, weights, cfg, estimator="exact", seed=0):
-    """section4_values of attention (S, L, H, T, T) with head weights (L, H), shared by every sequence."""
+def attention_section4_values(attn, weights, cfg, estimator="exact", seed=0, capped_shares=False):
+    """section4_values of attention (S, L, H, T, T) with head weights (L, H), shared by every sequence; with
+    capped_shares (exact estimator), also each walk's share stopped by the cap (proxies.mixing_and_capped_share),
+    from the same pass, as mixing_time_capped_share and mixing_time_normalized_capped_share."""
     C = proxies.combine_heads(attn, weights)[..., None, :, :]  # combined once: (S, L, 1, T, T)
+    if capped_shares:
+        (mixing, capped), (normalized, normalized_capped) = (
+            proxies.mixing_and_capped_share(C, max_steps=cfg.max_steps, walk=walk) for walk in ("authors",
+                                                                                                 "normalized"))
+        return {"mixing_time": mixing, "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
+                "mixing_time_normalized": normalized, "mixing_time_capped_share": capped,
+                "mixing_time_normalized_capped_share": normalized_capped}
     if estimator == "exact":
         mixing = proxies.mixing_time(C, max_steps=cfg.max_steps)
     else:
@@ -144,16 +153,19 @@ def head_diversity(attn):
     return tv.reshape(attn.shape[:-3] + (-1,)).mean(-1).cpu().numpy()
 
 
-def head_set_values(attn, weights, cfg, epsilon_mixing=False):
+def head_set_values(attn, weights, cfg, epsilon_mixing=False, combined_mixing=None):
     """Per head set of a batch (..., H, T, T) with head weights (uniform when None): the combined, parallel and
     best-head values of both proxies (dicts of (...) arrays) and head diversity; with epsilon_mixing, also the
-    averaged-start epsilon-mixing time of the layer's walk (walks.mixture_walk) and of its fastest head."""
+    averaged-start epsilon-mixing time of the layer's walk (walks.mixture_walk) and of its fastest head.
+    combined_mixing: the combination's mixing time where the caller has it already (Section 4's)."""
     fidelity = proxies.head_set_fidelities(attn, weights, cfg.horizon)
     per_head_mixing = proxies.mixing_time(attn[..., None, :, :], max_steps=cfg.max_steps)  # (..., H), once
+    if combined_mixing is None:
+        combined_mixing = proxies.mixing_time(attn, weights, cfg.max_steps)
     values = {
         "fidelity": {"combined": fidelity["combined"], "parallel": fidelity["parallel"],
                      "best_head": fidelity["heads"].max(-1)},
-        "mixing_time": {"combined": proxies.mixing_time(attn, weights, cfg.max_steps),
+        "mixing_time": {"combined": combined_mixing,
                         "parallel": proxies.head_average(per_head_mixing, weights),
                         "best_head": per_head_mixing.min(-1)},  # the best head mixes fastest
     }
@@ -230,12 +242,12 @@ def theorem29_values(attn, weights, epsilon=walks.EPSILON):
     p_worst, p_mean = _theorem29_p(per_head, weights)
     N = attn.shape[-1] - 1
     mixture = walks.epsilon_mixing_times(walks.mix_walks(per_head, weights), epsilon, validate=False)
-    heads = walks.epsilon_mixing_times(per_head, epsilon, validate=False)  # (S, L, H) each
+    heads = walks.fastest_epsilon_mixing_times(per_head, epsilon, validate=False)  # (S, L) each
     return {"p_worst": p_worst, "p_mean": p_mean, "bound": _bound(N, p_worst), "bound_mean_node": _bound(N, p_mean),
             "hoeffding_bound": walks.hoeffding_mixing_bound(N + 1, p_worst, epsilon),
             "rigorous": N * p_worst > np.log(2 / epsilon),
             "mixing": mixture["average"], "mixing_worst": mixture["worst"],
-            "fastest_head": heads["average"].min(-1), "fastest_head_worst": heads["worst"].min(-1)}
+            "fastest_head": heads["average"], "fastest_head_worst": heads["worst"]}
 
 
 def _bound(N, p):
@@ -338,13 +350,10 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
     out = {}
     if "section4" in studies:
         C = proxies.combine_heads(attn, weights)  # (S, T, T), for the certified fidelity beside the paper's
-        out["section4"] = {**attention_section4_values(layer, w, cfg),
-                           "mixing_time_capped_share": proxies.capped_share(layer, w, cfg.max_steps),
-                           "mixing_time_normalized_capped_share": proxies.capped_share(layer, w, cfg.max_steps,
-                                                                                       "normalized"),
+        out["section4"] = {**attention_section4_values(layer, w, cfg, capped_shares=True),
                            "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C)[0][:, None]}
     if {"tables56", "synergy"} & set(studies):
-        values, diversity = head_set_values(layer, w, cfg)
+        values, diversity = head_set_values(layer, w, cfg, combined_mixing=out.get("section4", {}).get("mixing_time"))
         out["head_sets"] = {"values": values, "diversity": diversity}  # tables56 and synergy
     if "theorem29" in studies:
         out["theorem29"] = theorem29_values(layer, w)

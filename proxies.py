@@ -170,35 +170,40 @@ def walk_transition(C, walk="authors"):
     all the rest, so mass above 1 is cut off and a deficit goes to the sink (the quirks named in the module doc).
     walk="normalized": the principled variant, P[c, k] = C[k, c] / sum_i C[i, c], a proper forward distribution.
     """
-    columns = C.transpose(-1, -2)  # columns[c, i] = C[i, c]
+    # Built transposed, Pt[k, c] = P[c, k], along C's contiguous rows (the same sums in the same order), and returned
+    # as a view: the stepped mixing time reads Pt itself, contiguous.
     if walk == "authors":
-        S = columns.cumsum(dim=-1).clamp(max=1.0)
-        P = torch.diff(S, dim=-1, prepend=torch.zeros_like(S[..., :1]))
-        P[..., -1] = 1.0 - S[..., -2] if C.shape[-1] > 1 else 1.0
+        St = C.cumsum(dim=-2).clamp_(max=1.0)  # St[k, c] = S_k of column c
+        Pt = St.clone()
+        Pt[..., 1:, :] -= St[..., :-1, :]
+        Pt[..., -1, :] = 1.0 - St[..., -2, :] if C.shape[-1] > 1 else 1.0
     elif walk == "normalized":
-        mass = columns.sum(dim=-1, keepdim=True)
+        mass = C.sum(dim=-2, keepdim=True)
         if (mass <= 0).any():
             raise ValueError("walk='normalized' needs every position to receive some attention (a zero column)")
-        P = columns / mass
+        Pt = C / mass
     else:
         raise ValueError(f"walk must be 'authors' or 'normalized', got {walk!r}")
+    P = Pt.transpose(-1, -2)
     P[..., -1, :] = 0.0
     P[..., -1, -1] = 1.0
     return P
 
 
-def _expected_capped_steps(P, max_steps):
-    """E[min(hitting time of the sink, max_steps)] from every start: sum_{t<max_steps} P(not yet at the sink).
+def _expected_capped_steps(P, max_steps, survival=False):
+    """E[min(hitting time of the sink, max_steps)] from every start: sum_{t<max_steps} P(not yet at the sink), (B, T);
+    with survival, stacked with P(not at the sink after max_steps steps) from every start: (B, 2, T).
 
     With Q the transitions among the non-sink positions, P(H > t | start s) = (Q^t 1)_s, so the answer is
     s_M = sum_{t<M} Q^t 1. Binary doubling over the bits of M (s_2n = s_n + Q^n s_n; s_n+1 = s_n + Q^n 1) needs
     O(log M) matrix products, O(T^3 log M), instead of M dependent mat-vec steps, O(M T^2): the products win while
     M >= T (the paper's T = M = 100), the steps on long sequences (a language model's T = 1024). The sink scores 0.
     """
+    if max_steps < P.shape[-1] - 1:
+        out = _capped_steps_by_stepping(P, max_steps)
+        return out if survival else out[:, 0]
     Q = P[:, :-1, :-1].contiguous()
     ones = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
-    if max_steps < Q.shape[-1]:
-        return _capped_steps_by_stepping(Q, ones, max_steps)
     total, power = torch.zeros_like(ones), None  # total = s_n, power = Q^n (None for n = 0)
     bits = bin(max_steps)[2:]
     for k, bit in enumerate(bits):
@@ -209,52 +214,76 @@ def _expected_capped_steps(P, max_steps):
         if bit == "1":  # n -> n + 1
             total = total + (ones if power is None else power @ ones)
             power = Q if power is None else None if last else power @ Q
-    return torch.cat([total[..., 0], torch.zeros_like(total[:, :1, 0])], dim=-1)
+    if not survival:
+        return _with_sink(total[..., 0])
+    return _with_sink(torch.stack([total[..., 0], (torch.linalg.matrix_power(Q, max_steps) @ ones)[..., 0]], dim=1))
 
 
-def _capped_steps_by_stepping(Q, ones, max_steps):
-    """_expected_capped_steps by M mat-vec steps: s_M = 1 + Q 1 + ... + Q^(M-1) 1; the sink appended with 0."""
-    total, survive = torch.zeros_like(ones), ones
-    for _ in range(max_steps):
+def _with_sink(values):
+    """Per-start values (..., T - 1) with the sink's 0 appended."""
+    return torch.cat([values, torch.zeros_like(values[..., :1])], dim=-1)
+
+
+CAPPED_RTOL = 1e-10  # the stepped mixing time stops once the steps left add less than this to any start's total
+CAPPED_CHECK_EVERY = 8  # steps between two checks of that condition
+
+
+def _capped_steps_by_stepping(P, max_steps):
+    """(B, 2, T): s_M = 1 + Q 1 + ... + Q^(M-1) 1 and Q^M 1 (Q: P without the sink), the sink's 0 included, by
+    row-vector steps r <- r P^T (a vector times a matrix reads the matrix about twice as fast as a matrix times a
+    vector here; walk_transition's P is a view of a contiguous P^T; r's sink entry stays 0, since the sink moves
+    nowhere, so the sink's row and column drop out). Survival only falls (Q >= 0, rows summing to <= 1), so the
+    steps left from t add at most (M - t) r_t: an item may stop once every r_t is below CAPPED_RTOL / M (the rest
+    adds less than CAPPED_RTOL to totals >= 1, and its survival, taken as 0, is off by less), except at starts that
+    never move (P[c, c] = 1: r stays 1, so they add exactly M - t and survive)."""
+    Pt = P.transpose(-1, -2)
+    Pt = Pt if Pt.is_contiguous() else Pt.contiguous()
+    trapped = Pt.diagonal(dim1=-2, dim2=-1) == 1.0
+    trapped[:, -1] = False  # the sink: r is 0 there throughout
+    out = torch.zeros(len(P), 2, P.shape[-1], dtype=P.dtype, device=P.device)
+    active = torch.arange(len(P), device=P.device)
+    total, survive = torch.zeros_like(Pt[:, :1]), torch.ones_like(Pt[:, :1])  # (B, 1, T) rows
+    survive[..., -1] = 0.0
+    for t in range(max_steps):
         total = total + survive
-        survive = Q @ survive
-    return torch.cat([total[..., 0], torch.zeros_like(total[:, :1, 0])], dim=-1)
+        survive = survive @ Pt
+        left = max_steps - t - 1
+        if left and (t + 1) % CAPPED_CHECK_EVERY == 0:
+            done = ((survive * max_steps <= CAPPED_RTOL) | trapped[:, None]).all(-1)[:, 0]
+            # set aside once the steps it saves outweigh the copy of the rest (about 4 steps of every active walk)
+            if done.all() or done.sum() * left >= 4 * len(active):
+                kept = trapped[done].to(P.dtype)
+                out[active[done]] = torch.stack([total[done, 0] + left * kept, kept], dim=1)
+                keep = ~done
+                active, Pt, trapped, total, survive = (active[keep], Pt[keep], trapped[keep], total[keep],
+                                                       survive[keep])
+                if not len(active):
+                    return out
+    out[active] = torch.cat([total, survive], dim=1)
+    return out
 
 
-def expected_walk_steps(attn, head_weights=None, max_steps=100, walk="authors"):
-    """Exact expected capped steps to the sink from each start position: array (..., T); the sink scores 0."""
+def expected_walk_steps(attn, head_weights=None, max_steps=100, walk="authors", survival=False):
+    """Exact expected capped steps to the sink from each start position: array (..., T); the sink scores 0. With
+    survival, (..., 2, T): those and each start's probability of not reaching the sink within max_steps."""
     check_steps("max_steps", max_steps)
     P = walk_transition(combine_heads(attn, head_weights), walk)
-    return to_numpy(_over_chunks(lambda p: _expected_capped_steps(p, max_steps), P))
+    return to_numpy(_over_chunks(lambda p: _expected_capped_steps(p, max_steps, survival), P))
+
+
+def mixing_and_capped_share(attn, head_weights=None, max_steps=100, walk="authors"):
+    """(mixing time, capped share) from one pass: mixing_time (walk="authors") or mixing_time_normalized, and the
+    share of its walks that the cap stops: over all T starts (the sink's included, at 0), the probability of not
+    having reached the sink within max_steps steps, which the mixing time scores max_steps. The authors' walk from
+    position 0 never moves: 1 there. Two (...) arrays."""
+    steps = expected_walk_steps(attn, head_weights, max_steps, walk, survival=True)
+    return np.mean(steps[..., 0, :], axis=-1), np.mean(steps[..., 1, :], axis=-1)
 
 
 def mixing_time(attn, head_weights=None, max_steps=100):
     """The exact value the authors' Monte Carlo mixing time estimates: mean over all T starts of the expected
     capped hitting time of their walk (start 0 is trapped and scores max_steps)."""
     return np.mean(expected_walk_steps(attn, head_weights, max_steps, "authors"), axis=-1)
-
-
-def _unabsorbed_after(P, max_steps):
-    """P(not yet at the sink after max_steps steps) from every start, (Q^M 1): M mat-vec steps, or repeated squaring
-    where M >= T; the sink appended with 0."""
-    Q = P[:, :-1, :-1].contiguous()
-    ones = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
-    if max_steps >= Q.shape[-1]:
-        survive = torch.linalg.matrix_power(Q, max_steps) @ ones
-    else:
-        survive = ones
-        for _ in range(max_steps):
-            survive = Q @ survive
-    return torch.cat([survive[..., 0], torch.zeros_like(survive[:, :1, 0])], dim=-1)
-
-
-def capped_share(attn, head_weights=None, max_steps=100, walk="authors"):
-    """The share of the mixing time's walks that the cap stops: over all T starts (the sink's included, at 0), the
-    probability of not having reached the sink within max_steps steps, which the mixing time scores max_steps. The
-    authors' walk from position 0 never moves: 1 there. (...) array."""
-    check_steps("max_steps", max_steps)
-    P = walk_transition(combine_heads(attn, head_weights), walk)
-    return np.mean(to_numpy(_over_chunks(lambda p: _unabsorbed_after(p, max_steps), P)), axis=-1)
 
 
 def mixing_time_normalized(attn, head_weights=None, max_steps=100):
@@ -347,12 +376,13 @@ def _certified_fidelities(matrices, w, horizon):
         if t % CERTIFY_EVERY == 0:
             low, certain = _certificate(phi, _with_parallel(rows, w))
             certain = certain.all(-1)
-            result[active[certain]] = low[certain]
-            keep = ~certain
-            active, matrices, rows, phi = active[keep], matrices[keep], rows[keep], phi[keep]
-            w = None if w is None else w[keep]
-            if not len(active):
-                return result
+            if certain.any():  # set the certain items aside (a copy of the rest: only when something changed)
+                result[active[certain]] = low[certain]
+                keep = ~certain
+                active, matrices, rows, phi = active[keep], matrices[keep], rows[keep], phi[keep]
+                w = None if w is None else w[keep]
+                if not len(active):
+                    return result
         rows = (rows[:, :, None, :] @ matrices)[:, :, 0]
         phi[:, :rows.shape[1]] = torch.maximum(phi[:, :rows.shape[1]], rows)
         if w is not None:

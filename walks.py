@@ -24,7 +24,8 @@ from proxies import ROW_SUM_TOLERANCE, check_layer, check_steps, check_weights, 
 # is 2 (1 - (W^t)[tau, j]): only row tau of W^t is ever needed.
 EPSILON = 0.25
 MAX_WALK_STEPS = 10 ** 12  # the epsilon-mixing time's cap; a walk not mixed within it scores inf, never the cap
-LINEAR_STEPS = 128  # steps taken one mat-vec at a time (all walks together) before the slow ones switch to squaring
+LINEAR_STEPS = 128  # steps taken one mat-vec at a time (all walks together; n steps on n > 128 nodes) before the
+# slow ones switch to squaring
 WALK_CHUNK = 256  # walks stepped together (~20 MB of 100 x 100 walks; bench.py times it)
 SQUARING_CHUNK = 32  # slow walks squared together: log2(cap) = 40 powers of each are held at once
 
@@ -141,24 +142,28 @@ def _last_unmixed_by_squaring(W, row, t0, need, max_steps, starts):
     return t
 
 
-def _first_mixed_steps(W, need, max_steps, starts=STARTS):
+def _first_mixed_steps(W, need, max_steps, starts=STARTS, group=1):
     """First t <= max_steps at which the sink's share exceeds `need`, for each of `starts` ("average": averaged over
     starts, "worst": the worst start's), per walk of W (B, n, n): (B, len(starts)), inf where none. A walk is set
-    aside once it has mixed from all of them (with the worst start, when that one has)."""
+    aside once it has mixed from all of them (with the worst start, when that one has). group > 1: the walks in
+    consecutive groups of that size, a group set aside once, from each start, one of its walks has mixed: each
+    group's least first step is exact, and its slower walks may be left at inf."""
     B, n = W.shape[0], W.shape[-1]
     row = torch.zeros(B, 1, n, dtype=W.dtype, device=W.device)
     row[..., -1] = 1.0  # t = 0: row tau of the identity
     first = torch.full((B, len(starts)), math.inf, dtype=torch.float64, device=W.device)
     active, t, found = torch.arange(B, device=W.device), 0, first.clone()  # found: first[active]
-    while len(active) and t < min(LINEAR_STEPS, max_steps):
+    linear = min(max(LINEAR_STEPS, n), max_steps)  # n steps cost about one n x n squaring: step at least that far
+    while len(active) and t < linear:
         for _ in range(min(max(4, t), 32, max_steps - t)):  # compacted after steps 4, 8, 16, 32, 64, 96, ...
             t += 1
             row = row @ W
             mixed = torch.stack([_sink_share(row[:, 0], start) for start in starts], dim=-1) > need
             found = torch.where(torch.isinf(found) & mixed, float(t), found)
         first[active] = found
-        walking = torch.isinf(found).any(-1)
-        active, row, W, found = active[walking], row[walking], W[walking], found[walking]
+        walking = torch.isinf(found.reshape(-1, group, len(starts)).amin(1)).any(-1).repeat_interleave(group)
+        if not walking.all():  # set the mixed walks aside (a copy of the rest: only when something changed)
+            active, row, W, found = active[walking], row[walking], W[walking], found[walking]
     for i in range(0, len(active) if t < max_steps else 0, SQUARING_CHUNK):
         part = slice(i, i + SQUARING_CHUNK)
         last = _last_unmixed_by_squaring(W[part], row[part], t, need, max_steps, starts)
@@ -178,6 +183,18 @@ def epsilon_mixing_times(walk, epsilon=EPSILON, convention="published", max_step
     batch shape. validate=False skips the checks of the walk (they read a large batch several times) for walks that
     head_walks, mixture_walk or graph_walk built, valid by construction. starts: the ones wanted (fewer is faster:
     the averaged start mixes long before the worst)."""
+    return _epsilon_mixing(walk, epsilon, convention, max_steps, validate, starts)
+
+
+def fastest_epsilon_mixing_times(walks, epsilon=EPSILON, convention="published", max_steps=MAX_WALK_STEPS,
+                                 validate=True, starts=STARTS):
+    """The least epsilon_mixing_times over axis -3 of walks (..., H, n, n) (a layer's heads): {start: (...)}. The
+    heads of a layer are stepped together only until the fastest has mixed from each start, not until all have."""
+    return _epsilon_mixing(walks, epsilon, convention, max_steps, validate, starts, group=walks.shape[-3])
+
+
+def _epsilon_mixing(walk, epsilon, convention, max_steps, validate, starts, group=1):
+    """epsilon_mixing_times, or with group > 1 the least over consecutive groups of that many walks."""
     if not 0 < epsilon < 1:
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
     if convention not in ("published", "first"):
@@ -187,8 +204,11 @@ def epsilon_mixing_times(walk, epsilon=EPSILON, convention="published", max_step
     check_steps("max_steps", max_steps)
     flat, batch_shape = _check_walk(walk, validate)
     need = 1.0 - epsilon / 2  # distance 2 (1 - share) < epsilon  <=>  share > 1 - epsilon / 2
-    first = torch.cat([_first_mixed_steps(flat[i:i + WALK_CHUNK], need, max_steps, tuple(starts))
-                       for i in range(0, len(flat), WALK_CHUNK)]) - float(convention == "published")
+    chunk = max(1, WALK_CHUNK // group) * group  # whole groups a chunk
+    first = torch.cat([_first_mixed_steps(flat[i:i + chunk], need, max_steps, tuple(starts), group)
+                       for i in range(0, len(flat), chunk)]) - float(convention == "published")
+    if group > 1:
+        first, batch_shape = first.reshape(-1, group, len(starts)).amin(1), batch_shape[:-1]
     return {start: to_numpy(first[:, k].reshape(batch_shape)) for k, start in enumerate(starts)}
 
 

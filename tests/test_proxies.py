@@ -20,7 +20,7 @@ def random_causal(shape, T, rng):
 def brute_force_walk(C, max_steps):
     """Independent reading of the authors' walk (docs/proxies.md): transition matrix built entry by entry, then the
     distribution of the capped hitting time by propagating the full chain; returns per-start (mean, variance) of
-    min(H, max_steps)."""
+    min(H, max_steps), and P(H >= max_steps), the walk's survival of the cap."""
     T = len(C)
     P = np.zeros((T, T))
     for c in range(T - 1):
@@ -31,7 +31,7 @@ def brute_force_walk(C, max_steps):
             cumulative = new
         P[c, T - 1] = 1.0 - cumulative
     P[T - 1, T - 1] = 1.0
-    means, variances = np.zeros(T), np.zeros(T)
+    means, variances, survivals = np.zeros(T), np.zeros(T), np.zeros(T)
     for s in range(T - 1):
         dist = np.eye(T)[s]
         first, second = 0.0, 0.0
@@ -40,8 +40,8 @@ def brute_force_walk(C, max_steps):
             first += survive
             second += (2 * t + 1) * survive
             dist = dist @ P
-        means[s], variances[s] = first, second - first ** 2
-    return means, variances
+        means[s], variances[s], survivals[s] = first, second - first ** 2, 1.0 - dist[T - 1]
+    return means, variances, survivals
 
 
 def test_chain_fidelity_by_hand():
@@ -81,7 +81,7 @@ def test_exact_walk_equals_brute_force():
     rng = np.random.default_rng(2)
     A, w = random_causal((3,), 6, rng), np.array([0.2, 0.5, 0.3])
     C = np.tensordot(w, A, axes=1)
-    means, _ = brute_force_walk(C, 25)
+    means, _, _ = brute_force_walk(C, 25)
     assert np.allclose(proxies.expected_walk_steps(A, w, max_steps=25), means, atol=1e-12)
     assert proxies.mixing_time(A, w, max_steps=25) == pytest.approx(means.mean(), abs=1e-12)
 
@@ -91,13 +91,12 @@ def test_long_sequences_step_and_agree_with_doubling():
     checked against the brute-force walk, and both paths agree to rounding."""
     rng = np.random.default_rng(5)
     A, w = random_causal((2,), 12, rng), np.array([0.7, 0.3])
-    means, _ = brute_force_walk(np.tensordot(w, A, axes=1), 5)
+    means, _, _ = brute_force_walk(np.tensordot(w, A, axes=1), 5)
     assert np.allclose(proxies.expected_walk_steps(A, w, max_steps=5), means, atol=1e-12)
     P = proxies.walk_transition(torch.from_numpy(np.tensordot(w, A, axes=1))[None])
     for M in (3, 10, 11, 40):
-        Q = P[:, :-1, :-1].contiguous()
-        stepped = proxies._capped_steps_by_stepping(Q, torch.ones(1, 11, 1, dtype=torch.float64), M)
-        assert torch.allclose(proxies._expected_capped_steps(P, M), stepped, rtol=1e-12, atol=1e-12)
+        stepped = proxies._capped_steps_by_stepping(P, M)  # (1, 2, 12): steps and survival
+        assert torch.allclose(proxies._expected_capped_steps(P, M, survival=True), stepped, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5])
@@ -107,7 +106,7 @@ def test_monte_carlo_within_four_standard_errors(seed):
     A = random_causal((2,), T, rng)
     A[..., 1:, 1:] *= 3  # heavier columns, so some columns exceed 1 and get cut
     A = A / A.sum(-1, keepdims=True)
-    _, variances = brute_force_walk(A.mean(0), 100)
+    _, variances, _ = brute_force_walk(A.mean(0), 100)
     standard_error = np.sqrt(variances.sum() / n) / T
     exact = proxies.mixing_time(A)
     estimate = proxies.mixing_time_mc(A, num_simulations=n, seed=seed)
@@ -265,9 +264,32 @@ def test_capped_share_by_hand():
     numpy's matrix power."""
     a, b, c, M = 0.5, 0.2, 0.3, 3
     C = torch.tensor([[1, 0, 0], [a, 1 - a, 0], [b, c, 1 - b - c]], dtype=torch.float64)[None]
-    assert np.isclose(proxies.capped_share(C, max_steps=M), (1 + (1 - a) ** M + 0) / 3, rtol=1e-12)
+    assert np.isclose(proxies.mixing_and_capped_share(C, max_steps=M)[1], (1 + (1 - a) ** M + 0) / 3, rtol=1e-12)
     Q = np.array([[1, a], [0, 1 - a]]) / np.array([[1 + a + b], [1 - a + c]])
     survive = np.linalg.matrix_power(Q, M) @ np.ones(2)
-    assert np.isclose(proxies.capped_share(C, max_steps=M, walk="normalized"), (survive.sum() + 0) / 3, rtol=1e-12)
-    assert np.isclose(proxies.capped_share(C, max_steps=1), (1 + (1 - a)) / 3)  # M < T - 1: the stepping path
-    assert np.isclose(proxies.capped_share(torch.eye(5, dtype=torch.float64), max_steps=100), 4 / 5)  # all trapped
+    assert np.isclose(proxies.mixing_and_capped_share(C, max_steps=M, walk="normalized")[1], (survive.sum() + 0) / 3,
+                      rtol=1e-12)
+    assert np.isclose(proxies.mixing_and_capped_share(C, max_steps=1)[1], (1 + (1 - a)) / 3)  # M < T - 1: stepped
+    eye = torch.eye(5, dtype=torch.float64)
+    assert np.isclose(proxies.mixing_and_capped_share(eye, max_steps=100)[1], 4 / 5)  # every start trapped
+
+
+def test_stepped_walk_stops_early_and_equals_the_brute_force():
+    """T = 150 > M = 100: the stepped path, which sets a walk aside once its remaining steps cannot count. Peaked
+    heads (they stop early), a head whose row 60 attends to itself alone (a trapped start that earlier ones reach:
+    no early stop) and a slow chain; every start's expected capped steps and survival equal the brute force's."""
+    rng = np.random.default_rng(3)
+    T, M = 150, 100
+    peaked = np.tril(np.exp(4 * rng.standard_normal((2, T, T))))
+    trapped = np.tril(rng.random((T, T)))
+    trapped[60] = np.eye(T)[60]
+    chain = 0.97 * np.eye(T) + 0.03 * np.eye(T, k=-1)
+    chain[0, 0] = 1.0
+    heads = np.concatenate([peaked, trapped[None], chain[None]])
+    heads /= heads.sum(-1, keepdims=True)
+    steps = proxies.expected_walk_steps(heads[:, None], max_steps=M, survival=True)  # (4, 2, T)
+    for h in range(4):
+        means, _, survivals = brute_force_walk(heads[h], M)
+        assert np.allclose(steps[h, 0], means, rtol=1e-11, atol=0), h
+        assert np.allclose(steps[h, 1], survivals, rtol=1e-9, atol=1e-13), h
+    assert steps[2, 1, 60] == 1.0 and steps[2, 0, 60] == M

@@ -335,3 +335,19 @@ def test_epsilon_mixing_time_at_exact_ties(squaring, monkeypatch):
     slow = two_node_walk(2.0 ** -20)
     t = walks.epsilon_mixing_time(slow, epsilon=0.25, convention="first")
     assert (1 - 2.0 ** -20) ** t < 0.25 <= (1 - 2.0 ** -20) ** (t - 1)
+
+
+def test_fastest_epsilon_mixing_equals_the_least_over_heads():
+    """Stepping a layer's heads only until the fastest has mixed gives the least of their own epsilon-mixing times,
+    from both starts, a slow head (squared past n steps) included."""
+    rng = np.random.default_rng(11)
+    heads = np.tril(np.exp(3 * rng.standard_normal((3, 5, 40, 40))))
+    heads[1, 2] = 0.999 * np.eye(40) + 0.001 * np.tril(np.ones((40, 40)))  # slow: every query keeps to itself
+    heads /= heads.sum(-1, keepdims=True)
+    per_head = walks.head_walks(torch.from_numpy(heads))
+    each = walks.epsilon_mixing_times(per_head)
+    fastest = walks.fastest_epsilon_mixing_times(per_head)
+    for start in ("average", "worst"):
+        assert fastest[start].shape == (3,) and np.array_equal(fastest[start], each[start].min(-1))
+    slow = walks.fastest_epsilon_mixing_times(per_head[1:2, 2:3])["worst"]
+    assert slow[0] == walks.epsilon_mixing_time(per_head[1, 2], start="worst") > 40
