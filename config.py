@@ -78,3 +78,24 @@ FORMAT = "beyondparallelism-checkpoint-v1"
 def cache_dir():
     """This repo's folder in the user's cache: $XDG_CACHE_HOME (else ~/.cache)/beyondparallelism."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "beyondparallelism"
+
+
+@dataclasses.dataclass(frozen=True)
+class LMRuns:
+    """pretrained.py's runs: these models on these inputs, samples of `length` tokens, the studies (None: every one),
+    written under `out`, also without position 0 where asked."""
+    models: tuple
+    inputs: tuple
+    length: int
+    samples: int
+    studies: tuple = None
+    out: Path = Path("results") / "pretrained"
+    without_first_token: bool = False
+
+
+# pretrained.py --reproduce: the committed real-model results, then Gu et al.'s sink protocol (ICLR 2025: 100
+# natural-text sequences of 64 tokens; random and repeated-token inputs beside them)
+REAL_MODELS = ("smollm2", "gemma3-270m")
+REAL_RESULTS = LMRuns(REAL_MODELS, ("repeat", "prose", "code"), length=1024, samples=8, without_first_token=True)
+SINK_PROTOCOL = LMRuns(REAL_MODELS, ("prose", "random", "one-token"), length=64, samples=100, studies=("sink",),
+                       out=Path("results") / "pretrained" / "sink_protocol")

@@ -324,17 +324,47 @@ def theory_rows(models, cfg, seed):
 
 
 # Any model's layer (pretrained.py): every study's per-sequence values from one layer's attention
-STUDIES = ("section4", "tables56", "synergy", "theorem29", "prefix")
+STUDIES = ("section4", "tables56", "synergy", "theorem29", "prefix", "sink")
+# Gu et al., "When Attention Sink Emerges in Language Models" (ICLR 2025): a head is a sink head when its mean
+# attention to the first token, over all queries, exceeds this
+SINK_THRESHOLD = 0.3
+
+
+def sink_values(attn):
+    """Gu et al.'s sink metric of one layer's attention (S, H, T, T): each head's attention to position 0 averaged
+    over all T queries (their importance score of the first token), {"first_token": (S, H), "share": (S,) the share
+    of heads above SINK_THRESHOLD}."""
+    first = torch.as_tensor(attn).double()[..., :, 0].mean(-1)  # (S, H)
+    return {"first_token": first.cpu().numpy(), "share": (first > SINK_THRESHOLD).double().mean(-1).cpu().numpy()}
+
+
+def sink_summary(values, task, heads):
+    """One row per layer: the share of heads whose mean attention to position 0 (over queries, then samples) exceeds
+    SINK_THRESHOLD (Gu et al.'s), the per-sample share's mean and std, and each head's mean attention to position 0
+    (head_1 ... head_H) with their mean over heads."""
+    rows = []
+    for layer in range(values["share"].shape[1]):
+        first = values["first_token"][:, layer].mean(0)  # (H,), over samples
+        rows.append({"task": task, "heads": heads, "layer": layer + 1,
+                     "sink_share": float((first > SINK_THRESHOLD).mean()),
+                     "sink_share_per_sample_mean": float(values["share"][:, layer].mean()),
+                     "sink_share_per_sample_std": float(values["share"][:, layer].std()),
+                     "first_token_mean": float(first.mean()),
+                     **{f"head_{h + 1}": float(a) for h, a in enumerate(first)}})
+    return rows
 
 
 def without_first_token(attn):
     """The DAG without position 0 (a language model's attention sink): positions 1..T-1, each query's attention to
-    them renormalised to sum 1, A'[i, j] = A[i, j] / sum_{k >= 1} A[i, k], (..., T-1, T-1). ValueError where some
-    query attends to position 0 alone (nothing is left to renormalise)."""
+    them renormalised to sum 1, A'[i, j] = A[i, j] / sum_{k >= 1} A[i, k], (..., T-1, T-1). A query that attends to
+    position 0 alone (its other weights rounded to 0 in the model's float32 softmax) keeps to itself there,
+    A'[i, i] = 1: it has nothing else to pass on."""
     rest = torch.as_tensor(attn)[..., 1:, 1:]
     mass = rest.sum(-1, keepdim=True)
-    if (mass <= 0).any():
-        raise ValueError("a query attends to position 0 alone: without it, its row is empty")
+    empty = mass <= 0
+    if empty.any():
+        rest = torch.where(empty, torch.eye(rest.shape[-1], dtype=rest.dtype, device=rest.device), rest)
+        mass = torch.where(empty, torch.ones_like(mass), mass)
     return rest / mass
 
 
@@ -343,7 +373,8 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
     combination's mixing time, the authors' walk and the principled one, with the share of their walks that the
     cap of cfg.max_steps stops, its fidelity at the paper's horizon and, certified, at convergence), tables56 and
     synergy (head_set_values, diversity among them), theorem29, and prefix
-    ({n: values} at the prefix lengths); the head sets' values that tables56 and synergy share under "head_sets".
+    ({n: values} at the prefix lengths), sink (sink_values); the head sets' values that tables56 and synergy share
+    under "head_sets".
     Each value is a column of the study's summary, as for the toy models."""
     attn = torch.as_tensor(attn).double()
     layer, w = attn[:, None], np.asarray(weights, dtype=float)[None]  # one layer: (S, 1, H, T, T), (1, H)
@@ -359,4 +390,7 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
         out["theorem29"] = theorem29_values(layer, w)
     if "prefix" in studies:
         out["prefix"] = prefix_values(layer, w, [n for n in lengths if n <= attn.shape[-1]], cfg)
+    if "sink" in studies:
+        sink = sink_values(attn)
+        out["sink"] = {"share": sink["share"][:, None], "first_token": sink["first_token"][:, None]}  # (S, 1, H)
     return out

@@ -11,6 +11,8 @@ position 0), the per-sample values, the study tables and a summary a reader take
 The studies are evaluation.layer_study_values; their rows are the toy models' (task = the input kind), numbered by
 the model's own layers (1-indexed).
 """
+import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -20,12 +22,28 @@ import torch
 from tqdm import tqdm
 
 from claims import growth_table, synergy_significant, wins_majority
-from evaluation import (STUDIES, layer_study_values, prefix_summary, section4_summary, synergy_summary,
-                        tables56_summary, theorem29_summary, without_first_token)
+from evaluation import (SINK_THRESHOLD, STUDIES, layer_study_values, prefix_summary, section4_summary, sink_summary,
+                        synergy_summary, tables56_summary, theorem29_summary, without_first_token)
 from hf_models import PACKAGED, head_weights, stream_attention
 
-INPUTS = ("repeat", "random", "text")
+INPUTS = ("repeat", "random", "one-token", "prose", "code", "text")
 UNUSED = re.compile(r"<unused\d+>")  # Gemma's reserved rows: in the vocabulary, never trained on
+# Texts every machine has without a network, so that anyone regenerates the committed results bit for bit: the GPL-3
+# as Debian and Ubuntu ship it (base-files), and the source of a large module of the running Python's standard library
+PROSE_FILE = Path("/usr/share/common-licenses/GPL-3")
+CODE_MODULE = "argparse"
+
+
+def text_file(kind, given=None):
+    """The file an input reads: --text's for text, the GPL-3 for prose, the standard library's CODE_MODULE for code;
+    None for the drawn inputs. ValueError where the file is missing."""
+    if kind in ("prose", "code"):
+        path = PROSE_FILE if kind == "prose" else Path(inspect.getsourcefile(importlib.import_module(CODE_MODULE)))
+        if not path.is_file():
+            raise ValueError(f"--input {kind} reads {path}, which this machine lacks (on Debian and Ubuntu it is "
+                             f"part of base-files); use --input text --text FILE")
+        return path
+    return given if kind == "text" else None
 
 
 def ordinary_token_ids(tokenizer, vocab_size):
@@ -44,13 +62,15 @@ def ordinary_token_ids(tokenizer, vocab_size):
 
 
 def input_tokens(kind, *, samples, length, vocabulary, seed, bos=None, tokenizer=None, text=None):
-    """(samples, length) token ids: repeat (ordinary tokens, then their copy), random (uniform over `vocabulary`) or
-    text (windows spread evenly from the file's start to its end, through the tokenizer); with bos, each sample is
-    bos followed by length - 1 of them."""
+    """(samples, length) token ids: repeat (ordinary tokens, then their copy), random (uniform over `vocabulary`),
+    one-token (one drawn token, repeated) or a text's (prose, code, text: windows spread evenly from its start to
+    its end, through the tokenizer); with bos, each sample is bos followed by length - 1 of them."""
     n = length - (bos is not None)
     generator = torch.Generator().manual_seed(seed)
     if kind == "random":
         body = vocabulary[torch.randint(0, len(vocabulary), (samples, n), generator=generator)]
+    elif kind == "one-token":
+        body = vocabulary[torch.randint(0, len(vocabulary), (samples, 1), generator=generator)].expand(samples, n)
     elif kind == "repeat":
         half = vocabulary[torch.randint(0, len(vocabulary), (samples, (n + 1) // 2), generator=generator)]
         body = torch.cat([half, half], dim=1)[:, :n]
@@ -135,6 +155,8 @@ def study_tables(values, studies, kind, heads, layers):
         tables["synergy"] = pd.DataFrame(synergy_summary(kind, heads, **values["head_sets"]))
     if "theorem29" in values:
         tables["theorem29"] = pd.DataFrame(theorem29_summary(values["theorem29"], kind, heads))
+    if "sink" in values:
+        tables["sink"] = pd.DataFrame(sink_summary(values["sink"], kind, heads))
     if "prefix" in values:
         prefix = _numbered(pd.DataFrame(prefix_summary(values["prefix"], kind, heads)), layers)
         tables["prefix"] = prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer")
@@ -143,9 +165,12 @@ def study_tables(values, studies, kind, heads, layers):
 
 def _flat(values, prefix=""):
     """{dotted name: (S, L) array} of nested values: section4.fidelity, head_sets.values.fidelity.combined,
-    prefix.16.mixing, ..."""
+    prefix.16.mixing, sink.first_token.h1 (a per-head (S, L, H) array, one column a head), ..."""
     if not isinstance(values, dict):
-        return {prefix: np.asarray(values)}
+        array = np.asarray(values)
+        if array.ndim == 3:
+            return {f"{prefix}h{h + 1}.": array[..., h] for h in range(array.shape[-1])}
+        return {prefix: array}
     return {name: array for key, inner in values.items() for name, array in _flat(inner, f"{prefix}{key}.").items()}
 
 
@@ -157,28 +182,57 @@ def samples_table(values, layers):
                          **{name: array.reshape(-1) for name, array in columns.items()}})
 
 
-def summary_lines(tables):
-    """A few lines a reader takes in at a glance; wins and synergy as claims.py counts them."""
-    lines = []
+def summary_counts(tables):
+    """The studies' verdicts over the layers, counted as claims.py counts them: {name: value}."""
+    out = {}
     if "section4" in tables:
         t = tables["section4"]
-        lines.append(f"section4: mixing time {t.mixing_time_mean.min():.1f}–{t.mixing_time_mean.max():.1f} steps, "
-                     f"fidelity {t.fidelity_mean.min():.3g}–{t.fidelity_mean.max():.3g}% over {len(t)} layers")
+        out.update(layers=len(t), fidelity_min=t.fidelity_mean.min(), fidelity_max=t.fidelity_mean.max(),
+                   mixing_time_min=t.mixing_time_mean.min(), mixing_time_max=t.mixing_time_mean.max(),
+                   capped_share_max=t.mixing_time_capped_share_mean.max())
     if "tables56" in tables:
         rows = list(tables["tables56"].itertuples())
-        lines.append(f"tables56: the combination beats its best head in a majority of samples (sign test p < 0.05) "
-                     f"in {sum(wins_majority(r, +1) for r in rows)} of {len(rows)} layers, loses to it in "
-                     f"{sum(wins_majority(r, -1) for r in rows)}")
+        out.update(layers=len(rows), wins=sum(wins_majority(r, +1) for r in rows),
+                   losses=sum(wins_majority(r, -1) for r in rows),
+                   win_rate_mean=float(np.mean([r.win_rate for r in rows])))
     if "synergy" in tables:
         rows = list(tables["synergy"][tables["synergy"].proxy == "fidelity"].itertuples())
-        positive, negative = (sum(synergy_significant(r, sign) for r in rows) for sign in (+1, -1))
-        lines.append(f"synergy: fidelity synergy > 0 (Wilcoxon p < 0.05) in {positive} of {len(rows)} layers, "
-                     f"< 0 in {negative}")
+        out.update(layers=len(rows), synergy_positive=sum(synergy_significant(r, +1) for r in rows),
+                   synergy_negative=sum(synergy_significant(r, -1) for r in rows))
     if "theorem29" in tables:
         t = tables["theorem29"]
-        lines.append(f"theorem29: the bound 2N/p holds in every sample in {int((t.bound_holds_share == 1).sum())} "
-                     f"of {len(t)} layers")
+        out.update(layers=len(t), bound_holds=int((t.bound_holds_share == 1).sum()),
+                   bound_over_measured_min=t.bound_over_measured.min(),
+                   bound_over_measured_max=t.bound_over_measured.max())
     if "prefix" in tables:
-        growth = tables["prefix"].drop_duplicates("layer").growth
-        lines.append("prefix: " + ", ".join(f"{k} {v}" for k, v in growth.value_counts().items()) + " layers")
+        growth = tables["prefix"].drop_duplicates("layer").growth.value_counts()
+        out.update({f"growth_{k.replace(' ', '_')}": int(v) for k, v in growth.items()})
+    if "sink" in tables:
+        out.update(layers=len(tables["sink"]), sink_share=tables["sink"].sink_share.mean(),
+                   first_token_mean=tables["sink"].first_token_mean.mean())
+    return out
+
+
+def summary_lines(tables):
+    """A few lines a reader takes in at a glance (summary_counts)."""
+    c, lines = summary_counts(tables), []
+    if "section4" in tables:
+        lines.append(f"section4: mixing time {c['mixing_time_min']:.1f}–{c['mixing_time_max']:.1f} steps (at most "
+                     f"{100 * c['capped_share_max']:.1f}% of walks capped), fidelity {c['fidelity_min']:.3g}–"
+                     f"{c['fidelity_max']:.3g}% over {c['layers']} layers")
+    if "tables56" in tables:
+        lines.append(f"tables56: the combination beats its best head in a majority of samples (sign test p < 0.05) "
+                     f"in {c['wins']} of {c['layers']} layers, loses to it in {c['losses']}")
+    if "synergy" in tables:
+        lines.append(f"synergy: fidelity synergy > 0 (Wilcoxon p < 0.05) in {c['synergy_positive']} of "
+                     f"{c['layers']} layers, < 0 in {c['synergy_negative']}")
+    if "theorem29" in tables:
+        lines.append(f"theorem29: the bound 2N/p holds in every sample in {c['bound_holds']} of {c['layers']} layers")
+    if "prefix" in tables:
+        lines.append("prefix: " + ", ".join(f"{k[7:].replace('_', ' ')} {v}" for k, v in c.items()
+                                            if k.startswith("growth_")) + " layers")
+    if "sink" in tables:
+        lines.append(f"sink: {100 * c['sink_share']:.1f}% of heads put more than {SINK_THRESHOLD} of their "
+                     f"attention on position 0 (Gu et al.'s sink heads), mean attention there "
+                     f"{c['first_token_mean']:.3f}")
     return lines

@@ -35,6 +35,7 @@ sample and layer), {study}.csv and .md, {study}.png and .pdf, and prints a summa
 attention on position 0 (an "attention sink"): docs/pretrained.md says how that shapes each proxy.
 """
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import platform
@@ -49,10 +50,10 @@ import pandas as pd
 import torch
 
 import hf_models
-from config import PAPER, SEED
+from config import PAPER, REAL_RESULTS, SEED, SINK_PROTOCOL, LMRuns
 from evaluation import STUDIES
 from lm_analysis import (INPUTS, input_tokens, model_label, ordinary_token_ids, samples_table, study_tables,
-                         study_values, summary_lines)
+                         study_values, summary_counts, summary_lines, text_file)
 from script_io import check_writable, input_errors, resolve_device, save_figure, save_table, write_atomic, write_text
 
 QUICK_LENGTH, QUICK_SAMPLES = 24, 3
@@ -128,15 +129,66 @@ def plot_prefix(t, label):
     return fig, ()
 
 
+def plot_sink(t, label):
+    """The share of sink heads per layer, and each head's mean attention to position 0 as a layer x head map."""
+    heads = [c for c in t.columns if c.startswith("head_")]
+    fig, (share, grid) = _panels(label, [("sink heads (Gu et al.)", "share of heads"),
+                                         ("attention to position 0", "head")])
+    share.plot(t.layer, t.sink_share, "o-", label="share of heads above 0.3")
+    share.plot(t.layer, t.first_token_mean, "s--", label="attention to position 0, mean over heads")
+    share.set_ylim(-0.03, 1.3)
+    image = grid.imshow(t[heads].to_numpy().T, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest",
+                        extent=(t.layer.min() - 0.5, t.layer.max() + 0.5, len(heads) + 0.5, 0.5))
+    fig.colorbar(image, ax=grid, label="mean attention to position 0")
+    return fig, (share,)
+
+
 PLOTS = {"section4": plot_section4, "tables56": plot_tables56, "synergy": plot_synergy,
-         "theorem29": plot_theorem29, "prefix": plot_prefix}
+         "theorem29": plot_theorem29, "prefix": plot_prefix, "sink": plot_sink}
+MODEL_PANELS = [("minimax fidelity (%, log)", "section4", "fidelity_mean", None),
+                ("mixing time (steps)", "section4", "mixing_time_mean", None),
+                ("samples where the combination\nbeats its best head (Wilson 95%)", "tables56", "win_rate",
+                 ("win_ci_low", "win_ci_high")),
+                ("fidelity synergy, combined − parallel\n(pp, t 95%)", "synergy", "synergy", ("ci_low", "ci_high")),
+                ("sink heads (attention to position 0 > 0.3)", "sink", "sink_share", None)]
+
+
+def plot_models(found):
+    """One figure across models and inputs, found {(model, input): tables}: per layer as a fraction of depth, the
+    fidelity, mixing time, win share against the best head, fidelity synergy and sink share; a colour a model, a
+    line style an input, intervals as bands."""
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    models = list(dict.fromkeys(model for model, _ in found))
+    inputs = list(dict.fromkeys(kind for _, kind in found))
+    for ax, (title, study, column, band) in zip(axes.flat, MODEL_PANELS):
+        for (model, kind), tables in found.items():
+            t = tables[study][tables[study].proxy == "fidelity"] if study == "synergy" else tables[study]
+            depth = t.layer / t.layer.max()
+            style = dict(color=f"C{models.index(model)}", ls=["-", "--", ":", "-."][inputs.index(kind) % 4])
+            ax.plot(depth, t[column], marker="o", ms=2.5, lw=1.2, **style)
+            if band:
+                ax.fill_between(depth, t[band[0]], t[band[1]], color=style["color"], alpha=0.12, lw=0)
+        ax.set(title=title, xlabel="layer / depth")
+        if study == "section4" and column == "fidelity_mean":
+            ax.set_yscale("log")
+        if study in ("tables56", "synergy"):
+            ax.axhline(0.5 if study == "tables56" else 0.0, color="grey", lw=0.8, ls=":")
+    legend = axes.flat[-1]
+    legend.axis("off")
+    for k, model in enumerate(models):
+        legend.plot([], [], color=f"C{k}", lw=2, label=model)
+    for k, kind in enumerate(inputs):
+        legend.plot([], [], color="black", ls=["-", "--", ":", "-."][k % 4], label=kind)
+    legend.legend(loc="center", frameon=False, fontsize=11, title="model, input")
+    fig.tight_layout()
+    return fig
 
 
 def plot_study(study, table, label):
     """The study's figure: its per-layer values against the layer (prefix: against n), a legend in each panel."""
     fig, axes = PLOTS[study](table, label)
     for ax in axes:
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, frameon=False, loc="upper center" if study == "sink" else "best")
     fig.tight_layout()
     return fig
 
@@ -166,13 +218,13 @@ def parse_layers(text, count):
     return sorted(chosen)
 
 
-def run_facts(args, source, model, *, bos, length, samples, layers, text_file):
-    """What run.json records: the model, its file, SHA-256 and tensor types, dtype, BOS, input, T, samples, seed,
-    layers and the versions that made the numbers."""
+def run_facts(source, model, *, bos_choice, bos, kind, text_file, length, samples, seed, layers):
+    """What run.json records: the model, its file, SHA-256 and tensor types, dtype, BOS, input (and its text's file
+    and SHA-256), T, samples, seed, layers and the versions that made the numbers."""
     text = {"text_file": str(text_file), "text_sha256": hf_models.sha256_of(text_file)} if text_file else {}
     return {**hf_models.model_facts(source), "model_type": model.config.model_type, "dtype": str(model.dtype),
-            "bos": args.bos, "bos_token_id": bos, "input": args.input, **text, "length": length, "samples": samples,
-            "seed": args.seed, "layers": [layer + 1 for layer in layers], "python": platform.python_version(),
+            "bos": bos_choice, "bos_token_id": bos, "input": kind, **text, "length": length, "samples": samples,
+            "seed": seed, "layers": [layer + 1 for layer in layers], "python": platform.python_version(),
             **{package: _version(package) for package in ("torch", "transformers", "gguf")}}
 
 
@@ -185,9 +237,9 @@ def _version(package):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help=f"a packaged model ({', '.join(hf_models.PACKAGED)}), a .gguf "
-                        "file, a folder (save_pretrained layout, or one .gguf file) or a Hugging Face hub name")
-    parser.add_argument("--input", choices=INPUTS, default="repeat", help="the token sequences (default repeat)")
+    parser.add_argument("--model", help=f"comma-separated, each a packaged model ({', '.join(hf_models.PACKAGED)}), "
+                        "a .gguf file, a folder (save_pretrained layout, or one .gguf file) or a Hugging Face hub name")
+    parser.add_argument("--input", default="repeat", help=f"comma-separated, of {', '.join(INPUTS)} (default repeat)")
     parser.add_argument("--text", type=Path, default=None, help="the text file of --input text")
     parser.add_argument("--length", type=int, default=None, help=f"tokens per sample, BOS included (default 256; "
                                                                  f"{QUICK_LENGTH} with --quick)")
@@ -197,79 +249,127 @@ def parse_args():
     parser.add_argument("--bos", choices=hf_models.BOS_CHOICES, default="auto", help="start every sample with the "
                         "BOS token: auto (default: as the model expects), yes or no")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the random and repeat inputs (default {SEED})")
-    parser.add_argument("--out", type=Path, default=Path("results") / "pretrained", help="output folder (default "
-                        "results/pretrained); the files go to OUT/<model name>/<input>/")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the drawn inputs (default {SEED})")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default results/pretrained); the "
+                        "files go to OUT/<model name>/<input>/")
     parser.add_argument("--without-first-token", action="store_true",
                         help="also the variant without position 0 (the attention sink): each query's attention to "
                              "positions 1..T-1 renormalised; from the same forward passes, written to "
                              "OUT/<model>/<input>/without_first_token/")
+    parser.add_argument("--reproduce", action="store_true", help="the committed real-model results: "
+                        f"{', '.join(REAL_RESULTS.models)} on {', '.join(REAL_RESULTS.inputs)} at "
+                        f"{REAL_RESULTS.length} tokens, then Gu et al.'s sink protocol, under results/pretrained "
+                        "(about an hour on 2 cores)")
     parser.add_argument("--quick", action="store_true", help="a few short samples: seconds on a CPU")
     return parser, parser.parse_args()
 
 
-def checked(parser, args):
-    """(length, samples, studies, device) from the flags, each checked."""
+def _listed(parser, flag, text, allowed=None):
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    if not items or (allowed and any(item not in allowed for item in items)):
+        parser.error(f"{flag}: expected a comma-separated list" + (f" of {', '.join(allowed)}" if allowed else "")
+                     + f", got {text!r}")
+    return tuple(items)
+
+
+def plan_of(parser, args):
+    """The runs the flags ask for, each checked: [LMRuns] (--reproduce: the committed ones)."""
+    if args.reproduce:
+        return [dataclasses.replace(runs, studies=runs.studies or STUDIES) for runs in (REAL_RESULTS, SINK_PROTOCOL)]
+    if args.model is None:
+        parser.error("--model is required (or --reproduce)")
     length = args.length or (QUICK_LENGTH if args.quick else 256)
     samples = args.samples or (QUICK_SAMPLES if args.quick else 8)
-    studies = [s.strip() for s in args.studies.split(",") if s.strip()]
-    unknown = [s for s in studies if s not in STUDIES]
-    if unknown or not studies:
-        parser.error(f"--studies: expected a comma-separated list of {', '.join(STUDIES)}, got {args.studies!r}")
     if length < 4 or samples < 1:
         parser.error(f"--length must be at least 4 and --samples at least 1, got {length} and {samples}")
-    if (args.input == "text") != (args.text is not None):
+    inputs = _listed(parser, "--input", args.input, INPUTS)
+    if ("text" in inputs) != (args.text is not None):
         parser.error("--text FILE goes with --input text, and --input text needs --text FILE")
     if args.text is not None and not args.text.is_file():
         parser.error(f"--text {args.text}: no such file")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
-    return length, samples, studies, device
+    return [LMRuns(models=_listed(parser, "--model", args.model), inputs=inputs, length=length, samples=samples,
+                   studies=_listed(parser, "--studies", args.studies, STUDIES), out=args.out or LMRuns.out,
+                   without_first_token=args.without_first_token)]
 
 
-def prepared(args, length, samples, device):
-    """(source, model, tokens, layers, bos) from the flags: the model loaded, its inputs drawn; ValueError in one
-    line on what is wrong."""
-    source = hf_models.model_source(args.model)
+def loaded(name, args, plan, device):
+    """(source, model, tokenizer, layers) of one --model, the cheap checks first; ValueError in one line."""
+    source = hf_models.model_source(name)
     config = hf_models.model_config(source)  # the cheap checks before the weights are read
     layers = parse_layers(args.layers, config.num_hidden_layers)
     limit = hf_models.max_positions(config)
-    if limit is not None and length > limit:
-        raise ValueError(f"--length {length} is beyond the {limit} positions {args.model} was built for")
-    model = hf_models.load_causal_lm(source, device, config)
-    tokenizer = hf_models.load_tokenizer(source, required=args.input == "text")
-    bos = hf_models.bos_token_id(source, tokenizer, model.config, args.bos)
-    tokens = input_tokens(args.input, samples=samples, length=length, seed=args.seed, bos=bos, tokenizer=tokenizer,
-                          vocabulary=ordinary_token_ids(tokenizer, model.config.vocab_size),
-                          text=args.text.read_text() if args.text else None)
-    return source, model, tokens, layers, bos
+    if limit is not None and plan.length > limit:
+        raise ValueError(f"--length {plan.length} is beyond the {limit} positions {name} was built for")
+    texts = any(text_file(kind, args.text) for kind in plan.inputs)
+    tokenizer = hf_models.load_tokenizer(source, required=texts)
+    return source, hf_models.load_causal_lm(source, device, config), tokenizer, layers
+
+
+def drawn(kind, *, args, plan, model, tokenizer, bos):
+    """(tokens, the text file read or None) of one input on one model; ValueError in one line."""
+    file = text_file(kind, args.text)
+    tokens = input_tokens(kind, samples=plan.samples, length=plan.length, seed=args.seed, bos=bos,
+                          tokenizer=tokenizer, vocabulary=ordinary_token_ids(tokenizer, model.config.vocab_size),
+                          text=file.read_text() if file else None)
+    return tokens, file
+
+
+def run_input(kind, tokens, file, *, args, plan, source, model, layers, bos):
+    """One input on one model: every study of its samples, written; returns {first_token: tables}."""
+    label, heads = model_label(source), hf_models.head_weights(model).shape[1]
+    print(f"{label}: {plan.samples} {kind} sample(s) of {plan.length} tokens"
+          f"{' (BOS first)' if bos is not None else ''}, {len(layers)} of {model.config.num_hidden_layers} layers, "
+          f"{heads} heads on {model.device}")
+    facts = run_facts(source, model, bos_choice=args.bos, bos=bos, kind=kind, text_file=file, length=plan.length,
+                      samples=plan.samples, seed=args.seed, layers=layers)
+    variants = (True, False) if plan.without_first_token else (True,)
+    values = study_values(model, tokens, PAPER, plan.studies, layers, variants)
+    found = {}
+    for first_token in variants:
+        folder = plan.out / label / kind / ("" if first_token else "without_first_token")
+        found[first_token] = tables = study_tables(values[first_token], plan.studies, kind, heads, layers)
+        write_outputs(tables, samples_table(values[first_token], layers), tokens, folder,
+                      f"{label}, {kind}" + ("" if first_token else ", without position 0"),
+                      {**facts, "first_token": first_token})
+        print(("" if first_token else "without position 0:\n") + "\n".join(summary_lines(tables)))
+        print(f"wrote {folder}/run.json, tokens.csv, samples.csv and " + ", ".join(f"{s}.*" for s in tables))
+    return found
+
+
+def run_plan(parser, args, plan, device):
+    """Every model and input of a plan; with several, OUT/summary.{csv,md} and OUT/models.{png,pdf} beside them."""
+    found = {}
+    for name in plan.models:
+        with input_errors(parser):
+            source, model, tokenizer, layers = loaded(name, args, plan, device)
+            bos = hf_models.bos_token_id(source, tokenizer, model.config, args.bos)
+            inputs = {kind: drawn(kind, args=args, plan=plan, model=model, tokenizer=tokenizer, bos=bos)
+                      for kind in plan.inputs}  # every input checked before the first is run
+        check_writable(parser, plan.out)
+        for kind, (tokens, file) in inputs.items():
+            with input_errors(parser):
+                for first_token, tables in run_input(kind, tokens, file, args=args, plan=plan, source=source,
+                                                     model=model, layers=layers, bos=bos).items():
+                    found[(model_label(source), kind, first_token)] = tables
+        del model
+    if len(plan.models) * len(plan.inputs) > 1:
+        summary = pd.DataFrame([{"model": m, "input": k, "first_token": f, **summary_counts(t)}
+                                for (m, k, f), t in found.items()])
+        save_table(summary, plan.out / "summary", view=summary.round(4))
+        if {"section4", "tables56", "synergy", "sink"} <= set(plan.studies):
+            save_figure(plot_models({key[:2]: t for key, t in found.items() if key[2]}), plan.out / "models")
+        print(f"wrote {plan.out}/summary.csv, .md" + (", models.png, .pdf" if "sink" in plan.studies else ""))
 
 
 def main():
     parser, args = parse_args()
-    length, samples, studies, device = checked(parser, args)
-    with input_errors(parser):
-        source, model, tokens, layers, bos = prepared(args, length, samples, device)
-    label, heads = model_label(source), hf_models.head_weights(model).shape[1]
-    folder = args.out / label / args.input
-    check_writable(parser, folder)
-    print(f"{label}: {samples} {args.input} sample(s) of {length} tokens"
-          f"{' (BOS first)' if bos is not None else ''}, {len(layers)} of {model.config.num_hidden_layers} layers, "
-          f"{heads} heads on {device}")
-    facts = run_facts(args, source, model, bos=bos, length=length, samples=samples, layers=layers, text_file=args.text)
-    variants = (True, False) if args.without_first_token else (True,)
-    with input_errors(parser):
-        values = study_values(model, tokens, PAPER, studies, layers, variants)
-    for first_token in variants:
-        where = folder if first_token else folder / "without_first_token"
-        tables = study_tables(values[first_token], studies, args.input, heads, layers)
-        write_outputs(tables, samples_table(values[first_token], layers), tokens, where,
-                      label if first_token else f"{label} without position 0",
-                      {**facts, "first_token": first_token})
-        print(("" if first_token else "without position 0:\n") + "\n".join(summary_lines(tables)))
-        print(f"wrote {where}/run.json, tokens.csv, samples.csv and " + ", ".join(f"{s}.*" for s in tables))
+    plans = plan_of(parser, args)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    for plan in plans:
+        run_plan(parser, args, plan, device)
 
 
 if __name__ == "__main__":

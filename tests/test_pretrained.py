@@ -210,8 +210,8 @@ def test_without_first_token_by_hand():
     """Position 0 dropped, each query's attention to the rest renormalised: the rows of a 3-token head by hand."""
     attn = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.4, 0.0], [0.5, 0.2, 0.3]], dtype=torch.float64)
     assert torch.allclose(without_first_token(attn), torch.tensor([[1.0, 0.0], [0.4, 0.6]], dtype=torch.float64))
-    with pytest.raises(ValueError, match="position 0 alone"):
-        without_first_token(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    alone = without_first_token(torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(alone, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # query 2 attended to position 0 alone
 
 
 def test_the_variant_without_position_0_end_to_end(folders, loaded, run_ok, tmp_path):
