@@ -11,23 +11,21 @@ layers) and the Tables 5-6 evaluation, with the exact estimator; the exact mixin
 authors' 500-walk Monte Carlo; theory.py's evaluation of one run and its largest graph; the amplification map's
 random head sets (per 1000) and trained layers. On a CPU also the 8 paper cells' estimated wall time with each
 scheduling (one cell on every thread, or one cell per core side by side). Uses the checkpoints in --ckpt-dir where
-present, else randomly initialised models of the same size (the cost is the same). Under 3 minutes on a 2-core CPU.
---pretrained: every study of pretrained.py on a GPT-2-small-shaped model at 1,024 tokens against one forward pass
-with output_attentions, section4 of a 16-layer 16-head model at 4,096 tokens, each with its peak memory (each in a
-process of its own), and each study's cost on one layer against T with its log-log slope.
+present, else randomly initialised models of the same size (the cost is the same). 3–4 minutes on a 2-core CPU.
+--pretrained (lm_costs.py): on the packaged SmolLM2 and Gemma 3 270M, every study of one 1,024-token prose sample in
+forward passes (the command's time less its time at 16 tokens, over the forward pass with attentions) and its peak
+memory; every study of a GPT-2-small-shaped model of random weights at 1,024 tokens, section4 of a 16-layer 16-head
+model at 4,096 tokens, and each study's cost on one layer against T with its log-log slope.
 """
 import argparse
-import math
 import os
 import resource
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from multiprocessing import get_context
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -36,12 +34,12 @@ import proxies
 import walks
 from amplification import layer_amplification_rows
 from checkpoints import build_model, checkpoint_path, load_model
-from config import AMPLIFICATION_HEADS, GRAPH_SIZES, HEADS, PAPER, TASKS
-from evaluation import (STUDIES, amplification, evaluation_sequences, fresh_sequences, head_set_values,
-                        layer_study_values, section4_values, theory_rows)
+from config import AMPLIFICATION_HEADS, GRAPH_SIZES, HEADS, TASKS
+from evaluation import (amplification, evaluation_sequences, fresh_sequences, head_set_values, section4_values,
+                        theory_rows)
 from graphs import dense_heads, fully_connected_graph
 from learners import group_timing_step, timing_step
-from lm_analysis import prefix_lengths, study_values
+from lm_costs import pretrained_section
 from script_io import add_common_args, check_writable, hardware_name, resolve_common, results_folder, write_text
 from train import estimated_training_seconds, seconds_per_step, steps_per_epoch
 from transformer import MultiHeadAttention
@@ -320,103 +318,12 @@ def evaluation_section(cfg, device, ckpt_dir, seed, repeats):
             f"Peak memory: {peak}", ""]
 
 
-# Hugging Face models (pretrained.py): each measurement in a process of its own, for its peak memory
-LM_SHAPES = {"GPT-2 small": dict(layers=12, heads=12, width=768), "16 x 16": dict(layers=16, heads=16, width=1024)}
-COST_LENGTHS = (256, 512, 1024, 2048, 4096)
-COST_BUDGET_SECONDS = 120  # a study's cost table stops at the first T that takes longer
-
-
-def peaked_lm(layers, heads, width, positions, seed=0):
-    """A GPT-2-shaped model with random weights and peaked attention (queries and keys scaled by 3), eager."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_head=heads, n_embd=width, n_positions=positions))
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.attn.c_attn.weight[:, :2 * width] *= 3.0
-    model.set_attn_implementation("eager")
-    return model.eval()
-
-
-def _lm_job(shape, length, studies, device):
-    """Seconds of one forward pass with output_attentions (studies None), or of the studies with the layers
-    streamed, on one sequence of `length` tokens of a peaked_lm of LM_SHAPES[shape]."""
-    model = peaked_lm(**LM_SHAPES[shape], positions=length).to(device)
-    tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    began = time.perf_counter()
-    if studies is None:
-        with torch.no_grad():
-            model(input_ids=tokens.to(device), output_attentions=True)
-    else:
-        study_values(model, tokens, PAPER, studies, progress=False)
-    sync(device)
-    return time.perf_counter() - began
-
-
-def _layer_job(length, study, device):
-    """Seconds of one study on one layer's attention: 12 independent heads of the map's dense family (peaked softmax
-    attention) at `length` tokens, one sequence."""
-    attn = dense_heads(1, 12, length, share=0.0, generator=torch.Generator().manual_seed(0)).to(device)
-    began = time.perf_counter()
-    layer_study_values(attn, torch.ones(12, dtype=torch.float64), PAPER, (study,), prefix_lengths(length))
-    sync(device)
-    return time.perf_counter() - began
-
-
-def _measured(job, args):
-    """(job's seconds, this process's peak memory in GiB: resident on a CPU, allocated on a GPU)."""
-    seconds = job(*args)
-    if args[-1].type == "cuda":
-        return seconds, torch.cuda.max_memory_allocated(args[-1]) / 2 ** 30
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def in_own_process(job, *args):
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_measured, job, args).result()
-
-
-def cost_table(device):
-    """Seconds of each study on one layer against T, and the log-log slope of its last three lengths."""
-    rows = []
-    for study in STUDIES:
-        seconds = {}
-        for length in COST_LENGTHS:
-            seconds[length] = in_own_process(_layer_job, length, study, device)[0]
-            if seconds[length] > COST_BUDGET_SECONDS:
-                break
-        ts = sorted(seconds)[-3:]
-        slope = np.polyfit(np.log(ts), np.log([seconds[t] for t in ts]), 1)[0] if len(ts) > 1 else math.nan
-        rows.append({"study": study, **{f"T={t}": round(seconds[t], 3) if t in seconds else "–" for t in
-                                        COST_LENGTHS}, "log-log slope": round(slope, 2)})
-    return pd.DataFrame(rows)
-
-
-def pretrained_section(device):
-    """The goals of pretrained.py: every study of a GPT-2-small-shaped model at T = 1024 within 20 forward passes
-    and 3 GiB; section4 of a 16-layer 16-head model at T = 4096 within 8 GiB; each study's cost against T."""
-    forward, forward_gib = in_own_process(_lm_job, "GPT-2 small", 1024, None, device)
-    studies, studies_gib = in_own_process(_lm_job, "GPT-2 small", 1024, STUDIES, device)
-    big, big_gib = in_own_process(_lm_job, "16 x 16", 4096, ("section4",), device)
-    table = pd.DataFrame([
-        {"what": "GPT-2 small shape, T = 1024: one forward pass with output_attentions", "seconds": forward,
-         "peak GiB": forward_gib},
-        {"what": f"the same, every study, layers streamed ({studies / forward:.1f} forward passes)",
-         "seconds": studies, "peak GiB": studies_gib},
-        {"what": "16 layers x 16 heads (width 1024), T = 4096: section4, layers streamed", "seconds": big,
-         "peak GiB": big_gib}]).round(2)
-    return ["## Hugging Face models (pretrained.py)", "", "Random weights, peaked attention, one sequence; each "
-            "row in a process of its own (peak: its resident memory).", "", table.to_markdown(index=False), "",
-            "Each study on one layer (12 heads of the amplification map's dense family) against T, seconds; the slope over the last three lengths "
-            f"measured (a study stops at the first T over {COST_BUDGET_SECONDS} s):", "",
-            cost_table(device).to_markdown(index=False), ""]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, out_help="output folder (default results, results/quick with --quick)")
-    parser.add_argument("--pretrained", action="store_true", help="only pretrained.py's costs on Hugging Face "
-                        "models of random weights: results/bench_pretrained_<device>.md (about 10 minutes on 2 cores)")
+    parser.add_argument("--pretrained", action="store_true", help="only pretrained.py's costs, on the packaged real "
+                        "models and on models of random weights: results/bench_pretrained_<device>.md (about 15 "
+                        "minutes on 2 cores)")
     args = parser.parse_args()
     cfg, device, ckpt_dir = resolve_common(parser, args)
     out = args.out or results_folder(args.quick)

@@ -358,8 +358,8 @@ def without_first_token(attn):
     """The DAG without position 0 (a language model's attention sink): positions 1..T-1, each query's attention to
     them renormalised to sum 1, A'[i, j] = A[i, j] / sum_{k >= 1} A[i, k], (..., T-1, T-1). A query that attends to
     position 0 alone (its other weights rounded to 0 in the model's float32 softmax) keeps to itself there,
-    A'[i, i] = 1: it has nothing else to pass on."""
-    rest = torch.as_tensor(attn)[..., 1:, 1:]
+    A'[i, i] = 1: it has nothing else to pass on. In float64, as every study (a model's attention is float32)."""
+    rest = torch.as_tensor(attn).double()[..., 1:, 1:]
     mass = rest.sum(-1, keepdim=True)
     empty = mass <= 0
     if empty.any():

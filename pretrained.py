@@ -47,7 +47,6 @@ import matplotlib.ticker
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 
 import hf_models
 from config import PAPER, REAL_RESULTS, SEED, SINK_PROTOCOL, LMRuns

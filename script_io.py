@@ -152,7 +152,8 @@ def add_evaluation_args(parser, heads):
                         help="evaluate every training run instead of one: seed --seed's checkpoints in CKPT_DIR, "
                              "seed S's in CKPT_DIR/seeds/seed_S; trains nothing; writes OUT/seeds/")
     parser.add_argument("--with-authors", action="store_true",
-                        help="with --seeds: the authors' released models as one more run, shown beside ours and "
+                        help="with --seeds (or theory.py --amplification): the authors' released models as one "
+                             "more run, shown beside ours and "
                              "never pooled (read from the cache or ../shared/official_checkpoints, else fetched as "
                              "--official does)")
     parser.add_argument("--retrain", action="store_true", help="train every cell even if its checkpoint exists")

@@ -328,7 +328,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, nargs="+", default=list(HEADS),
                         help="numbers of attention heads (default: the paper's 1 4 8 16)")
-    parser.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS), help="default: both tasks")
+    parser.add_argument("--tasks", "--task", nargs="+", choices=TASKS, default=list(TASKS),
+                        help="default: both tasks (--task: the same, as earlier versions spelled it)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="train every cell for each of these seeds, into CKPT_DIR/seeds/seed_S (overrides --seed)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved epoch")
@@ -343,7 +344,7 @@ def main():
     args = parser.parse_args()
     cfg, device, ckpt_dir = resolve_training(parser, args)
     runs = [(args.seed, ckpt_dir)] if args.seeds is None else [(s, seed_folder(ckpt_dir, s)) for s in args.seeds]
-    grid = [Cell(h, t, seed, folder) for seed, folder in runs for t in args.task for h in args.heads]
+    grid = [Cell(h, t, seed, folder) for seed, folder in runs for t in args.tasks for h in args.heads]
     if args.status:
         rows, summary, _ = training_status(cfg, grid, device.type, default_jobs(args.jobs, grid))
         print(tabulate(rows, headers="keys", tablefmt="github"), summary, sep="\n\n")

@@ -114,12 +114,14 @@ def test_place_on_map_by_hand():
     curve = pd.DataFrame({"family": "dense", "n": 100, "heads": 4, "diversity": [0.0, 0.4, 0.8],
                           "fidelity_share": [0.0, 0.2, 0.6]})
     table = pd.concat([curve, curve.assign(family="sparse", fidelity_share=[0.0, 0.5, 0.9])])
-    trained = pd.DataFrame({"run": "0", "heads": [4, 4, 16, 4], "n": 100, "diversity": [0.6, 0.1, 0.5, 0.9],
-                            "fidelity_share": 0.5})
+    trained = pd.DataFrame({"run": "0", "heads": [4, 4, 16, 4, 4, 4], "n": 100,
+                            "diversity": [0.6, 0.1, 0.5, 0.9, 0.0, 0.8], "fidelity_share": 0.5})
     placed = amplification.place_on_map(trained, table)
     assert placed.random_dense_share.tolist()[:2] == pytest.approx([0.4, 0.05])
     assert placed.random_sparse_share.tolist()[:2] == pytest.approx([0.7, 0.125])
-    assert placed.random_dense_share[2:].isna().all()
+    assert placed.random_dense_share[2:4].isna().all()
+    # exactly at the curve's two ends: on it
+    assert placed.random_dense_share.tolist()[4:] == [0.0, 0.6] and placed.random_sparse_share.tolist()[4:] == [0.0, 0.9]
 
 
 def test_amplification_script_quick_end_to_end(tmp_path, run_ok, run_main):

@@ -3,6 +3,7 @@ SIGNIFICANCE), each answer worked out by hand from the claim's text; and count_c
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT
 
 import claims
 from claims import Instance as I
@@ -178,3 +179,19 @@ def test_claims_overview_reads_the_csv_strings_of_the_authors():
     assert overview.loc["c", ["instances", "in every run", "in some", "in none", "the authors'"]].tolist() == \
         [2, 1, 0, 1, "1 of 2"]
     assert overview.loc["d", "the authors'"] == "–" and overview.loc["d", "in some"] == 1
+
+
+def test_claims_from_a_folder_count_each_study_over_all_its_runs(tmp_path):
+    """The committed seed study's per-run tables copied into a folder: every claim's instances are counted over all
+    the runs of its own study's table (six of ours; the authors' apart), and claims.csv comes out as committed."""
+    import shutil
+    seeds = ROOT / "results" / "seeds"
+    for name in claims.RUN_TABLES.values():
+        shutil.copy(seeds / name, tmp_path / name)
+    table = claims.write_claims(tmp_path)
+    for claim in claims.CLAIMS:
+        runs = pd.read_csv(tmp_path / claims.RUN_TABLES[claim.table], dtype={"run": str}).run
+        ours = len(set(runs) - {"authors"})
+        rows = table[table.claim == claim.name]
+        assert len(rows) and (rows.runs == ours).all() and ours == 6, claim.name
+    assert (tmp_path / "claims.csv").read_text() == (seeds / "claims.csv").read_text()

@@ -9,7 +9,7 @@ SCRIPTS = {"example2", "main", "test_amplification", "synergy", "theory", "train
 MAY_IMPORT_TRAIN = {"main", "test_amplification", "synergy", "theory", "bench"}
 LAYERS = [  # a module imports only modules of lower layers (and of its own layer where listed together)
     {"example2", "main", "test_amplification", "synergy", "theory", "bench", "pretrained"},
-    {"train"},
+    {"train", "lm_costs"},
     {"amplification", "learners", "lm_analysis"},
     {"evaluation", "runs", "claims"},
     {"checkpoints", "graphs", "hf_models"},

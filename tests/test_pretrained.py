@@ -230,3 +230,77 @@ def test_the_variant_without_position_0_end_to_end(folders, loaded, run_ok, tmp_
         expected = pd.DataFrame(section4_summary(joined, "random", 4, "exact"))
         pd.testing.assert_frame_equal(pd.read_csv(folder / name / "section4.csv"), expected, check_dtype=False,
                                       rtol=1e-9)
+
+
+@pytest.mark.parametrize("study", ["section4", "tables56", "synergy", "theorem29", "prefix", "sink"])
+def test_each_study_alone(study, folders, run_ok, tmp_path):
+    run_ok("pretrained.py", "--model", folders["gpt2"], "--quick", "--input", "random", "--length", T, "--studies",
+           study, "--out", tmp_path)
+    folder = tmp_path / "gpt2" / "random"
+    assert {p.stem for p in folder.glob("*.csv")} == {"tokens", "samples", study}
+    assert sorted(pd.read_csv(folder / f"{study}.csv").layer.unique()) == [1, 2]
+
+
+def test_boundaries_of_length(folders, with_tokenizer, run_ok, tmp_path):
+    """--length 4 (the least), a length at the model's 64 positions, and a text of exactly --length tokens (every
+    window is the whole text); the prefix lengths at 16 and just above."""
+    from lm_analysis import prefix_lengths
+    assert prefix_lengths(16) == [8, 16] and prefix_lengths(17) == [16, 17] and prefix_lengths(4) == [4]
+    assert prefix_lengths(1024) == [16, 32, 64, 128, 256, 512, 1024]
+    for length in (4, 64):
+        run_ok("pretrained.py", "--model", folders["gpt2"], "--quick", "--length", length, "--studies", "section4",
+               "--out", tmp_path / str(length))
+        ids = pd.read_csv(tmp_path / str(length) / "gpt2" / "repeat" / "tokens.csv").token_ids
+        assert [len(row.split()) for row in ids] == [length] * 3
+    text = tmp_path / "exact.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(T)))
+    run_ok("pretrained.py", "--model", with_tokenizer, "--quick", "--input", "text", "--text", text, "--length", T,
+           "--studies", "section4", "--out", tmp_path / "exact")
+    ids = pd.read_csv(tmp_path / "exact" / "gpt2_words" / "text" / "tokens.csv").token_ids
+    assert list(ids) == [" ".join(str(i + 1) for i in range(T))] * 3
+
+
+def test_every_study_without_position_0_counts_its_prefixes_without_it(folders, run_ok, tmp_path):
+    """--without-first-token on every study: T - 1 = 12 positions, so the prefix lengths 8 and 12 (T - 1 itself),
+    and the same files as the paper's DAG beside it."""
+    run_ok("pretrained.py", "--model", folders["llama"], "--quick", "--input", "random", "--length", T + 1,
+           "--without-first-token", "--out", tmp_path)
+    full, without = tmp_path / "llama" / "random", tmp_path / "llama" / "random" / "without_first_token"
+    assert sorted(pd.read_csv(full / "prefix.csv").n.unique()) == [8, T + 1]
+    assert sorted(pd.read_csv(without / "prefix.csv").n.unique()) == [8, T]
+    assert {p.name for p in full.glob("*.csv")} == {p.name for p in without.glob("*.csv")}
+    assert (pd.read_csv(without / "sink.csv").first_token_mean > 0).all()
+
+
+def test_summary_counts_wins_and_losses_apart():
+    """A tables56 row wins with more than half the decided samples and p < 0.05, loses with fewer; an even split or
+    p = 0.05 is neither; synergy of each sign likewise at Wilcoxon p < 0.05."""
+    from lm_analysis import summary_counts, summary_lines
+    tables56 = pd.DataFrame({"layer": [1, 2, 3, 4], "samples": 8, "ties": [0, 0, 2, 0], "wins": [8, 0, 3, 7],
+                             "win_rate": [1, 0, 0.375, 0.875], "p_value": [0.0078, 0.0078, 1.0, 0.05]})
+    synergy = pd.DataFrame({"layer": [1, 2, 3, 1], "proxy": ["fidelity"] * 3 + ["mixing_time"],
+                            "synergy": [0.2, -0.1, 0.3, 0.5], "p_value": [0.01, 0.04, 0.05, 0.01]})
+    counts = summary_counts({"tables56": tables56, "synergy": synergy})
+    assert (counts["wins"], counts["losses"], counts["synergy_positive"], counts["synergy_negative"]) == (1, 1, 1, 1)
+    lines = summary_lines({"tables56": tables56, "synergy": synergy})
+    assert "in 1 of 4 layers, loses to it in 1" in lines[0] and "in 1 of 3 layers, < 0 in 1" in lines[1]
+
+
+def test_outputs_are_written_atomically(folders, run_main, tmp_path, monkeypatch):
+    """A write that fails half way (here samples.csv's, after some bytes) leaves neither the file nor a temporary
+    one behind, and the run ends in one line."""
+    to_csv = pd.DataFrame.to_csv
+
+    def failing(frame, path, *args, **kwargs):
+        if "section4.fidelity" in frame.columns:
+            with open(path, "w") as f:
+                f.write("sample,layer\n0,")
+            raise OSError("disk full")
+        return to_csv(frame, path, *args, **kwargs)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", failing)
+    code, _, err = run_main("pretrained.py", "--model", folders["gpt2"], "--quick", "--studies", "section4",
+                            "--out", tmp_path)
+    assert code == 2 and "error: disk full" in err
+    folder = tmp_path / "gpt2" / "repeat"
+    assert (folder / "tokens.csv").is_file() and not (folder / "samples.csv").exists()
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]

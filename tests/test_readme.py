@@ -52,3 +52,24 @@ def test_the_readme_fits_a_first_read_and_names_the_commands():
     for command in ("python main.py", "python example2.py", "python test_amplification.py", "python synergy.py",
                     "python theory.py", "python -m pytest", "--with-authors"):
         assert command in README, command
+
+
+def test_theory_docs_numbers_are_the_files():
+    """docs/theory.md's Theorem 2.9 numbers against results/seeds/theorem29_runs.csv: the bound's looseness (3.8x to
+    516x, the two line-like layers off 4x), N p > ln 8 in 161 of 192 layer-runs and where it fails."""
+    theory = (ROOT / "docs" / "theory.md").read_text()
+    t = pd.read_csv(SEEDS / "theorem29_runs.csv", dtype={"run": str})
+    t = t[t.run != "authors"]
+    ratio = t.bound_over_measured
+    assert f"{ratio.min():.1f}× to {ratio.max():.0f}×" == "3.8× to 516×" and "3.8× to 516×" in theory
+    line_like = t[(t.task == "cycle") & ((t.heads == 1) | (t.layer == 4))].set_index(["run", "heads", "layer"])
+    off = line_like[(line_like.bound_over_measured - 3.9).abs() > 0.15].bound_over_measured.round(1).to_dict()
+    assert off == {("2", 1, 1): 9.1, ("0", 8, 4): 5.4}
+    assert "seed 2's 1-head layer 1 (9.1×) and seed 0's 8-head last layer (5.4×)" in theory
+    failing = t[t.rigorous_share < 1].groupby(["task", "heads", "layer"]).size().to_dict()
+    assert failing == {("copy", 1, 1): 3, ("copy", 1, 2): 6, ("copy", 1, 3): 6, ("copy", 1, 4): 6,
+                       ("copy", 4, 3): 4, ("copy", 4, 4): 6}
+    assert f"holds in every sequence in {(t.rigorous_share == 1).sum()} of the {len(t)} layer-runs" in theory
+    graphs = pd.read_csv(ROOT / "results" / "theory" / "graphs.csv")
+    worst = graphs[(graphs.graph == "line") & (graphs.n == 16)].mixing_time_worst.item()
+    assert worst == 35 and "44 ≥ the measured 36" in theory and "reports 35, one" in theory

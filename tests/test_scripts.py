@@ -43,7 +43,7 @@ def test_example2_script(tmp_path, run_ok):
 
 
 def test_train_script_quick(tmp_path):
-    out = run("train.py", "--heads", 4, "--task", "cycle", "--quick", "--ckpt-dir", tmp_path, "--epochs", 2)
+    out = run("train.py", "--heads", 4, "--tasks", "cycle", "--quick", "--ckpt-dir", tmp_path, "--epochs", 2)
     assert "Epoch 2/2, Loss:" in out and (tmp_path / "4_heads_cycle.pt").is_file()
 
 
@@ -104,7 +104,7 @@ def test_main_on_the_authors_checkpoints(tmp_path, run_ok):
 @pytest.mark.parametrize("args, message", [
     (("main.py", "--heads", 3), "a head count must divide embed_dim=64, got 3"),
     (("test_amplification.py", "--samples", 0), "--samples must be at least 1, got 0"),
-    (("train.py", "--heads", 4, "--task", "copy", "--epochs", 0), "--epochs must be at least 1, got 0"),
+    (("train.py", "--heads", 4, "--tasks", "copy", "--epochs", 0), "--epochs must be at least 1, got 0"),
     (("train.py", "--threads", 0), "--threads must be at least 1, got 0"),
     (("main.py", "--time-budget", 0), "--time-budget must be a positive number of minutes, got 0.0"),
     (("synergy.py", "--official", "--ckpt-dir", "x"), "cannot be combined with --ckpt-dir"),

@@ -302,7 +302,7 @@ def test_status_reads_each_cells_files_and_estimates_the_hours_left(tmp_path):
 def test_status_flag_prints_and_trains_nothing(tmp_path):
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "train.py", "--quick", "--seeds", "3", "--heads", "4", "--task", "copy",
+    out = subprocess.run([sys.executable, "train.py", "--quick", "--seeds", "3", "--heads", "4", "--tasks", "copy",
                           "--status", "--ckpt-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -322,7 +322,7 @@ def test_killing_train_py_stops_its_workers(tmp_path):
         except FileNotFoundError:
             return False
     main = subprocess.Popen([sys.executable, "train.py", "--quick", "--epochs", "400", "--jobs", "2", "--heads", "1",
-                             "4", "--task", "copy", "--ckpt-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                             "4", "--tasks", "copy", "--ckpt-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert "Epoch 1/400" in main.stdout.readline()  # the workers are training
     children = subprocess.run(["pgrep", "-P", str(main.pid)], capture_output=True, text=True).stdout.split()

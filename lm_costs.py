@@ -1,0 +1,167 @@
+"""What pretrained.py costs, measured for bench.py --pretrained: on the packaged real models, every study of one prose
+sample against its forward pass; on GPT-2-shaped models of random weights, every study at 1,024 tokens and section4
+at 4,096; each study on one layer against T. Each measurement in a process of its own, for its peak memory.
+
+    from lm_costs import pretrained_section
+    lines = pretrained_section(torch.device("cpu"))    # Markdown lines: the tables and what they measure
+"""
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import pandas as pd
+import torch
+
+import hf_models
+from config import PAPER
+from evaluation import STUDIES, layer_study_values
+from graphs import dense_heads
+from lm_analysis import input_tokens, prefix_lengths, study_values, text_file
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+LM_SHAPES = {"GPT-2 small": dict(layers=12, heads=12, width=768), "16 x 16": dict(layers=16, heads=16, width=1024)}
+COST_LENGTHS = (256, 512, 1024, 2048, 4096)
+COST_BUDGET_SECONDS = 120  # a study's cost table stops at the first T that takes longer
+
+
+def peaked_lm(layers, heads, width, positions, seed=0):
+    """A GPT-2-shaped model with random weights and peaked attention (queries and keys scaled by 3), eager."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_head=heads, n_embd=width, n_positions=positions))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:, :2 * width] *= 3.0
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def _lm_job(shape, length, studies, device):
+    """Seconds of one forward pass with output_attentions (studies None), or of the studies with the layers
+    streamed, on one sequence of `length` tokens of a peaked_lm of LM_SHAPES[shape]."""
+    model = peaked_lm(**LM_SHAPES[shape], positions=length).to(device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    began = time.perf_counter()
+    if studies is None:
+        with torch.no_grad():
+            model(input_ids=tokens.to(device), output_attentions=True)
+    else:
+        study_values(model, tokens, PAPER, studies, progress=False)
+    sync(device)
+    return time.perf_counter() - began
+
+
+def _layer_job(length, study, device):
+    """Seconds of one study on one layer's attention: 12 independent heads of the map's dense family (peaked softmax
+    attention) at `length` tokens, one sequence."""
+    attn = dense_heads(1, 12, length, share=0.0, generator=torch.Generator().manual_seed(0)).to(device)
+    began = time.perf_counter()
+    layer_study_values(attn, torch.ones(12, dtype=torch.float64), PAPER, (study,), prefix_lengths(length))
+    sync(device)
+    return time.perf_counter() - began
+
+
+def _measured(job, args):
+    """(job's seconds, this process's peak memory in GiB: resident on a CPU, allocated on a GPU)."""
+    seconds = job(*args)
+    if args[-1].type == "cuda":
+        return seconds, torch.cuda.max_memory_allocated(args[-1]) / 2 ** 30
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def in_own_process(job, *args):
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_measured, job, args).result()
+
+
+def cost_table(device):
+    """Seconds of each study on one layer against T, and the log-log slope of its last three lengths."""
+    rows = []
+    for study in STUDIES:
+        seconds = {}
+        for length in COST_LENGTHS:
+            seconds[length] = in_own_process(_layer_job, length, study, device)[0]
+            if seconds[length] > COST_BUDGET_SECONDS:
+                break
+        ts = sorted(seconds)[-3:]
+        slope = np.polyfit(np.log(ts), np.log([seconds[t] for t in ts]), 1)[0] if len(ts) > 1 else math.nan
+        rows.append({"study": study, **{f"T={t}": round(seconds[t], 3) if t in seconds else "–" for t in
+                                        COST_LENGTHS}, "log-log slope": round(slope, 2)})
+    return pd.DataFrame(rows)
+
+
+def real_model_job(name, length, device):
+    """(forward seconds, the pretrained.py command's seconds) of one prose sample of a packaged model: its forward pass
+    with output_attentions (the model loaded first, not timed), then `python pretrained.py --model NAME --input prose
+    --length LENGTH --samples 1` as a child process, every study, timed whole (its peak memory: the children's)."""
+    source = hf_models.model_source(name)
+    model = hf_models.load_causal_lm(source, device)
+    tokenizer = hf_models.load_tokenizer(source)
+    tokens = input_tokens("prose", samples=1, length=length, vocabulary=None, seed=0, tokenizer=tokenizer,
+                          bos=hf_models.bos_token_id(source, tokenizer, model.config), text=text_file("prose").read_text())
+    began = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=tokens.to(device), output_attentions=True, use_cache=False, logits_to_keep=1)
+    sync(device)
+    forward = time.perf_counter() - began
+    del model
+    with tempfile.TemporaryDirectory() as out:
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "pretrained.py", "--model", name, "--input", "prose", "--length", str(length),
+                        "--samples", "1", "--device", str(device), "--out", out], check=True, capture_output=True)
+        command = time.perf_counter() - began
+    return forward, command, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+
+
+REAL_GOALS = {"smollm2": 3.0, "gemma3-270m": 4.0}  # GiB: the peak each may take at 1,024 tokens
+REAL_LENGTH, FIXED_LENGTH = 1024, 16  # the fixed cost of a run is its time at 16 tokens
+
+
+def real_models_table(device):
+    """Each packaged model: every study of one prose sample of 1,024 tokens, in forward passes with attentions (the
+    command's time less its time at 16 tokens, over the forward pass measured in the same process), and its peak
+    memory against REAL_GOALS."""
+    rows = []
+    for name, goal in REAL_GOALS.items():
+        (forward, command, peak), _ = in_own_process(real_model_job, name, REAL_LENGTH, device)
+        (_, fixed, _), _ = in_own_process(real_model_job, name, FIXED_LENGTH, device)
+        rows.append({"model": name, "forward pass with attentions (s)": forward, "command (s)": command,
+                     f"the same at {FIXED_LENGTH} tokens (s)": fixed, "studies in forward passes":
+                     (command - fixed) / forward, "peak GiB": peak, "goal GiB": goal})
+    return pd.DataFrame(rows).round(2)
+
+
+def pretrained_section(device):
+    """The goals of pretrained.py: on the packaged models, every study of one 1,024-token prose sample within 10
+    forward passes and REAL_GOALS; a GPT-2-small-shaped model of random weights at T = 1024 within 20 forward passes
+    and 3 GiB; section4 of a 16-layer 16-head model at T = 4096 within 8 GiB; each study's cost against T."""
+    real = real_models_table(device)
+    forward, forward_gib = in_own_process(_lm_job, "GPT-2 small", 1024, None, device)
+    studies, studies_gib = in_own_process(_lm_job, "GPT-2 small", 1024, STUDIES, device)
+    big, big_gib = in_own_process(_lm_job, "16 x 16", 4096, ("section4",), device)
+    table = pd.DataFrame([
+        {"what": "GPT-2 small shape, T = 1024: one forward pass with output_attentions", "seconds": forward,
+         "peak GiB": forward_gib},
+        {"what": f"the same, every study, layers streamed ({studies / forward:.1f} forward passes)",
+         "seconds": studies, "peak GiB": studies_gib},
+        {"what": "16 layers x 16 heads (width 1024), T = 4096: section4, layers streamed", "seconds": big,
+         "peak GiB": big_gib}]).round(2)
+    return ["## The packaged models (pretrained.py --input prose --length 1024 --samples 1)", "",
+            "Each row's measurements in processes of their own (peak: the command's resident memory).", "",
+            real.to_markdown(index=False), "",
+            "## Hugging Face models of random weights", "", "Peaked attention, one sequence; each "
+            "row in a process of its own (peak: its resident memory).", "", table.to_markdown(index=False), "",
+            "Each study on one layer (12 heads of the amplification map's dense family) against T, seconds; the "
+            f"slope over the last three lengths measured (a study stops at the first T over {COST_BUDGET_SECONDS} s):",
+            "", cost_table(device).to_markdown(index=False), ""]
