@@ -13,6 +13,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -119,7 +120,8 @@ def real_model_job(name, length, device):
     with tempfile.TemporaryDirectory() as out:
         began = time.perf_counter()
         subprocess.run([sys.executable, "pretrained.py", "--model", name, "--input", "prose", "--length", str(length),
-                        "--samples", "1", "--device", str(device), "--out", out], check=True, capture_output=True)
+                        "--samples", "1", "--device", str(device), "--out", out], check=True, capture_output=True,
+                       cwd=Path(__file__).resolve().parent)
         command = time.perf_counter() - began
     return forward, command, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
 

@@ -73,3 +73,26 @@ def test_theory_docs_numbers_are_the_files():
     graphs = pd.read_csv(ROOT / "results" / "theory" / "graphs.csv")
     worst = graphs[(graphs.graph == "line") & (graphs.n == 16)].mixing_time_worst.item()
     assert worst == 35 and "44 ≥ the measured 36" in theory and "reports 35, one" in theory
+
+
+def test_real_model_findings_are_the_files():
+    """docs/findings.md's real-model counts against results/pretrained/summary.csv and the sink protocol's."""
+    findings = (ROOT / "docs" / "findings.md").read_text()
+    summary = pd.read_csv(ROOT / "results" / "pretrained" / "summary.csv")
+    cells = lambda model, first, column: ", ".join(
+        str(summary[(summary.model == model) & (summary.input == kind) & (summary.first_token == first)][column]
+            .item()) for kind in ("repeat", "prose", "code"))
+    assert f"wins in {cells('smollm2', True, 'wins')} layers; loses in {cells('smollm2', True, 'losses')}" in findings
+    assert f"wins in {cells('gemma3-270m', True, 'wins')}; loses in {cells('gemma3-270m', True, 'losses')}" in findings
+    assert f"log in {cells('smollm2', True, 'growth_log')} layers" in findings
+    assert f"SmolLM2 wins in {cells('smollm2', False, 'wins')} layers" in findings.replace("\n", " ")
+    assert f"loses in {cells('smollm2', False, 'losses')}; Gemma wins in {cells('gemma3-270m', False, 'wins')} and " \
+           f"loses in {cells('gemma3-270m', False, 'losses')}" in findings.replace("\n", " ")
+    shares = ", ".join(f"{100 * x:.0f}%" for x in summary[(summary.model == "smollm2") & summary.first_token].sink_share)
+    assert f"{shares} of heads" in findings
+    assert (summary.bound_holds == summary.layers).all()
+    sink = pd.read_csv(ROOT / "results" / "pretrained" / "sink_protocol" / "summary.csv").set_index(["model", "input"])
+    share = lambda model, kind: f"{100 * sink.loc[(model, kind), 'sink_share']:.1f}%"
+    assert f"prose {share('smollm2', 'prose')} (SmolLM2) and {share('gemma3-270m', 'prose')} (Gemma)" in findings
+    assert f"tokens {share('smollm2', 'random')} and {share('gemma3-270m', 'random')}" in findings
+    assert f"repeated {share('smollm2', 'one-token')} (SmolLM2" in findings.replace("\n", " ")
