@@ -2,6 +2,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,19 @@ def reference_attention(q, k, v, causal, keep=None, p=0.0):
     if keep is not None:
         weights = weights * keep / (1 - p)
     return weights @ v
+
+
+def authors_walk_reference(C):
+    """The authors' walk as docs/proxies.md defines it, built entry by entry from C (T, T), rows = queries:
+    P[c, k] = min(S_k, 1) - min(S_(k-1), 1) with S_k = C[0, c] + ... + C[k, c], the rest of column c to the sink,
+    which absorbs."""
+    T = len(C)
+    P = np.zeros((T, T))
+    for c in range(T - 1):
+        cumulative = 0.0
+        for k in range(T - 1):
+            new = min(cumulative + C[k, c], 1.0)
+            P[c, k], cumulative = new - cumulative, new
+        P[c, T - 1] = 1.0 - cumulative
+    P[T - 1, T - 1] = 1.0
+    return P

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, authors_walk_reference
 from scipy import stats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +23,6 @@ def written(tmp_path_factory):
     tokens, with the variant without position 0: (model, token ids, output folder)."""
     import subprocess
     import sys
-    from conftest import ROOT
     root = tmp_path_factory.mktemp("reference")
     torch.manual_seed(3)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -47,20 +47,6 @@ def head_weights(model):
         norms = np.array([np.sqrt((W[:, h * 16:(h + 1) * 16] ** 2).sum()) for h in range(4)])
         out.append(norms / norms.sum())
     return out
-
-
-def authors_walk(C):
-    """P[c, k] = min(S_k, 1) - min(S_{k-1}, 1), S_k = C[0, c] + ... + C[k, c]; the rest of column c to the sink."""
-    n = len(C)
-    P = np.zeros((n, n))
-    for c in range(n - 1):
-        cumulative = 0.0
-        for k in range(n - 1):
-            new = min(cumulative + C[k, c], 1.0)
-            P[c, k], cumulative = new - cumulative, new
-        P[c, n - 1] = 1.0 - cumulative
-    P[n - 1, n - 1] = 1.0
-    return P
 
 
 def normalized_walk(C):
@@ -141,8 +127,8 @@ def per_sample(A, w):
     """Every per-sample value of one layer's heads A (H, T, T) with weights w."""
     C = np.tensordot(w, A, axes=1)
     heads_fidelity = [fidelity(a) for a in A]
-    heads_mixing = [capped_walk(authors_walk(a))[0] for a in A]
-    mixing, capped = capped_walk(authors_walk(C))
+    heads_mixing = [capped_walk(authors_walk_reference(a))[0] for a in A]
+    mixing, capped = capped_walk(authors_walk_reference(C))
     normalized, normalized_capped = capped_walk(normalized_walk(C))
     rows = A[:, 1:, :]
     diversity = np.mean([0.5 * np.abs(rows[h] - rows[g]).sum(-1).mean() for h in range(4) for g in range(h + 1, 4)])
@@ -150,7 +136,7 @@ def per_sample(A, w):
     for n in (8, A.shape[-1]):  # the first n tokens: the top-left block, under a causal mask
         block = theorem29(A[:, :n, :n], w)
         prefix[n] = {"mixing": block["mixing"], "bound": 2 * (n - 1) / block["p_worst"],
-                     "mixing_time": capped_walk(authors_walk(C[:n, :n]))[0], "fidelity": fidelity(C[:n, :n])}
+                     "mixing_time": capped_walk(authors_walk_reference(C[:n, :n]))[0], "fidelity": fidelity(C[:n, :n])}
     first = A[:, :, 0].mean(-1)
     return {"mixing_time": mixing, "fidelity": fidelity(C), "mixing_time_normalized": normalized,
             "mixing_time_capped_share": capped, "mixing_time_normalized_capped_share": normalized_capped,

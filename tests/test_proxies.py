@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT  # noqa: F401  (puts the repo on sys.path)
+from conftest import ROOT, authors_walk_reference  # noqa: F401  (ROOT puts the repo on sys.path)
 
 import proxies
 from transformer import MultiHeadAttention
@@ -20,17 +20,9 @@ def random_causal(shape, T, rng):
 def brute_force_walk(C, max_steps):
     """Independent reading of the authors' walk (docs/proxies.md): transition matrix built entry by entry, then the
     distribution of the capped hitting time by propagating the full chain; returns per-start (mean, variance) of
-    min(H, max_steps), and P(H >= max_steps), the walk's survival of the cap."""
+    min(H, max_steps), and P(H > max_steps), the walk's survival of the cap."""
     T = len(C)
-    P = np.zeros((T, T))
-    for c in range(T - 1):
-        cumulative = 0.0
-        for k in range(T - 1):
-            new = min(cumulative + C[k, c], 1.0)
-            P[c, k] = new - cumulative
-            cumulative = new
-        P[c, T - 1] = 1.0 - cumulative
-    P[T - 1, T - 1] = 1.0
+    P = authors_walk_reference(C)
     means, variances, survivals = np.zeros(T), np.zeros(T), np.zeros(T)
     for s in range(T - 1):
         dist = np.eye(T)[s]
