@@ -5,7 +5,7 @@ position 0), the per-sample values, the study tables and a summary a reader take
     from lm_analysis import ordinary_token_ids, input_tokens, study_values, study_tables, samples_table
     vocabulary = ordinary_token_ids(tokenizer, model.config.vocab_size)
     tokens = input_tokens("repeat", samples=8, length=256, vocabulary=vocabulary, seed=42, bos=1)  # (8, 256)
-    values = study_values(model, tokens, PAPER, STUDIES, layers=[0, 4])     # {True: ..., False: ...} per variant
+    values = study_values(model, tokens, PAPER, STUDIES, layers=[0, 4], variants=(True, False))  # both DAGs
     tables = study_tables(values[True], STUDIES, "repeat", heads=9, layers=[0, 4])   # {study: DataFrame}
 
 The studies are evaluation.layer_study_values; their rows are the toy models' (task = the input kind), numbered by
