@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 import hf_models  # noqa: E402
 from config import PAPER  # noqa: E402
 from claims import growth_table  # noqa: E402
+from lm_analysis import prefix_lengths, summary_counts, summary_lines  # noqa: E402
 from evaluation import (layer_study_values, prefix_summary, section4_summary, synergy_summary,  # noqa: E402
                         tables56_summary, theorem29_summary, without_first_token)
 
@@ -244,7 +245,6 @@ def test_each_study_alone(study, folders, run_ok, tmp_path):
 def test_boundaries_of_length(folders, with_tokenizer, run_ok, tmp_path):
     """--length 4 (the least), a length at the model's 64 positions, and a text of exactly --length tokens (every
     window is the whole text); the prefix lengths at 16 and just above."""
-    from lm_analysis import prefix_lengths
     assert prefix_lengths(16) == [8, 16] and prefix_lengths(17) == [16, 17] and prefix_lengths(4) == [4]
     assert prefix_lengths(1024) == [16, 32, 64, 128, 256, 512, 1024]
     for length in (4, 64):
@@ -275,7 +275,6 @@ def test_every_study_without_position_0_counts_its_prefixes_without_it(folders, 
 def test_summary_counts_wins_and_losses_apart():
     """A tables56 row wins with more than half the decided samples and p < 0.05, loses with fewer; an even split or
     p = 0.05 is neither; synergy of each sign likewise at Wilcoxon p < 0.05."""
-    from lm_analysis import summary_counts, summary_lines
     tables56 = pd.DataFrame({"layer": [1, 2, 3, 4], "samples": 8, "ties": [0, 0, 2, 0], "wins": [8, 0, 3, 7],
                              "win_rate": [1, 0, 0.375, 0.875], "p_value": [0.0078, 0.0078, 1.0, 0.05]})
     synergy = pd.DataFrame({"layer": [1, 2, 3, 1], "proxy": ["fidelity"] * 3 + ["mixing_time"],

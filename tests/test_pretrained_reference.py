@@ -4,6 +4,8 @@ weights from the state_dict, every walk stepped state by state in NumPy, the sta
 distributions and its Wilcoxon test, never this repo's code). Every column of every study's CSV is checked."""
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -21,8 +23,6 @@ T, SAMPLES, HORIZON, CAP, EPSILON = 12, 5, 100, 100, 0.25
 def written(tmp_path_factory):
     """A tiny Llama (2 layers, 4 query heads over 2 key-value heads, head_dim 16) through pretrained.py on random
     tokens, with the variant without position 0: (model, token ids, output folder)."""
-    import subprocess
-    import sys
     root = tmp_path_factory.mktemp("reference")
     torch.manual_seed(3)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

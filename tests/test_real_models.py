@@ -6,6 +6,7 @@ join atomically under their SHA-256, and every bad input is one line with nothin
 tests run wherever the packages are installed, and in CI always (.ci/run installs them)."""
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 
 import hf_models  # noqa: E402
-from lm_analysis import input_tokens, ordinary_token_ids  # noqa: E402
+from config import PAPER  # noqa: E402
+from evaluation import STUDIES, layer_study_values, without_first_token  # noqa: E402
+from lm_analysis import input_tokens, ordinary_token_ids, prefix_lengths, samples_table  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -127,14 +130,11 @@ def test_pretrained_smollm2_end_to_end(smollm2, run_ok, tmp_path, monkeypatch):
     assert table.layer.tolist() == [2, 30]
     with torch.no_grad():
         attention = model(input_ids=ids, output_attentions=True).attentions
-    from evaluation import layer_study_values
-    from config import PAPER
     weights = hf_models.head_weights(model)
     for row in table.itertuples():
         values = layer_study_values(attention[row.layer - 1], weights[row.layer - 1], PAPER, ("section4",))
         assert np.isclose(row.fidelity_mean, values["section4"]["fidelity"].mean(), rtol=1e-6)
         assert np.isclose(row.mixing_time_mean, values["section4"]["mixing_time"].mean(), rtol=1e-6)
-    import json
     facts = json.loads((folder / "run.json").read_text())
     digest = hashlib.sha256(source.gguf_path.read_bytes()).hexdigest()
     assert facts["sha256"] == digest and facts["bos_token_id"] == 1 and facts["layers"] == [2, 30]
@@ -229,10 +229,6 @@ def test_committed_real_model_values_are_the_codes(smollm2, variant):
     """results/pretrained (pretrained.py --reproduce) cannot drift from the code: SmolLM2's layer 3 on the first
     committed prose sample, recomputed, gives that sample's row of samples.csv, every column; and section4.csv is
     the mean of samples.csv over the samples."""
-    import json
-    from config import PAPER
-    from evaluation import STUDIES, layer_study_values, without_first_token
-    from lm_analysis import prefix_lengths, samples_table
     source, model, _ = smollm2
     folder = COMMITTED / "smollm2" / "prose" / variant
     facts = json.loads((folder / "run.json").read_text())
