@@ -11,7 +11,7 @@ layers) and the Tables 5-6 evaluation, with the exact estimator; the exact mixin
 authors' 500-walk Monte Carlo; theory.py's evaluation of one run and its largest graph; the amplification map's
 random head sets (per 1000) and trained layers. On a CPU also the 8 paper cells' estimated wall time with each
 scheduling (one cell on every thread, or one cell per core side by side). Uses the checkpoints in --ckpt-dir where
-present, else randomly initialised models of the same size (the cost is the same). 3–4 minutes on a 2-core CPU.
+present, else randomly initialised models of the same size (the cost is the same). 2.5 minutes on a 2-core AMD EPYC.
 --pretrained (lm_costs.py): on the packaged SmolLM2 and Gemma 3 270M, every study of one 1,024-token prose sample in
 forward passes (the command's time less its time at 16 tokens, over the forward pass with attentions) and its peak
 memory; every study of a GPT-2-small-shaped model of random weights at 1,024 tokens, section4 of a 16-layer 16-head

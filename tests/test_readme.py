@@ -1,5 +1,6 @@
-"""The README's counts come out of the committed results: its claims table equals the one claims.py computes from
-results/seeds/claims.csv, the seed study's tables all hold the same runs, and the README fits a first read."""
+"""The README's and docs' numbers come out of the committed results: the README's claims table equals the one
+claims.py computes from results/seeds/claims.csv, the seed study's tables all hold the same runs, the numbers of
+theory.md, findings.md and speed.md are their files', and the README fits a first read."""
 import pandas as pd
 from conftest import ROOT
 
@@ -96,3 +97,46 @@ def test_real_model_findings_are_the_files():
     assert f"prose {share('smollm2', 'prose')} (SmolLM2) and {share('gemma3-270m', 'prose')} (Gemma)" in findings
     assert f"tokens {share('smollm2', 'random')} and {share('gemma3-270m', 'random')}" in findings
     assert f"repeated {share('smollm2', 'one-token')} (SmolLM2" in findings.replace("\n", " ")
+
+
+def markdown_tables(text):
+    """The Markdown tables of a text, each as its block of `|` lines."""
+    tables, rows = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            tables.append("\n".join(rows))
+            rows = []
+    return tables
+
+
+def test_speed_doc_is_the_bench_reports():
+    """docs/speed.md's tables are those of results/bench_cpu.md and bench_cuda.md, and the ratios and hours its text
+    quotes are computed here from the CPU report's tables."""
+    speed = (ROOT / "docs" / "speed.md").read_text()
+    cpu = (ROOT / "results" / "bench_cpu.md").read_text()
+    reports = markdown_tables(cpu) + markdown_tables((ROOT / "results" / "bench_cuda.md").read_text())
+    assert len(markdown_tables(speed)) == 5 and all(table in reports for table in markdown_tables(speed))
+    assert cpu.startswith("# Benchmark on AMD EPYC") and "On a 2-core AMD EPYC" in speed
+
+    def frame(table):
+        rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
+        return pd.DataFrame(rows[2:], columns=rows[0]).set_index(rows[0][0])
+    step, layer, schedules = (frame(t) for t in markdown_tables(cpu)[:3])
+    step, layer = step.astype(float), layer.astype(float)
+    fast = step["fast ms/step"]
+    quoted = [f"costs {fast['16'] / fast['1']:.2f}× a 1-head step",
+              f"is {step.loc['16', 'speed-up over explicit']:.2f}× faster than the explicit path",
+              f"the 1-head step is {step.loc['1', 'speed-up over explicit']:.2f}× faster"]
+    over = {h: (layer.loc[h, "pytorch ops ms"] / layer.loc[h, "fast ms"],
+                layer.loc[h, "explicit ms"] / layer.loc[h, "fast ms"]) for h in ("1", "16")}
+    quoted += [f"{over['1'][0]:.1f} times as fast as PyTorch's ops and {over['1'][1]:.1f} times as fast as the explicit",
+               f"at 16 heads, {over['16'][0]:.1f} and {over['16'][1]:.1f} times"]
+    hours = schedules["8 cells, hours"].iloc[:2].astype(float)
+    alone, two_threads = schedules["16 heads ms/step"].iloc[2], schedules["16 heads ms/step"].iloc[0]
+    quoted += [f"{hours.iloc[0]:.2f} against {hours.iloc[1]:.2f} hours in this run",
+               f"at 16 heads {alone} against {two_threads} ms"]
+    quoted.append(cpu.split("Monte Carlo on the same layer: ")[1].split(" in a batched")[0])  # 112x ..., 553x per layer
+    for phrase in quoted:
+        assert " ".join(phrase.split()) in " ".join(speed.split()), phrase
