@@ -11,7 +11,7 @@ layers) and the Tables 5-6 evaluation, with the exact estimator; the exact mixin
 authors' 500-walk Monte Carlo; theory.py's evaluation of one run and its largest graph; the amplification map's
 random head sets (per 1000) and trained layers. On a CPU also the 8 paper cells' estimated wall time with each
 scheduling (one cell on every thread, or one cell per core side by side). Uses the checkpoints in --ckpt-dir where
-present, else randomly initialised models of the same size (the cost is the same). 2.5 minutes on a 2-core AMD EPYC.
+present, else randomly initialised models of the same size (the cost is the same). 2–2.5 minutes on a 2-core AMD EPYC.
 --pretrained (lm_costs.py): on the packaged SmolLM2 and Gemma 3 270M, every study of one 1,024-token prose sample in
 forward passes (the command's time less its time at 16 tokens, over the forward pass with attentions) and its peak
 memory; every study of a GPT-2-small-shaped model of random weights at 1,024 tokens, section4 of a 16-layer 16-head
@@ -128,25 +128,29 @@ def models_for(cfg, cells, device, ckpt_dir):
     return models, " + ".join(sorted(sources))
 
 
-def _side_by_side_worker(cfg, heads, barrier, results):
-    seconds_per_step(cfg, heads, torch.device("cpu"), threads=1, steps=1)  # warm-up (the kernel's compilation) alone
-    barrier.wait()  # every worker times its steps at the same moment, competing for the cores as training cells do
-    results.put(seconds_per_step(cfg, heads, torch.device("cpu"), threads=1, steps=7))
+def _side_by_side_worker(cfg, head_counts, barrier, results):
+    for heads in head_counts:
+        seconds_per_step(cfg, heads, torch.device("cpu"), threads=1, steps=1)  # warm-up (compilation, model) alone
+        barrier.wait()  # every worker times its steps at the same moment, competing for the cores as training cells do
+        results.put((heads, seconds_per_step(cfg, heads, torch.device("cpu"), threads=1, steps=7)))
 
 
-def side_by_side_seconds(cfg, heads, workers):
-    """Seconds per step of one cell while `workers` cells (1 thread each, one process each) train at once: the
-    median over the workers."""
+def side_by_side_seconds(cfg, head_counts, workers):
+    """{heads: seconds per step of one cell while `workers` cells (1 thread each, one process each) train at once}:
+    the median over the workers; one process per worker times every head count in turn (a process costs seconds)."""
     context = get_context("spawn")
     barrier, results = context.Barrier(workers), context.Queue()
-    processes = [context.Process(target=_side_by_side_worker, args=(cfg, heads, barrier, results))
+    processes = [context.Process(target=_side_by_side_worker, args=(cfg, head_counts, barrier, results))
                  for _ in range(workers)]
     for process in processes:
         process.start()
-    times = [results.get(timeout=600) for _ in processes]
+    times = {heads: [] for heads in head_counts}
+    for _ in range(workers * len(head_counts)):
+        heads, seconds = results.get(timeout=600)
+        times[heads].append(seconds)
     for process in processes:
         process.join()
-    return statistics.median(times)
+    return {heads: statistics.median(seconds) for heads, seconds in times.items()}
 
 
 def scheduling(cfg, device):
@@ -156,7 +160,7 @@ def scheduling(cfg, device):
     cells = [h for _ in TASKS for h in HEADS]
     alone_all = {h: seconds_per_step(cfg, h, device, threads=cores, steps=7) for h in HEADS}
     alone_one = {h: seconds_per_step(cfg, h, device, threads=1, steps=7) for h in HEADS}
-    side = {h: side_by_side_seconds(cfg, h, cores) for h in HEADS} if cores > 1 else alone_one
+    side = side_by_side_seconds(cfg, HEADS, cores) if cores > 1 else alone_one
     plans = {f"one cell at a time, {cores} threads (--jobs 1 --threads {cores})": (alone_all, 1),
              f"{cores} cells side by side, 1 thread each (--jobs {cores} --threads 1, the default)": (side, cores)}
     rows = []

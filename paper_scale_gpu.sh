@@ -5,8 +5,9 @@
 #
 # Optional: SEEDS="3" (the seeds to train, default "0 1 2 3 4": leave out those the CPU is training; SEEDS="5" adds a
 # run to the seed study, whose tables take any number), GROUP=yes (train the cells of a head count in one vmapped
-# step, after its own smoke run; default: one cell per process, the measured path), BENCH_SECONDS=0 (no bench: every
-# second to the training), PYTHON (default python3).
+# step, after its own smoke run; default: one cell per process, the measured path), JOBS (cells trained at once, default
+# 8: on the H200 eight processes gave 2.8 times one's throughput), BENCH_SECONDS=0 (no bench: every second to the
+# training), PYTHON (default python3).
 # 1. a --quick --device cuda smoke run of main.py and test_amplification.py (a CUDA-only bug costs seconds), and,
 #    with GROUP=yes, of train.py's grouped path;
 # 2. the seed study: the 8 cells of each seed in $SEEDS with --resume and --time-budget, over a copy of the repo's
@@ -15,13 +16,14 @@
 # 3. bench.py on the GPU; 4. what step 2 wrote (new checkpoints, resume states) is archived under $OUT in 15 MB
 #    pieces (small enough for any file-transfer limit): seeds.tgz.part-*, and bench + log in run.tgz.part-*; cat, untar into
 #    checkpoints/seeds (delete the CPU resume state of a cell that arrives finished). No `set -e`: step 4 always runs.
-# Rehearse on a CPU: OUT=/tmp/o DEVICE=cpu QUICK=--quick BENCH_SECONDS=240 bash paper_scale_gpu.sh 3
+# Rehearse on a CPU: OUT=/tmp/o DEVICE=cpu QUICK=--quick BENCH_SECONDS=240 bash paper_scale_gpu.sh 3 (JOBS=2: faster)
 export PYTHONUNBUFFERED=1
 MINUTES=${1:-9}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
 SEEDS=${SEEDS:-0 1 2 3 4}
 GROUP=${GROUP:-no}
+JOBS=${JOBS:-8}
 BENCH_SECONDS=${BENCH_SECONDS:-50}
 PYTHON=${PYTHON:-python3}  # the interpreter (a virtual environment's, say); the tests pass their own
 W=$(mktemp -d)
@@ -53,7 +55,7 @@ if timeout 180 "$PYTHON" main.py --quick --device "$DEVICE" --jobs 2 --ckpt-dir 
     if [ -z "$QUICK" ]; then cp -r checkpoints/seeds/. "$W/checkpoints/seeds/"; find "$W/checkpoints" -name '*.resume' -delete; fi
     touch "$W/started"
     say "training seeds $SEEDS, $(cells_done) cells done before (budget $(minutes_until "$SEEDS_END") min)"
-    timeout "${MINUTES}m" "$PYTHON" train.py $QUICK --device "$DEVICE" --group "$GROUP" --jobs 8 --resume --ckpt-dir "$W/checkpoints" \
+    timeout "${MINUTES}m" "$PYTHON" train.py $QUICK --device "$DEVICE" --group "$GROUP" --jobs "$JOBS" --resume --ckpt-dir "$W/checkpoints" \
         --seeds $SEEDS --time-budget "$(minutes_until "$SEEDS_END")" >>"$LOG" 2>&1
     say "seeds: exit $?, $(cells_done) cells done, $(find "$W/checkpoints/seeds" -name '*.pt' -newer "$W/started" | wc -l) new"
     if [ "$BENCH_SECONDS" != 0 ]; then

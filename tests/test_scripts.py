@@ -151,8 +151,9 @@ def test_gpu_run_script_rehearsed_on_the_cpu(tmp_path):
 
 
 def test_gpu_run_script_trains_only_the_seeds_asked_for(tmp_path):
-    """SEEDS and BENCH_SECONDS=0, GROUP left out: one seed, one cell per process, no grouped smoke run, no bench."""
-    log, seeds, run = _rehearse_gpu_run(tmp_path, SEEDS="3", BENCH_SECONDS="0")
+    """SEEDS, JOBS and BENCH_SECONDS=0, GROUP left out: one seed, one cell per process (2 at once: 8 processes on 2
+    cores would spend the test's time starting), no grouped smoke run, no bench."""
+    log, seeds, run = _rehearse_gpu_run(tmp_path, SEEDS="3", JOBS="2", BENCH_SECONDS="0")
     assert "smoke passed" in log and "one cell per process" in log and "grouped smoke" not in log
     assert "training seeds 3, 0 of 8 cells done" in log and "8 of 8 cells done, 8 new" in log
     assert "bench" not in log and "training a group" not in log
