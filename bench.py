@@ -40,27 +40,23 @@ from evaluation import (amplification, evaluation_sequences, fresh_sequences, he
 from graphs import dense_heads, fully_connected_graph
 from learners import group_timing_step, timing_step
 from lm_costs import pretrained_section
-from script_io import add_common_args, check_writable, hardware_name, resolve_common, results_folder, write_text
+from script_io import (add_common_args, check_writable, hardware_name, resolve_common, results_folder, synchronize,
+                       write_text)
 from train import estimated_training_seconds, seconds_per_step, steps_per_epoch
 from transformer import MultiHeadAttention
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device, repeats, inner=1, warmup=2):
     """Median seconds per call of fn over `repeats` timings of `inner` calls each, after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
         for _ in range(inner):
             fn()
-        sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - began) / inner)
     return statistics.median(times)
 
@@ -250,7 +246,7 @@ def evaluation_timings(cfg, device, models, seed, repeats):
     exact_value = proxies.mixing_time(attn, weights, cfg.max_steps)
     began = time.perf_counter()
     mc_value = proxies.mixing_time_mc(attn, weights, cfg.num_simulations, cfg.max_steps, seed=seed)
-    sync(device)
+    synchronize(device)
     mc = time.perf_counter() - began
     return [
         {"what": f"Section 4 evaluation: {len(cells)} models x {cfg.eval_sequences} sequences x {cfg.num_layers} "
@@ -272,7 +268,7 @@ def theory_timings(cfg, device, models, seed):
     began = time.perf_counter()
     with torch.no_grad():
         theory_rows(models, cfg, seed)
-    sync(device)
+    synchronize(device)
     run_seconds = time.perf_counter() - began
     n = max(GRAPH_SIZES["fully_connected"])
     graph = fully_connected_graph(n)
@@ -295,11 +291,11 @@ def amplification_timings(cfg, device, models, seed, draws=64, heads=8):
     attn = dense_heads(draws, heads, n, share=0.0, generator=torch.Generator().manual_seed(seed)).to(device)
     began = time.perf_counter()
     head_set_values(attn, None, cfg, epsilon_mixing=True)
-    sync(device)
+    synchronize(device)
     per_thousand = (time.perf_counter() - began) / draws * 1000
     began = time.perf_counter()
     layer_amplification_rows(models, cfg, seed)
-    sync(device)
+    synchronize(device)
     return [{"what": f"theory.py --amplification: 1000 random head sets, {heads} dense heads, n = {n} (both proxies, "
                      f"combined / parallel / best head, epsilon-mixing time)", "seconds": round(per_thousand, 2),
              "value": ""},

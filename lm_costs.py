@@ -24,11 +24,7 @@ from config import PAPER
 from evaluation import STUDIES, layer_study_values
 from graphs import dense_heads
 from lm_analysis import input_tokens, prefix_lengths, study_values, text_file
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from script_io import synchronize
 
 
 LM_SHAPES = {"GPT-2 small": dict(layers=12, heads=12, width=768), "16 x 16": dict(layers=16, heads=16, width=1024)}
@@ -59,7 +55,7 @@ def _lm_job(shape, length, studies, device):
             model(input_ids=tokens.to(device), output_attentions=True)
     else:
         study_values(model, tokens, PAPER, studies, progress=False)
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - began
 
 
@@ -69,7 +65,7 @@ def _layer_job(length, study, device):
     attn = dense_heads(1, 12, length, share=0.0, generator=torch.Generator().manual_seed(0)).to(device)
     began = time.perf_counter()
     layer_study_values(attn, torch.ones(12, dtype=torch.float64), PAPER, (study,), prefix_lengths(length))
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - began
 
 
@@ -117,7 +113,7 @@ def real_model_job(name, length, device, repeats=2):
         began = time.perf_counter()
         with torch.no_grad():
             model(input_ids=tokens.to(device), output_attentions=True, use_cache=False, logits_to_keep=1)
-        sync(device)
+        synchronize(device)
         forward.append(time.perf_counter() - began)
     del model
     command = []

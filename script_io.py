@@ -71,6 +71,12 @@ def hardware_name(device):
     return names[0] if names else (platform.processor() or platform.machine())
 
 
+def synchronize(device):
+    """Wait for the device's queued work (a timing on a GPU would otherwise stop before its kernels end)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def write_atomic(path, write):
     """Call write(tmp_path) on a temporary file beside path, then rename it over path: never a half-written file."""
     path = Path(path)
