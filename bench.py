@@ -2,6 +2,7 @@
 
     python bench.py [--device auto|cpu|cuda] [--quick] [--ckpt-dir FOLDER]
     python bench.py --pretrained [--device cpu]     # pretrained.py's costs: results/bench_pretrained_<device>.md
+    python bench.py --pretrained --quick            # the same code on tiny models, seconds: results/quick/
 
 Training: ms per step for H = 1, 4, 8, 16 on the fast path (on a CPU cpu_attention's fused kernel, on a GPU
 PyTorch's fused attention), on the explicit-attention path the authors' code takes and, on a CPU, on the PyTorch-ops
@@ -39,7 +40,7 @@ from evaluation import (amplification, evaluation_sequences, fresh_sequences, he
                         theory_rows)
 from graphs import dense_heads, fully_connected_graph
 from learners import group_timing_step, timing_step
-from lm_costs import pretrained_section
+from lm_costs import FULL_PLAN, QUICK_PLAN, pretrained_section
 from script_io import (add_common_args, check_writable, hardware_name, resolve_common, results_folder, synchronize,
                        write_text)
 from train import estimated_training_seconds, seconds_per_step, steps_per_epoch
@@ -331,7 +332,7 @@ def main():
     if args.pretrained:
         head = [f"# pretrained.py on {hardware_name(device)} ({torch.get_num_threads()} threads)", "",
                 f"torch {torch.__version__}, `python {' '.join(sys.argv)}`", ""]
-        report = "\n".join(head + pretrained_section(device))
+        report = "\n".join(head + pretrained_section(device, QUICK_PLAN if args.quick else FULL_PLAN))
         print(report)
         return write_text(out / f"bench_pretrained_{device.type}.md", report)
     repeats, inner = (3, 1) if args.quick else (7, 2)

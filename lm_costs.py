@@ -1,9 +1,11 @@
 """What pretrained.py costs, measured for bench.py --pretrained: on the packaged real models, every study of one prose
 sample against its forward pass; on GPT-2-shaped models of random weights, every study at 1,024 tokens and section4
 at 4,096; each study on one layer against T. Each measurement in a process of its own, for its peak memory.
+QUICK_PLAN (bench.py --pretrained --quick, seconds) runs the same code on tiny random models in this process, without
+the packaged models: a check that the benchmark runs, not a measurement.
 
-    from lm_costs import pretrained_section
-    lines = pretrained_section(torch.device("cpu"))    # Markdown lines: the tables and what they measure
+    from lm_costs import FULL_PLAN, pretrained_section
+    lines = pretrained_section(torch.device("cpu"), FULL_PLAN)    # Markdown lines: the tables and what they measure
 """
 import math
 import resource
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,9 +30,28 @@ from lm_analysis import input_tokens, prefix_lengths, study_values, text_file
 from script_io import synchronize
 
 
-LM_SHAPES = {"GPT-2 small": dict(layers=12, heads=12, width=768), "16 x 16": dict(layers=16, heads=16, width=1024)}
-COST_LENGTHS = (256, 512, 1024, 2048, 4096)
+LM_SHAPES = {"GPT-2 small": dict(layers=12, heads=12, width=768), "16 x 16": dict(layers=16, heads=16, width=1024),
+             "tiny": dict(layers=2, heads=4, width=64)}
 COST_BUDGET_SECONDS = 120  # a study's cost table stops at the first T that takes longer
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    """What bench.py --pretrained measures: every study of a `studies_shape` model at `studies_length` tokens,
+    section4 of a `big_shape` one at `big_length`, each study on one layer at `cost_lengths`, the packaged models or
+    not, each measurement in a process of its own (its peak memory) or all in this one."""
+    studies_shape: str = "GPT-2 small"
+    studies_length: int = 1024
+    big_shape: str = "16 x 16"
+    big_length: int = 4096
+    cost_lengths: tuple = (256, 512, 1024, 2048, 4096)
+    real_models: bool = True
+    own_processes: bool = True
+
+
+FULL_PLAN = CostPlan()
+QUICK_PLAN = CostPlan(studies_shape="tiny", studies_length=64, big_shape="tiny", big_length=128,
+                      cost_lengths=(16, 32, 64), real_models=False, own_processes=False)
 
 
 def peaked_lm(layers, heads, width, positions, seed=0):
@@ -82,19 +104,24 @@ def in_own_process(job, *args):
         return pool.submit(_measured, job, args).result()
 
 
-def cost_table(device):
+def measure(plan, job, *args):
+    """(seconds, peak GiB) of job(*args): in a process of its own, or in this one (peak: this process's so far)."""
+    return in_own_process(job, *args) if plan.own_processes else _measured(job, args)
+
+
+def cost_table(device, plan):
     """Seconds of each study on one layer against T, and the log-log slope of its last three lengths."""
     rows = []
     for study in STUDIES:
         seconds = {}
-        for length in COST_LENGTHS:
-            seconds[length] = in_own_process(_layer_job, length, study, device)[0]
+        for length in plan.cost_lengths:
+            seconds[length] = measure(plan, _layer_job, length, study, device)[0]
             if seconds[length] > COST_BUDGET_SECONDS:
                 break
         ts = sorted(seconds)[-3:]
         slope = np.polyfit(np.log(ts), np.log([seconds[t] for t in ts]), 1)[0] if len(ts) > 1 else math.nan
         rows.append({"study": study, **{f"T={t}": round(seconds[t], 3) if t in seconds else "–" for t in
-                                        COST_LENGTHS}, "log-log slope": round(slope, 2)})
+                                        plan.cost_lengths}, "log-log slope": round(slope, 2)})
     return pd.DataFrame(rows)
 
 
@@ -145,26 +172,30 @@ def real_models_table(device):
     return pd.DataFrame(rows).round(2)
 
 
-def pretrained_section(device):
+def pretrained_section(device, plan=FULL_PLAN):
     """The goals of pretrained.py: on the packaged models, every study of one 1,024-token prose sample within 10
     forward passes and REAL_GOALS; a GPT-2-small-shaped model of random weights at T = 1024 within 20 forward passes
-    and 3 GiB; section4 of a 16-layer 16-head model at T = 4096 within 8 GiB; each study's cost against T."""
-    real = real_models_table(device)
-    forward, forward_gib = in_own_process(_lm_job, "GPT-2 small", 1024, None, device)
-    studies, studies_gib = in_own_process(_lm_job, "GPT-2 small", 1024, STUDIES, device)
-    big, big_gib = in_own_process(_lm_job, "16 x 16", 4096, ("section4",), device)
+    and 3 GiB; section4 of a 16-layer 16-head model at T = 4096 within 8 GiB; each study's cost against T. With
+    QUICK_PLAN the same tables of tiny models, the packaged models left out."""
+    small, big = plan.studies_shape, plan.big_shape
+    forward, forward_gib = measure(plan, _lm_job, small, plan.studies_length, None, device)
+    studies, studies_gib = measure(plan, _lm_job, small, plan.studies_length, STUDIES, device)
+    big_seconds, big_gib = measure(plan, _lm_job, big, plan.big_length, ("section4",), device)
     table = pd.DataFrame([
-        {"what": "GPT-2 small shape, T = 1024: one forward pass with output_attentions", "seconds": forward,
-         "peak GiB": forward_gib},
+        {"what": f"{small} shape, T = {plan.studies_length}: one forward pass with output_attentions",
+         "seconds": forward, "peak GiB": forward_gib},
         {"what": f"the same, every study, layers streamed ({studies / forward:.1f} forward passes)",
          "seconds": studies, "peak GiB": studies_gib},
-        {"what": "16 layers x 16 heads (width 1024), T = 4096: section4, layers streamed", "seconds": big,
-         "peak GiB": big_gib}]).round(2)
-    return ["## The packaged models (pretrained.py --input prose --length 1024 --samples 1)", "",
-            "Each row's measurements in processes of their own (peak: the command's resident memory).", "",
-            real.to_markdown(index=False), "",
-            "## Hugging Face models of random weights", "", "Peaked attention, one sequence; each "
-            "row in a process of its own (peak: its resident memory).", "", table.to_markdown(index=False), "",
-            "Each study on one layer (12 heads of the amplification map's dense family) against T, seconds; the "
-            f"slope over the last three lengths measured (a study stops at the first T over {COST_BUDGET_SECONDS} s):",
-            "", cost_table(device).to_markdown(index=False), ""]
+        {"what": "{layers} layers x {heads} heads (width {width}), T = ".format(**LM_SHAPES[big]) +
+                 f"{plan.big_length}: section4, layers streamed", "seconds": big_seconds, "peak GiB": big_gib}]).round(2)
+    where = ("in a process of its own (peak: its resident memory)" if plan.own_processes else
+             "in this process, tiny models (--quick: a check that the benchmark runs, not a measurement)")
+    real = (["## The packaged models (pretrained.py --input prose --length 1024 --samples 1)", "", "Each row's "
+             "measurements in processes of their own (peak: the command's resident memory).", "",
+             real_models_table(device).to_markdown(index=False), ""]
+            if plan.real_models else ["## The packaged models: left out with --quick", ""])
+    return real + ["## Hugging Face models of random weights", "", f"Peaked attention, one sequence; each row {where}"
+                   ".", "", table.to_markdown(index=False), "", "Each study on one layer (12 heads of the amplification "
+                   "map's dense family) against T, seconds; the slope over the last three lengths measured (a study "
+                   f"stops at the first T over {COST_BUDGET_SECONDS} s):", "",
+                   cost_table(device, plan).to_markdown(index=False), ""]

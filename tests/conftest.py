@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -39,6 +40,24 @@ def run_ok(run_main):
         assert code == 0, err[-3000:]
         return out
     return run
+
+
+def markdown_tables(text):
+    """The Markdown tables of a text, each as its block of `|` lines."""
+    tables, rows = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            tables.append("\n".join(rows))
+            rows = []
+    return tables
+
+
+def markdown_frame(table):
+    """A Markdown table as a DataFrame of its cells' stripped text (the header row its columns)."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
+    return pd.DataFrame(rows[2:], columns=rows[0])
 
 
 def reference_attention(q, k, v, causal, keep=None, p=0.0):

@@ -2,7 +2,7 @@
 claims.py computes from results/seeds/claims.csv, the seed study's tables all hold the same runs, the numbers of
 theory.md, findings.md and speed.md are their files', and the README fits a first read."""
 import pandas as pd
-from conftest import ROOT
+from conftest import ROOT, markdown_frame, markdown_tables
 
 from claims import claims_overview
 
@@ -99,18 +99,6 @@ def test_real_model_findings_are_the_files():
     assert f"repeated {share('smollm2', 'one-token')} (SmolLM2" in findings.replace("\n", " ")
 
 
-def markdown_tables(text):
-    """The Markdown tables of a text, each as its block of `|` lines."""
-    tables, rows = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            rows.append(line)
-        elif rows:
-            tables.append("\n".join(rows))
-            rows = []
-    return tables
-
-
 def test_speed_doc_is_the_bench_reports():
     """docs/speed.md's tables are those of results/bench_cpu.md and bench_cuda.md, and the ratios and hours its text
     quotes are computed here from the CPU report's tables."""
@@ -120,10 +108,8 @@ def test_speed_doc_is_the_bench_reports():
     assert len(markdown_tables(speed)) == 5 and all(table in reports for table in markdown_tables(speed))
     assert cpu.startswith("# Benchmark on AMD EPYC") and "On a 2-core AMD EPYC" in speed
 
-    def frame(table):
-        rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
-        return pd.DataFrame(rows[2:], columns=rows[0]).set_index(rows[0][0])
-    step, layer, schedules = (frame(t) for t in markdown_tables(cpu)[:3])
+    step, layer, schedules = (markdown_frame(t).set_index(markdown_frame(t).columns[0])
+                               for t in markdown_tables(cpu)[:3])
     step, layer = step.astype(float), layer.astype(float)
     fast = step["fast ms/step"]
     quoted = [f"costs {fast['16'] / fast['1']:.2f}× a 1-head step",

@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import OFFICIAL, ROOT, needs_official
+from conftest import OFFICIAL, ROOT, markdown_frame, markdown_tables, needs_official
 
 import example2
 from config import HEADS, QUICK, TASKS
 from checkpoints import checkpoint_path, load_model
-from evaluation import section4_rows, synergy_rows, tables56_rows
+from evaluation import STUDIES, section4_rows, synergy_rows, tables56_rows
 
 
 def run(*args):
@@ -191,3 +191,19 @@ def test_bad_input_is_one_line_and_writes_nothing(args, message, truncated_check
     assert error_lines == [line for line in error_lines if line.startswith(f"{args[0]}: error: ")] and \
         len(error_lines) == 1 and message in error_lines[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
+
+
+def test_bench_pretrained_quick_runs_every_measurement(tmp_path, run_ok):
+    """bench.py --pretrained --quick: lm_costs' tables on tiny models, every study against every length, written."""
+    out = run_ok("bench.py", "--pretrained", "--quick", "--device", "cpu", "--out", tmp_path)
+    report = (tmp_path / "bench_pretrained_cpu.md").read_text()
+    assert report in out and "left out with --quick" in report and "smollm2" not in report
+    models, costs = (markdown_frame(table) for table in markdown_tables(report))
+    assert models["what"][0] == "tiny shape, T = 64: one forward pass with output_attentions"
+    assert models["what"][1].startswith("the same, every study, layers streamed (")
+    assert models["what"][2] == "2 layers x 4 heads (width 64), T = 128: section4, layers streamed"
+    assert (models["peak GiB"].astype(float) > 0).all()
+    assert costs["study"].tolist() == list(STUDIES) and list(costs.columns[1:]) == ["T=16", "T=32", "T=64",
+                                                                                   "log-log slope"]
+    assert (costs[["T=16", "T=32", "T=64"]].astype(float) >= 0).all().all()
+    assert np.isfinite(costs["log-log slope"].astype(float)).all()
