@@ -4,6 +4,7 @@ save_pretrained. The streamed attention equals the model's own output_attentions
 worked out from the state_dict in each layout, no two layers' attention are alive at once, pretrained.py --quick
 writes the library's values, and every bad input is one line with nothing written."""
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -20,8 +21,8 @@ import hf_models  # noqa: E402
 from config import PAPER  # noqa: E402
 from claims import growth_table  # noqa: E402
 from lm_analysis import prefix_lengths, summary_counts, summary_lines  # noqa: E402
-from evaluation import (layer_study_values, prefix_summary, section4_summary, synergy_summary,  # noqa: E402
-                        tables56_summary, theorem29_summary, without_first_token)
+from evaluation import (layer_study_values, prefix_summary, section4_summary, sink_summary,  # noqa: E402
+                        sink_values, synergy_summary, tables56_summary, theorem29_summary, without_first_token)
 
 transformers = pytest.importorskip("transformers")
 SIZE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -192,6 +193,8 @@ def bad_inputs(folders, with_tokenizer, tmp):
             (["--model", empty], "has no config.json"),
             (["--model", mamba], "architecture 'mamba' is not supported"),
             (["--model", folders["gpt2"], "--length", 65], "beyond the 64 positions"),
+            (["--model", folders["llama"], "--length", 65], "beyond the 64 positions"),  # max_position_embeddings
+            (["--model", folders["gpt2"], "--length", 3], "--length must be at least 4"),
             (["--model", with_tokenizer, "--input", "text", "--text", short, "--length", T],
              "fewer than the 12 a sample of --length 12"),
             (["--model", folders["gpt2"], "--input", "text", "--text", short], "has no tokenizer"),
@@ -258,6 +261,8 @@ def test_boundaries_of_length(folders, with_tokenizer, run_ok, tmp_path):
            "--studies", "section4", "--out", tmp_path / "exact")
     ids = pd.read_csv(tmp_path / "exact" / "gpt2_words" / "text" / "tokens.csv").token_ids
     assert list(ids) == [" ".join(str(i + 1) for i in range(T))] * 3
+    facts = json.loads((tmp_path / "exact" / "gpt2_words" / "text" / "run.json").read_text())
+    assert facts["text_file"] == str(text) and facts["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
 
 
 def test_every_study_without_position_0_counts_its_prefixes_without_it(folders, run_ok, tmp_path):
@@ -274,15 +279,60 @@ def test_every_study_without_position_0_counts_its_prefixes_without_it(folders, 
 
 def test_summary_counts_wins_and_losses_apart():
     """A tables56 row wins with more than half the decided samples and p < 0.05, loses with fewer; an even split or
-    p = 0.05 is neither; synergy of each sign likewise at Wilcoxon p < 0.05."""
-    tables56 = pd.DataFrame({"layer": [1, 2, 3, 4], "samples": 8, "ties": [0, 0, 2, 0], "wins": [8, 0, 3, 7],
-                             "win_rate": [1, 0, 0.375, 0.875], "p_value": [0.0078, 0.0078, 1.0, 0.05]})
-    synergy = pd.DataFrame({"layer": [1, 2, 3, 1], "proxy": ["fidelity"] * 3 + ["mixing_time"],
-                            "synergy": [0.2, -0.1, 0.3, 0.5], "p_value": [0.01, 0.04, 0.05, 0.01]})
-    counts = summary_counts({"tables56": tables56, "synergy": synergy})
-    assert (counts["wins"], counts["losses"], counts["synergy_positive"], counts["synergy_negative"]) == (1, 1, 1, 1)
-    lines = summary_lines({"tables56": tables56, "synergy": synergy})
-    assert "in 1 of 4 layers, loses to it in 1" in lines[0] and "in 1 of 3 layers, < 0 in 1" in lines[1]
+    p = 0.05 is neither; synergy of each sign likewise at Wilcoxon p < 0.05; the sink's share and attention averaged
+    over the layers."""
+    tables56 = pd.DataFrame({"layer": [1, 2, 3, 4, 5], "samples": 8, "ties": [0, 0, 2, 0, 0], "wins": [8, 0, 3, 7, 8],
+                             "win_rate": [1, 0, 0.375, 0.875, 1], "p_value": [0.0078, 0.0078, 1.0, 0.05, 0.0078]})
+    synergy = pd.DataFrame({"layer": [1, 2, 3, 4, 1], "proxy": ["fidelity"] * 4 + ["mixing_time"],
+                            "synergy": [0.2, -0.1, 0.3, 0.1, 0.5], "p_value": [0.01, 0.04, 0.05, 0.02, 0.01]})
+    sink = pd.DataFrame({"layer": [1, 2, 3, 4, 5], "sink_share": [0.25, 0.75, 0, 0.5, 1],
+                         "first_token_mean": [0.1, 0.3, 0.05, 0.2, 0.6]})
+    tables = {"tables56": tables56, "synergy": synergy, "sink": sink}
+    counts = summary_counts(tables)
+    assert (counts["wins"], counts["losses"], counts["synergy_positive"], counts["synergy_negative"]) == (2, 1, 2, 1)
+    assert counts["layers"] == 5 and counts["win_rate_mean"] == pytest.approx(3.25 / 5)
+    assert counts["sink_share"] == pytest.approx(0.5) and counts["first_token_mean"] == pytest.approx(0.25)
+    lines = summary_lines(tables)
+    assert "in 2 of 5 layers, loses to it in 1" in lines[0] and "in 2 of 4 layers, < 0 in 1" in lines[1]
+    assert "sink: 50.0% of heads put more than 0.3 of their attention on position 0" in lines[2]
+    assert "mean attention there 0.250" in lines[2]
+
+
+def test_sink_values_and_summary_by_hand():
+    """Two samples of one layer, two heads, T = 4. Position 0 gets 0.6 of every later query of a sink head (mean over
+    the 4 queries: (1 + 3 x 0.6) / 4 = 0.7) and nothing from a later query of the other (1 / 4 = 0.25). Sample 0:
+    a sink head and a plain one; sample 1: two plain ones."""
+    plain = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, .5, .5, 0], [0, 1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    sink = torch.tensor([[1, 0, 0, 0], [.6, .4, 0, 0], [.6, .2, .2, 0], [.6, .4 / 3, .4 / 3, .4 / 3]],
+                        dtype=torch.float64)
+    values = sink_values(torch.stack([torch.stack([sink, plain]), torch.stack([plain, plain])]))
+    assert np.allclose(values["first_token"], [[0.7, 0.25], [0.25, 0.25]]) and np.allclose(values["share"], [0.5, 0])
+    row, = sink_summary({"first_token": values["first_token"][:, None], "share": values["share"][:, None]}, "prose", 2)
+    expected = {"task": "prose", "heads": 2, "layer": 1, "sink_share": 0.5, "sink_share_per_sample_mean": 0.25,
+                "sink_share_per_sample_std": 0.25, "first_token_mean": 0.3625, "head_1": 0.475, "head_2": 0.25}
+    assert row.keys() == expected.keys() and all(row[k] == pytest.approx(v) for k, v in expected.items())
+
+
+def test_several_models_and_inputs_write_a_summary_and_the_figure(folders, run_ok, tmp_path):
+    """Two models x two inputs: summary.csv holds one row a pair, counted here from the pair's own CSVs, and the
+    figure of the models; without the sink study (one of the four the figure draws) the summary but no figure."""
+    models = f"{folders['gpt2']},{folders['llama']}"
+    run_ok("pretrained.py", "--model", models, "--input", "repeat,random", "--quick", "--out", tmp_path / "all")
+    summary = pd.read_csv(tmp_path / "all" / "summary.csv")
+    assert list(zip(summary.model, summary.input)) == [(m, k) for m in ("gpt2", "llama") for k in ("repeat", "random")]
+    for row in summary.itertuples():
+        read = lambda study: pd.read_csv(tmp_path / "all" / row.model / row.input / f"{study}.csv")
+        section4, tables56, sink = read("section4"), read("tables56"), read("sink")
+        decided = tables56.samples - tables56.ties
+        wins = ((tables56.p_value < 0.05) & (tables56.wins > decided / 2)).sum()
+        losses = ((tables56.p_value < 0.05) & (tables56.wins < decided / 2)).sum()
+        assert row.first_token and row.layers == 2 and (row.wins, row.losses) == (wins, losses)
+        assert row.fidelity_max == pytest.approx(section4.fidelity_mean.max(), rel=1e-12)
+        assert row.sink_share == pytest.approx(sink.sink_share.mean(), abs=1e-12)
+    assert all((tmp_path / "all" / f"models.{ext}").stat().st_size > 1000 for ext in ("png", "pdf"))
+    run_ok("pretrained.py", "--model", models, "--input", "repeat", "--quick", "--studies", "section4,tables56,synergy",
+           "--out", tmp_path / "three")
+    assert (tmp_path / "three" / "summary.csv").is_file() and not (tmp_path / "three" / "models.png").exists()
 
 
 def test_outputs_are_written_atomically(folders, run_main, tmp_path, monkeypatch):

@@ -103,6 +103,20 @@ def test_bos_exactly_when_the_metadata_asks(smollm2, tmp_path):
         assert hf_models.bos_token_id(written, None, model.config, "no") is None
 
 
+def test_without_the_metadata_key_the_tokenizer_decides_bos(tmp_path):
+    """A GGUF file that does not set tokenizer.ggml.add_bos_token: BOS exactly when the tokenizer puts it first."""
+    class PutsBosFirst:
+        bos_token_id = 5
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [5, 9] if add_special_tokens else [9]}
+    file = gguf_file(tmp_path / "unset.gguf")
+    written = hf_models.Source("written", str(tmp_path), file.name)
+    assert hf_models.gguf_metadata(str(file))["add_bos_token"] is None
+    assert hf_models.adds_bos(written, PutsBosFirst()) and not hf_models.adds_bos(written, None)
+    assert hf_models.bos_token_id(written, PutsBosFirst(), None, "auto") == 5
+
+
 @needs_smollm2
 def test_smollm2_random_inputs_hold_only_ordinary_tokens(smollm2):
     _, model, tokenizer = smollm2
@@ -155,6 +169,8 @@ def test_chunks_join_atomically_under_their_sha256(tmp_path):
     assert not target.parent.exists() or not list(target.parent.iterdir())  # nothing left behind
     assert hf_models.join_chunks(chunks, target, hashlib.sha256(whole).hexdigest()) == target
     assert target.read_bytes() == whole and [p.name for p in target.parent.iterdir()] == ["joined.gguf"]
+    target.write_bytes(whole[:-1] + b"x")  # a damaged earlier join is joined again, not kept
+    assert hf_models.join_chunks(chunks, target, hashlib.sha256(whole).hexdigest()).read_bytes() == whole
 
 
 def test_ordinary_tokens_leave_out_special_added_unused_and_padded_rows():
@@ -178,6 +194,8 @@ def test_repeat_and_text_inputs_by_hand():
     assert set(repeat.unique().tolist()) <= {3, 5, 7}
     with_bos = input_tokens("repeat", samples=1, length=6, vocabulary=vocabulary, seed=1, bos=9)
     assert with_bos[0, 0] == 9 and with_bos[0, 4:].tolist() == with_bos[0, 1:3].tolist()  # 9, a b c, a b
+    even = input_tokens("repeat", samples=3, length=9, vocabulary=torch.arange(100, 200), seed=2, bos=1)
+    assert torch.equal(even[:, 5:], even[:, 1:5])  # 1, a b c d, a b c d: an even body repeats without a shift
 
     class Words:  # a tokenizer of ids written as numbers
         def __call__(self, text, add_special_tokens):
