@@ -207,7 +207,8 @@ def _expected_capped_steps(P, max_steps, survival=False):
     total, power = torch.zeros_like(ones), None  # total = s_n, power = Q^n (None for n = 0)
     bits = bin(max_steps)[2:]
     for k, bit in enumerate(bits):
-        last = k == len(bits) - 1  # the last bit needs no further power of Q (an n^3 product saved)
+        # the last bit needs no further power of Q (an n^3 product saved), unless survival asks for Q^M 1
+        last = k == len(bits) - 1 and not survival
         if power is not None:  # n -> 2n
             total = total + power @ total
             power = None if last and bit == "0" else power @ power
@@ -216,7 +217,7 @@ def _expected_capped_steps(P, max_steps, survival=False):
             power = Q if power is None else None if last else power @ Q
     if not survival:
         return _with_sink(total[..., 0])
-    return _with_sink(torch.stack([total[..., 0], (torch.linalg.matrix_power(Q, max_steps) @ ones)[..., 0]], dim=1))
+    return _with_sink(torch.stack([total[..., 0], (power @ ones)[..., 0]], dim=1))  # power = Q^M
 
 
 def _with_sink(values):
