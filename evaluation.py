@@ -68,16 +68,13 @@ def attention_section4_values(attn, weights, cfg, estimator="exact", seed=0, cap
         (mixing, capped), (normalized, normalized_capped) = (
             proxies.mixing_and_capped_share(C, max_steps=cfg.max_steps, walk=walk) for walk in ("authors",
                                                                                                  "normalized"))
-        return {"mixing_time": mixing, "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
-                "mixing_time_normalized": normalized, "mixing_time_capped_share": capped,
-                "mixing_time_normalized_capped_share": normalized_capped}
-    if estimator == "exact":
-        mixing = proxies.mixing_time(C, max_steps=cfg.max_steps)
+        shares = {"mixing_time_capped_share": capped, "mixing_time_normalized_capped_share": normalized_capped}
     else:
-        mixing = proxies.mixing_time_mc(C, num_simulations=cfg.num_simulations, max_steps=cfg.max_steps, seed=seed)
-    return {"mixing_time": mixing,
-            "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
-            "mixing_time_normalized": proxies.mixing_time_normalized(C, max_steps=cfg.max_steps)}
+        mixing = (proxies.mixing_time(C, max_steps=cfg.max_steps) if estimator == "exact" else
+                  proxies.mixing_time_mc(C, num_simulations=cfg.num_simulations, max_steps=cfg.max_steps, seed=seed))
+        normalized, shares = proxies.mixing_time_normalized(C, max_steps=cfg.max_steps), {}
+    return {"mixing_time": mixing, "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
+            "mixing_time_normalized": normalized, **shares}
 
 
 def section4_summary(values, task, heads, estimator):
