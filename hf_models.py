@@ -256,11 +256,17 @@ def load_tokenizer(source, required=True):
 BOS_CHOICES = ("auto", "yes", "no")
 
 
+def _metadata_of(source):
+    """gguf_metadata of a Source's GGUF file; {} for a folder or a hub name."""
+    return gguf_metadata(str(source.gguf_path)) if source.gguf_file else {}
+
+
 def adds_bos(source, tokenizer):
     """Whether the model expects BOS first: a GGUF file's tokenizer.ggml.add_bos_token where set (transformers'
     tokenizer from a GGUF file ignores it), else whether its tokenizer puts BOS first; False without a tokenizer."""
-    if source.gguf_file and gguf_metadata(str(source.gguf_path))["add_bos_token"] is not None:
-        return bool(gguf_metadata(str(source.gguf_path))["add_bos_token"])
+    add_bos = _metadata_of(source).get("add_bos_token")
+    if add_bos is not None:
+        return bool(add_bos)
     if tokenizer is None or tokenizer.bos_token_id is None:
         return False
     return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
@@ -273,22 +279,22 @@ def bos_token_id(source, tokenizer, config, choice="auto"):
         raise ValueError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {choice!r}")
     if choice == "no" or (choice == "auto" and not adds_bos(source, tokenizer)):
         return None
-    metadata = gguf_metadata(str(source.gguf_path)) if source.gguf_file else {}
-    bos = next((b for b in (getattr(tokenizer, "bos_token_id", None), metadata.get("bos_token_id"),
+    bos = next((b for b in (getattr(tokenizer, "bos_token_id", None), _metadata_of(source).get("bos_token_id"),
                             getattr(config, "bos_token_id", None)) if b is not None), None)
     if bos is None:
         raise ValueError(f"--bos {choice}: {source.name} names no BOS token (neither its tokenizer nor its config)")
     return int(bos)
 
 
+@functools.lru_cache(maxsize=4)
 def model_facts(source):
     """What run.json records of the model: its name (and a packaged model's title), file and SHA-256 (GGUF files)
-    and tensor types."""
+    and tensor types. Cached: a run writes them for every input, and hashing Gemma's file takes a while."""
     title = {"title": PACKAGED[source.name].title} if source.name in PACKAGED else {}
     if not source.gguf_file:
         return {"model": source.name, **title, "file": source.path, "sha256": None, "tensor_types": None}
     return {"model": source.name, **title, "file": str(source.gguf_path), "sha256": sha256_of(source.gguf_path),
-            "tensor_types": gguf_metadata(str(source.gguf_path))["tensor_types"]}
+            "tensor_types": _metadata_of(source)["tensor_types"]}
 
 
 def max_positions(config):
