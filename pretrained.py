@@ -54,7 +54,7 @@ import pandas as pd
 
 import hf_models
 from config import PAPER, REAL_RESULTS, SEED, SINK_PROTOCOL, LMRuns
-from evaluation import STUDIES
+from evaluation import SINK_THRESHOLD, STUDIES
 from lm_analysis import (INPUTS, input_tokens, model_label, ordinary_token_ids, samples_table, study_tables,
                          study_values, summary_counts, summary_lines, text_file)
 from script_io import check_writable, input_errors, resolve_device, save_figure, save_table, write_atomic, write_text
@@ -137,7 +137,7 @@ def plot_sink(t, label):
     heads = [c for c in t.columns if c.startswith("head_")]
     fig, (share, grid) = _panels(label, [("sink heads (Gu et al.)", "share of heads"),
                                          ("attention to position 0", "head")])
-    share.plot(t.layer, t.sink_share, "o-", label="share of heads above 0.3")
+    share.plot(t.layer, t.sink_share, "o-", label=f"share of heads above {SINK_THRESHOLD}")
     share.plot(t.layer, t.first_token_mean, "s--", label="attention to position 0, mean over heads")
     share.set_ylim(-0.03, 1.3)
     image = grid.imshow(t[heads].to_numpy().T, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest",
@@ -153,7 +153,8 @@ MODEL_PANELS = [("minimax fidelity (%, log)", "section4", "fidelity_mean", None)
                 ("samples where the combination\nbeats its best head (Wilson 95%)", "tables56", "win_rate",
                  ("win_ci_low", "win_ci_high")),
                 ("fidelity synergy, combined − parallel\n(pp, t 95%)", "synergy", "synergy", ("ci_low", "ci_high")),
-                ("sink heads (attention to position 0 > 0.3)", "sink", "sink_share", None)]
+                (f"sink heads (attention to position 0 > {SINK_THRESHOLD})", "sink", "sink_share", None)]
+INPUT_STYLES = ["-", "--", ":", "-."]  # plot_models' line style of each input, in turn
 
 
 def plot_models(found):
@@ -167,7 +168,7 @@ def plot_models(found):
         for (model, kind), tables in found.items():
             t = tables[study][tables[study].proxy == "fidelity"] if study == "synergy" else tables[study]
             depth = t.layer / t.layer.max()
-            style = dict(color=f"C{models.index(model)}", ls=["-", "--", ":", "-."][inputs.index(kind) % 4])
+            style = dict(color=f"C{models.index(model)}", ls=INPUT_STYLES[inputs.index(kind) % len(INPUT_STYLES)])
             ax.plot(depth, t[column], marker="o", ms=2.5, lw=1.2, **style)
             if band:
                 ax.fill_between(depth, t[band[0]], t[band[1]], color=style["color"], alpha=0.12, lw=0)
@@ -181,7 +182,7 @@ def plot_models(found):
     for k, model in enumerate(models):
         legend.plot([], [], color=f"C{k}", lw=2, label=model)
     for k, kind in enumerate(inputs):
-        legend.plot([], [], color="black", ls=["-", "--", ":", "-."][k % 4], label=kind)
+        legend.plot([], [], color="black", ls=INPUT_STYLES[k % len(INPUT_STYLES)], label=kind)
     legend.legend(loc="center", frameon=False, fontsize=11, title="model, input")
     fig.tight_layout()
     return fig
