@@ -13,8 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 

@@ -13,15 +13,9 @@ SEEDS = ROOT / "results" / "seeds"
 def readme_claims_table():
     """The README's claims table: its header's run count and {claim: [source, instances, every, some, none,
     authors']} from its rows."""
-    text = README.split("| claim | source |", 1)[1].split("\n\n", 1)[0]
-    rows = [line for line in text.splitlines() if line.startswith("| `")]
-    lines = ["| claim | source |" + text.splitlines()[0]] + rows
-    runs = int(lines[0].split("in all ")[1].split(" runs")[0])
-    rows = {}
-    for line in lines[1:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        rows[cells[0].strip("`")] = cells[1:]
-    return runs, rows
+    claims = markdown_frame(next(t for t in markdown_tables(README) if t.startswith("| claim | source |")))
+    runs = int(next(column for column in claims.columns if column.startswith("in all ")).split()[2])
+    return runs, {row[0].strip("`"): list(row[1:]) for row in claims.itertuples(index=False)}
 
 
 def test_the_readme_claims_table_is_the_committed_claims_table():
@@ -108,8 +102,8 @@ def test_speed_doc_is_the_bench_reports():
     assert len(markdown_tables(speed)) == 5 and all(table in reports for table in markdown_tables(speed))
     assert cpu.startswith("# Benchmark on AMD EPYC") and "On a 2-core AMD EPYC" in speed
 
-    step, layer, schedules = (markdown_frame(t).set_index(markdown_frame(t).columns[0])
-                               for t in markdown_tables(cpu)[:3])
+    frames = [markdown_frame(table) for table in markdown_tables(cpu)[:3]]
+    step, layer, schedules = (frame.set_index(frame.columns[0]) for frame in frames)
     step, layer = step.astype(float), layer.astype(float)
     fast = step["fast ms/step"]
     quoted = [f"costs {fast['16'] / fast['1']:.2f}× a 1-head step",
