@@ -320,7 +320,7 @@ def drawn(kind, *, args, plan, model, tokenizer, bos):
 
 def run_input(kind, tokens, file, *, args, plan, source, model, layers, bos):
     """One input on one model: every study of its samples, written; returns {first_token: tables}."""
-    label, heads = model_label(source), hf_models.head_weights(model).shape[1]
+    label, heads = model_label(source), hf_models.num_heads(model.config)
     print(f"{label}: {plan.samples} {kind} sample(s) of {plan.length} tokens"
           f"{' (BOS first)' if bos is not None else ''}, {len(layers)} of {model.config.num_hidden_layers} layers, "
           f"{heads} heads on {model.device}")
