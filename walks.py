@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from proxies import ROW_SUM_TOLERANCE, check_layer, check_steps, check_weights, to_numpy, weighted_sum
+from proxies import ROW_SUM_TOLERANCE, CausalSteps, check_layer, check_steps, check_weights, to_numpy, weighted_sum
 
 # The epsilon-mixing time of Vitvitskyi et al. (ICML 2025), the quantity Theorem 2.9 bounds. A walk here is
 # column-stochastic: W[i, j] = the probability of stepping from node j to node i >= j, the sink tau = n - 1 absorbing.
@@ -154,16 +154,17 @@ def _first_mixed_steps(W, need, max_steps, starts=STARTS, group=1):
     first = torch.full((B, len(starts)), math.inf, dtype=torch.float64, device=W.device)
     active, t, found = torch.arange(B, device=W.device), 0, first.clone()  # found: first[active]
     linear = min(max(LINEAR_STEPS, n), max_steps)  # n steps cost about one n x n squaring: step at least that far
+    steps = CausalSteps(W)
     while len(active) and t < linear:
         for _ in range(min(max(4, t), 32, max_steps - t)):  # compacted after steps 4, 8, 16, 32, 64, 96, ...
             t += 1
-            row = row @ W
+            row = steps(row)
             mixed = torch.stack([_sink_share(row[:, 0], start) for start in starts], dim=-1) > need
             found = torch.where(torch.isinf(found) & mixed, float(t), found)
         first[active] = found
         walking = torch.isinf(found.reshape(-1, group, len(starts)).amin(1)).any(-1).repeat_interleave(group)
         if not walking.all():  # set the mixed walks aside (a copy of the rest: only when something changed)
-            active, row, W, found = active[walking], row[walking], W[walking], found[walking]
+            active, row, W, steps, found = active[walking], row[walking], W[walking], steps[walking], found[walking]
     for i in range(0, len(active) if t < max_steps else 0, SQUARING_CHUNK):
         part = slice(i, i + SQUARING_CHUNK)
         last = _last_unmixed_by_squaring(W[part], row[part], t, need, max_steps, starts)

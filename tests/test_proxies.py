@@ -285,3 +285,24 @@ def test_stepped_walk_stops_early_and_equals_the_brute_force():
         assert np.allclose(steps[h, 0], means, rtol=1e-11, atol=0), h
         assert np.allclose(steps[h, 1], survivals, rtol=1e-9, atol=1e-13), h
     assert steps[2, 1, 60] == 1.0 and steps[2, 0, 60] == M
+
+
+def test_causal_steps_are_row_times_matrix_in_blocks_and_keep_subsets():
+    """CausalSteps on causal matrices longer than a block: r M as NumPy computes it (within 1e-13 relative), for
+    several rows at once, a subset kept, and a length that is not a multiple of the block; a matrix with an entry
+    above its diagonal blocks, and a short one, stepped as r @ M itself."""
+    rng = np.random.default_rng(2)
+    for T in (proxies.STEP_BLOCK + 1, 3 * proxies.STEP_BLOCK + 17):
+        M = np.tril(rng.random((4, T, T)))
+        r = rng.random((4, 2, T))
+        steps = proxies.CausalSteps(torch.from_numpy(M))
+        assert steps.blocks is not None and steps.M is None  # the zeros above the diagonal blocks are not kept
+        assert np.allclose(steps(torch.from_numpy(r)).numpy(), r @ M, rtol=1e-13, atol=0)
+        keep = torch.tensor([True, False, False, True])
+        assert len(steps[keep]) == 2
+        assert np.allclose(steps[keep](torch.from_numpy(r[[0, 3]])).numpy(), r[[0, 3]] @ M[[0, 3]], rtol=1e-13)
+        M[2, 0, -1] = 0.5  # not causal: one entry above the diagonal
+        plain = proxies.CausalSteps(torch.from_numpy(M))
+        assert plain.blocks is None and np.allclose(plain(torch.from_numpy(r)).numpy(), r @ M, rtol=1e-13, atol=0)
+    short = np.tril(rng.random((2, 9, 9)))
+    assert proxies.CausalSteps(torch.from_numpy(short)).blocks is None
