@@ -11,6 +11,27 @@ ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT.parent / "shared" / "official_checkpoints"
 sys.path.insert(0, str(ROOT))
 
+# The same computation on another CPU. A model's float32 forward pass rounds differently on each instruction set
+# (PyTorch's kernels and MKL's), and the float64 proxies carry that into every value. Measured on a 2-core AMD EPYC
+# (family 25, AVX-512) against the committed values, which an AVX-512 machine made: with ATEN_CPU_CAPABILITY=default,
+# =avx2, and avx2 with MKL_ENABLE_INSTRUCTIONS=AVX2, at 1 and 2 threads, SmolLM2's layer 3 (every column of a prose
+# sample, both DAGs) moved by at most 1.2e-6 relative, and seed 42's 4-head cycle rows of amplification_trained.csv
+# by 1.9e-5 (fidelity_synergy, a difference of two fidelities); at the machine's own capability, by 4.5e-15, with 1
+# thread or 2. A margin of 5 on the largest. Values computed in float64 from the start stay exactly equal.
+CROSS_CPU_RTOL = 1e-4
+CROSS_CPU_ATOL = 1e-12  # a value that is 0 on one CPU and 1e-17 on another
+# Section 4's tables (and those that average the same proxies) hold means and stds over 50 sequences: their values
+# near 0 (a std, a collapsed layer's fidelity of 1e-8 %) agree absolutely, in steps or percentage points. A 1e-6
+# relative perturbation of every weight moves no value by more than 2e-5.
+CROSS_MACHINE_ATOL = 1e-3
+
+
+def same_on_any_cpu(fresh, committed, atol=CROSS_CPU_ATOL):
+    """Whether values recomputed here equal committed ones within CROSS_CPU_RTOL (arrays, elementwise)."""
+    return np.allclose(np.asarray(fresh, dtype=float), np.asarray(committed, dtype=float), rtol=CROSS_CPU_RTOL,
+                       atol=atol, equal_nan=True)
+
+
 needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason=f"authors' checkpoints not found at {OFFICIAL}")
 
 

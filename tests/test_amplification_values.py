@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT
+from conftest import CROSS_CPU_ATOL, CROSS_CPU_RTOL, ROOT
 
 import amplification
 import graphs
@@ -20,8 +20,7 @@ THEORY = ROOT / "results" / "theory"
 MAP = pd.read_csv(THEORY / "amplification.csv")
 TRAINED = pd.read_csv(THEORY / "amplification_trained.csv", dtype={"run": str})
 SPREAD = float(TRAINED[TRAINED.run != AUTHORS].weight_log_spread.max())  # what theory.py gave the map
-COUNTS = {"samples"}  # integers: equal exactly; every other column: equal to float rounding across CPUs
-CROSS_CPU_RTOL = 1e-9
+COUNTS = {"samples"}  # integers: equal exactly; every other column: within conftest's CROSS_CPU_RTOL
 
 
 def assert_row_equals(computed, committed, columns):
@@ -30,7 +29,7 @@ def assert_row_equals(computed, committed, columns):
         if column in COUNTS or column.endswith("_share") or isinstance(want, str):
             assert got == want, column
         else:
-            assert got == pytest.approx(want, rel=CROSS_CPU_RTOL, abs=1e-12, nan_ok=True), column
+            assert got == pytest.approx(want, rel=CROSS_CPU_RTOL, abs=CROSS_CPU_ATOL, nan_ok=True), column
 
 
 # Cells that stop after one or two batches (fast), each with some proxy's share between 0 and 1 and learned-like

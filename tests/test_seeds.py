@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT
+from conftest import CROSS_MACHINE_ATOL, ROOT, same_on_any_cpu
 
 from checkpoints import build_model, load_model, save_checkpoint
 from claims import count_claims
 from config import AUTHORS, HEADS, PAPER, QUICK, TASKS
-from evaluation import CROSS_MACHINE_ATOL, SECTION4_PROXIES, section4_rows, synergy_rows, tables56_rows, theory_rows
+from evaluation import SECTION4_PROXIES, section4_rows, synergy_rows, tables56_rows, theory_rows
 from runs import Run, across_runs, evaluate_runs
 from script_io import add_evaluation_args, resolve_evaluation
 
@@ -220,7 +220,7 @@ def _agree_with_the_one_run_tables(tables, run, folder):
         p_values = [c for c in mine.columns if c in ("p_value", "gain_over_best_p")]  # from ranks: see test_evaluation
         assert np.allclose(mine[p_values], single[p_values], rtol=0.05, atol=1e-6), (table, run)
         close = [c for c in mine.columns if c not in exact + p_values]
-        assert np.allclose(mine[close], single[close], rtol=0, atol=CROSS_MACHINE_ATOL), (table, run)
+        assert same_on_any_cpu(mine[close], single[close], atol=CROSS_MACHINE_ATOL), (table, run)
 
 
 @needs_seed_results
@@ -234,7 +234,7 @@ def test_committed_seed_results_agree_with_each_other_and_with_the_one_run_resul
             continue
         single = pd.read_csv(one_run)
         assert (mine[["task", "heads", "layer"]].values == single[["task", "heads", "layer"]].values).all()
-        assert np.allclose(mine[values].astype(float), single[values], rtol=0, atol=CROSS_MACHINE_ATOL)
+        assert same_on_any_cpu(mine[values].astype(float), single[values], atol=CROSS_MACHINE_ATOL)
     across = across_runs(per_run.assign(**{c: per_run[c].astype(float) for c in values}),
                          ["task", "heads", "layer"], SECTION4_PROXIES, name="proxy")
     stored = committed("section4_across_runs.csv")
@@ -274,4 +274,4 @@ def test_committed_seed_runs_reproduce_from_their_checkpoints():
         mine = mine.drop(columns="run").reset_index(drop=True)
         values = [c for c in fresh.columns if c.endswith(("_mean", "_std"))]
         assert (mine[["task", "heads", "layer"]].values == fresh[["task", "heads", "layer"]].values).all()
-        assert np.allclose(mine[values].astype(float), fresh[values], rtol=0, atol=CROSS_MACHINE_ATOL)
+        assert same_on_any_cpu(mine[values].astype(float), fresh[values], atol=CROSS_MACHINE_ATOL)
