@@ -41,8 +41,8 @@ from evaluation import (amplification, evaluation_sequences, fresh_sequences, he
 from graphs import dense_heads, fully_connected_graph
 from learners import group_timing_step, timing_step
 from lm_costs import FULL_PLAN, QUICK_PLAN, pretrained_section
-from script_io import (add_common_args, check_writable, hardware_name, resolve_common, results_folder, synchronize,
-                       write_text)
+from script_io import (add_common_args, check_writable, command_line, hardware_name, portable_path, resolve_common,
+                       results_folder, synchronize, write_text)
 from train import estimated_training_seconds, seconds_per_step, steps_per_epoch
 from transformer import MultiHeadAttention
 
@@ -118,7 +118,8 @@ def models_for(cfg, cells, device, ckpt_dir):
     for heads, task in cells:
         path = checkpoint_path(ckpt_dir, heads, task)
         if path.is_file():
-            models[heads, task], sources = load_model(cfg, heads, path, device)[0], sources | {str(ckpt_dir)}
+            models[heads, task] = load_model(cfg, heads, path, device)[0]
+            sources |= {portable_path(ckpt_dir)}
         else:
             torch.manual_seed(heads)
             models[heads, task], sources = build_model(cfg, heads).to(device).eval(), sources | {"random init"}
@@ -331,7 +332,7 @@ def main():
     check_writable(parser, out)
     if args.pretrained:
         head = [f"# pretrained.py on {hardware_name(device)} ({torch.get_num_threads()} threads)", "",
-                f"torch {torch.__version__}, `python {' '.join(sys.argv)}`", ""]
+                f"torch {torch.__version__}, `{command_line(sys.argv)}`", ""]
         report = "\n".join(head + pretrained_section(device, QUICK_PLAN if args.quick else FULL_PLAN))
         print(report)
         return write_text(out / f"bench_pretrained_{device.type}.md", report)
@@ -340,7 +341,7 @@ def main():
     lines = [f"# Benchmark on {hardware_name(device)} ({torch.get_num_threads()} threads)", "",
              f"torch {torch.__version__}, {'quick' if args.quick else 'paper'} configuration "
              f"(batch {cfg.batch_size} x {cfg.seq_length} tokens, embed {cfg.embed_dim}, {cfg.num_layers} layers), "
-             f"`python {' '.join(sys.argv)}`", ""]
+             f"`{command_line(sys.argv)}`", ""]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:

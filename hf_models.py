@@ -22,13 +22,21 @@ Packaged models (PACKAGED) are GGUF files inside packages on the registry, insta
 chunks is joined once into the cache (config.cache_dir()/models), atomically, and checked by its SHA-256.
 """
 import collections
+import copy
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from config import cache_dir
@@ -144,7 +152,16 @@ def packaged_file(name):
 @functools.lru_cache(maxsize=4)
 def gguf_metadata(path):
     """What this repo reads of a GGUF file's metadata: architecture, add_bos_token (None where unset), bos_token_id
-    and {tensor type: count}; ValueError in one line for a file that is not a complete GGUF file."""
+    and {tensor type: count}; ValueError in one line for a file that is not a complete GGUF file. Read from the
+    record of the file's cached copy where there is a sound one (parsing a tokenizer's vocabulary of 49,152 strings
+    out of the file takes seconds), else from the file."""
+    folder = copy_folder_of(path)
+    if not _copy_problem(folder, file_sha256(path)):
+        return json.loads((folder / CACHE_RECORD).read_text())["metadata"]
+    return _read_gguf_metadata(path)
+
+
+def _read_gguf_metadata(path):
     from gguf import GGUFReader
     try:
         reader = GGUFReader(path)
@@ -192,11 +209,13 @@ def model_source(name):
     return Source(name, name)
 
 
-def model_config(source):
-    """The model's config, checked: a folder's config.json, a GGUF file's metadata, or a hub name's (hub or cache)."""
+def model_config(source, cache=True):
+    """The model's config, checked: a folder's config.json, a GGUF file's metadata (its cached copy's config.json
+    where the cache holds one: cached_copy), or a hub name's (hub or cache)."""
     from transformers import AutoConfig
+    cached = cached_copy(source) if cache else None
     try:
-        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        config = AutoConfig.from_pretrained(cached or source.path, gguf_file=None if cached else source.gguf_file)
     except (OSError, ValueError, KeyError) as error:
         if source.gguf_file:
             raise ValueError(f"{source.gguf_path} could not be read: {_first_line(error)}") from error
@@ -211,38 +230,63 @@ def model_config(source):
     return config
 
 
-def load_causal_lm(source, device="cpu", config=None):
-    """The causal LM of a Source (or of a --model string) in float32, eager attention (the only one that returns
-    attention weights), eval mode, on `device`; a GGUF file's weights dequantized to float32. ValueError with one
-    line on what is wrong (no config.json, an unsupported architecture, a hub name that cannot be fetched)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_loading(dtype="float32", device_map=None):
+    """--dtype and --device-map, checked: (torch dtype, device_map). ValueError in one line on a dtype not in DTYPES,
+    a device map other than "auto", or a device map without the accelerate package."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device_map not in (None, "auto"):
+        raise ValueError(f"--device-map must be auto (accelerate places the layers on every visible GPU, then the "
+                         f"CPU), got {device_map!r}")
+    if device_map and importlib.util.find_spec("accelerate") is None:
+        raise ValueError("--device-map auto needs the accelerate package: pip install accelerate")
+    return DTYPES[dtype], device_map
+
+
+def load_causal_lm(source, device="cpu", config=None, *, dtype="float32", device_map=None, cache=True):
+    """The causal LM of a Source (or of a --model string) with eager attention (the only one that returns attention
+    weights), eval mode, in `dtype` (DTYPES; float32 by default), on `device`, or placed by accelerate across the
+    visible GPUs and the CPU with device_map="auto". A GGUF file's weights are dequantized to float32 and, with
+    `cache`, read from its float32 copy in the cache, written there first where there is none (cached_copy).
+    ValueError with one line on what is wrong (no config.json, an unsupported architecture, a hub name that cannot
+    be fetched)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()  # one line per file loaded is noise in a script's output
+    torch_dtype, device_map = check_loading(dtype, device_map)
     source = source if isinstance(source, Source) else model_source(source)
-    config = config or model_config(source)
+    cached = _copy_for(source, cache)
+    config = model_config(source, cache) if config is None else config
+    placed = {"device_map": device_map} if device_map else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, config=config,
-                                                     dtype=torch.float32, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(cached or source.path, gguf_file=None if cached else
+                                                     source.gguf_file, config=config, dtype=torch_dtype,
+                                                     attn_implementation="eager", **placed)
     except (OSError, ValueError) as error:
         raise ValueError(f"could not load the weights of {source.name!r}: {_first_line(error)}"
                          + ("" if Path(source.path).exists() else f"; {HUB_OFFLINE_ADVICE}")) from error
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
-def load_tokenizer(source, required=True):
-    """The model's tokenizer (a GGUF file carries its own); where there is none, ValueError if required (--input
-    text needs one), else None (transformers would build an empty one from a folder without tokenizer files)."""
+def load_tokenizer(source, required=True, cache=True):
+    """The model's tokenizer (a GGUF file carries its own; with `cache`, read from its cached copy, built first where
+    there is none); where there is none, ValueError if required (--input text needs one), else None (transformers would build
+    an empty one from a folder without tokenizer files)."""
     from transformers import AutoTokenizer
     source = source if isinstance(source, Source) else model_source(source)
+    cached = _copy_for(source, cache)
     folder = Path(source.path)
     missing = (not source.gguf_file and folder.exists()
                and not any((folder / name).is_file() for name in TOKENIZER_FILES))
     if not missing:
         try:
-            return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            return AutoTokenizer.from_pretrained(cached or source.path, gguf_file=None if cached else source.gguf_file)
         except (OSError, ValueError, TypeError) as error:
             if required:
                 raise ValueError(f"{source.name} has no tokenizer (tokenizer.json or its files), which --input text "
@@ -251,6 +295,93 @@ def load_tokenizer(source, required=True):
     if required:
         raise ValueError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}), which --input text needs")
     return None
+
+
+CACHE_RECORD = "gguf.json"  # written last into a cached copy: its GGUF file's SHA-256 and every file's size
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path, size, mtime):
+    return sha256_of(path)
+
+
+def file_sha256(path):
+    """The SHA-256 of a file, hashed once a process while its size and time of change stay the same."""
+    stat = Path(path).stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def copy_folder_of(path):
+    """Where a GGUF file's float32 copy lives: cache_dir()/models/<file stem>-<its SHA-256, 16 digits>."""
+    return cache_dir() / "models" / f"{Path(path).stem}-{file_sha256(path)[:16]}"
+
+
+def _copy_problem(folder, sha256):
+    """Why a cached copy cannot be used ("" where it can): incomplete, of another file, or a file missing or of
+    another size than recorded."""
+    try:
+        record = json.loads((folder / CACHE_RECORD).read_text())
+        files = dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "incomplete (no readable record)"
+    if record.get("gguf_sha256") != sha256:
+        return f"of another file (SHA-256 {str(record.get('gguf_sha256'))[:16]}..., not {sha256[:16]}...)"
+    for name, size in files.items():
+        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
+            return f"damaged ({name} missing or not of its recorded {size} bytes)"
+    return ""
+
+
+def cached_copy(source):
+    """The folder of a GGUF source's float32 copy (config, safetensors weights, tokenizer) where the cache holds a
+    sound one, else None: a damaged or stale one is removed after one line on stderr that says so (the next
+    load_causal_lm rebuilds it). None for a folder or a hub name."""
+    if not source.gguf_file:
+        return None
+    folder = copy_folder_of(source.gguf_path)
+    if not folder.exists():
+        return None
+    problem = _copy_problem(folder, file_sha256(source.gguf_path))
+    if not problem:
+        return folder
+    print(f"the cached copy of {source.gguf_file} at {folder} is {problem}: rebuilding it", file=sys.stderr)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _copy_for(source, cache):
+    """The folder to load a GGUF source from with `cache` on: its cached copy, built first where there is none."""
+    return (cached_copy(source) or build_cached_copy(source)) if cache and source.gguf_file else None
+
+
+def build_cached_copy(source, model=None, tokenizer=None):
+    """Write a GGUF source's float32 copy into the cache (its model and tokenizer as read from the file, or as the
+    caller read them with cache=False; the weights as safetensors, CACHE_RECORD last) in a temporary folder renamed
+    into place at once: two runs building it together never leave half a copy (the later rename fails, and its copy
+    is dropped). Returns the folder."""
+    folder = copy_folder_of(source.gguf_path)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    model = model or load_causal_lm(source, cache=False)
+    tokenizer = tokenizer or load_tokenizer(source, required=False, cache=False)
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        config = copy.deepcopy(model.config)  # without the GGUF quantizer's note: the copy is plain float32
+        config.__dict__.pop("quantization_config", None)
+        config.save_pretrained(building)
+        safetensors.torch.save_model(model, str(building / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(building)
+        files = {path.name: path.stat().st_size for path in sorted(building.iterdir())}
+        record = {"gguf_file": source.gguf_file, "gguf_sha256": file_sha256(source.gguf_path), "files": files,
+                  "metadata": _read_gguf_metadata(str(source.gguf_path))}
+        (building / CACHE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        os.rename(building, folder)
+    except OSError:
+        if not cached_copy(source):  # unless another run's copy was renamed into place first
+            raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return folder
 
 
 BOS_CHOICES = ("auto", "yes", "no")
@@ -288,13 +419,30 @@ def bos_token_id(source, tokenizer, config, choice="auto"):
 
 @functools.lru_cache(maxsize=4)
 def model_facts(source):
-    """What run.json records of the model: its name (and a packaged model's title), file and SHA-256 (GGUF files)
-    and tensor types. Cached: a run writes them for every input, and hashing Gemma's file takes a while."""
-    title = {"title": PACKAGED[source.name].title} if source.name in PACKAGED else {}
+    """What run.json records of the model, with no path of this machine in it: its name (a packaged model's title,
+    and the packages and versions it came from), its file's name and SHA-256 and its tensor types (GGUF files); a
+    folder's name or a hub name. Cached: a run writes them for every input, and hashing Gemma's file takes a while."""
+    packaged = PACKAGED.get(source.name)
+    origin = ({"title": packaged.title, "packages": {dist: installed_version(dist) for dist in packaged_distributions(
+        source.name)}} if packaged else {})
     if not source.gguf_file:
-        return {"model": source.name, **title, "file": source.path, "sha256": None, "tensor_types": None}
-    return {"model": source.name, **title, "file": str(source.gguf_path), "sha256": sha256_of(source.gguf_path),
-            "tensor_types": _metadata_of(source)["tensor_types"]}
+        return {"model": source.name if not Path(source.path).exists() else Path(source.path).resolve().name,
+                **origin, "file": None, "sha256": None, "tensor_types": None}
+    return {"model": source.name if packaged else Path(source.gguf_file).stem, **origin, "file": source.gguf_file,
+            "sha256": file_sha256(source.gguf_path), "tensor_types": _metadata_of(source)["tensor_types"]}
+
+
+def packaged_distributions(name):
+    """The distributions (pip names) a packaged model's parts come from, in order."""
+    return [module.replace("_", "-") for module, _ in PACKAGED[name].parts]
+
+
+def installed_version(distribution):
+    """An installed distribution's version, or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def max_positions(config):

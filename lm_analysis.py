@@ -13,6 +13,7 @@ the model's own layers (1-indexed).
 """
 import importlib
 import inspect
+import platform
 import re
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from claims import growth_table, synergy_significant, wins_majority
 from evaluation import (SINK_THRESHOLD, STUDIES, layer_study_values, prefix_summary, section4_summary, sink_summary,
                         synergy_summary, tables56_summary, theorem29_summary, without_first_token)
 from hf_models import PACKAGED, head_weights, stream_attention
+from script_io import freed_memory_kept
 
 INPUTS = ("repeat", "random", "one-token", "prose", "code", "text")
 UNUSED = re.compile(r"<unused\d+>")  # Gemma's reserved rows: in the vocabulary, never trained on
@@ -44,6 +46,16 @@ def text_file(kind, given=None):
                              f"part of base-files); use --input text --text FILE")
         return path
     return given if kind == "text" else None
+
+
+def text_origin(kind):
+    """Where an input's text comes from, as run.json records it (no path of this machine): the package or module
+    that every such machine has, or --text's."""
+    if kind == "prose":
+        return f"base-files: {PROSE_FILE.parent.name}/{PROSE_FILE.name}"
+    if kind == "code":
+        return f"python {platform.python_version()} stdlib: {CODE_MODULE}.py"
+    return "--text" if kind == "text" else None
 
 
 def ordinary_token_ids(tokenizer, vocab_size):
@@ -110,6 +122,16 @@ def _concatenated(parts, axis):
     return np.concatenate([np.asarray(p) for p in parts], axis=axis)
 
 
+def float64_rows(attn):
+    """A half-precision model's attention in float64, each row renormalised to sum 1: bfloat16 keeps 8 bits of
+    mantissa, so its rows sum to 1 only within about 1e-2, past the proxies' check (1e-4). Float32 attention as it
+    is (each study reads it in float64)."""
+    if attn.dtype not in (torch.float16, torch.bfloat16):
+        return attn
+    attn = attn.double()
+    return attn / attn.sum(-1, keepdim=True)
+
+
 def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(True,), progress=True):
     """{first_token: every study's values (evaluation.layer_study_values), (S, L) arrays over the chosen layers} for
     each variant (True: the paper's DAG; False: without position 0, evaluation.without_first_token, its prefix
@@ -119,9 +141,11 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
     weights = head_weights(model)
     layers = list(range(len(weights))) if layers is None else list(layers)
     T = tokens.shape[1]
-    reads = {True: (lambda attn: attn, prefix_lengths(T)), False: (without_first_token, prefix_lengths(T - 1))}
+    reads = {True: (float64_rows, prefix_lengths(T)),
+             False: (lambda attn: without_first_token(float64_rows(attn)), prefix_lengths(T - 1))}
     per_sample = {variant: [] for variant in variants}
-    with tqdm(total=len(tokens) * len(layers), desc="samples x layers", unit="layer", disable=not progress) as bar:
+    with (tqdm(total=len(tokens) * len(layers), desc="samples x layers", unit="layer", disable=not progress) as bar,
+          freed_memory_kept() as release):
         for sample in tokens:
             found = {variant: [] for variant in variants}
 
@@ -129,6 +153,7 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
                 for variant in variants:
                     read, lengths = reads[variant]
                     found[variant].append(layer_study_values(read(attn), weights[i], cfg, studies, lengths))
+                release()
                 bar.update()
             stream_attention(model, sample[None], on_layer, layers)
             for variant in variants:

@@ -7,6 +7,7 @@ the packaged models: a check that the benchmark runs, not a measurement.
     from lm_costs import FULL_PLAN, pretrained_section
     lines = pretrained_section(torch.device("cpu"), FULL_PLAN)    # Markdown lines: the tables and what they measure
 """
+import importlib
 import math
 import resource
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -22,12 +24,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+import evaluation
 import hf_models
+import proxies
+import walks
 from config import PAPER
 from evaluation import STUDIES, layer_study_values
 from graphs import dense_heads
 from lm_analysis import input_tokens, prefix_lengths, study_values, text_file
-from script_io import synchronize
+from script_io import freed_memory_kept, synchronize
 
 
 LM_SHAPES = {"GPT-2 small": dict(layers=12, heads=12, width=768), "16 x 16": dict(layers=16, heads=16, width=1024),
@@ -154,6 +159,72 @@ def real_model_job(name, length, device, repeats=2):
     return min(forward), min(command), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
 
 
+def load_job(name, cache):
+    """Seconds to load a packaged model (source, config, tokenizer, model) with its cached float32 copy (written
+    first where there is none, not timed) or from its GGUF file itself, torch and transformers already imported."""
+    importlib.import_module("transformers").AutoModelForCausalLM  # imported before the clock, as a script's start
+    if cache:
+        hf_models.load_tokenizer(hf_models.model_source(name))  # the copy exists afterwards
+    began = time.perf_counter()
+    source = hf_models.model_source(name)
+    config = hf_models.model_config(source, cache)
+    hf_models.load_tokenizer(source, cache=cache)
+    hf_models.load_causal_lm(source, config=config, cache=cache)
+    return time.perf_counter() - began
+
+
+PARTS = {"fidelity steps": [(proxies, "_certified_fidelities")], "mixing-time steps": [(proxies,
+         "_capped_steps_by_stepping")], "walks built": [(proxies, "walk_transition"), (walks, "head_walks")],
+         "epsilon-mixing steps": [(walks, "_first_mixed_steps")], "heads combined": [(proxies, "weighted_sum"),
+         (walks, "weighted_sum")], "head diversity": [(evaluation, "head_diversity")]}
+
+
+@contextmanager
+def timed_parts(seconds):
+    """Within it, each function of PARTS adds its time to seconds[part] (none of them calls another)."""
+    def timed(part, function):
+        def run(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[part] += time.perf_counter() - began
+        return run
+    originals = [(module, attribute, getattr(module, attribute)) for places in PARTS.values()
+                 for module, attribute in places]
+    for part, places in PARTS.items():
+        for module, attribute in places:
+            setattr(module, attribute, timed(part, getattr(module, attribute)))
+    try:
+        yield
+    finally:
+        for module, attribute, function in originals:
+            setattr(module, attribute, function)
+
+
+def profile_job(name, length, device):
+    """Where the time of each study goes on one prose sample of a packaged model: [{study, seconds over its layers,
+    the slowest layer, each PARTS' seconds}], every study alone on each layer's attention (kept from one pass)."""
+    source = hf_models.model_source(name)
+    model, tokenizer = hf_models.load_causal_lm(source, device), hf_models.load_tokenizer(source)
+    tokens = input_tokens("prose", samples=1, length=length, vocabulary=None, seed=0, tokenizer=tokenizer,
+                          bos=hf_models.bos_token_id(source, tokenizer, model.config), text=text_file("prose").read_text())
+    layers, weights = {}, hf_models.head_weights(model)
+    hf_models.stream_attention(model, tokens, lambda i, attn: layers.__setitem__(i, attn.clone()))
+    rows = []
+    for study in STUDIES:
+        seconds, per_layer = {part: 0.0 for part in PARTS}, []
+        with timed_parts(seconds), freed_memory_kept():
+            for i, attn in layers.items():
+                began = time.perf_counter()
+                layer_study_values(attn, weights[i], PAPER, (study,), prefix_lengths(length))
+                synchronize(device)
+                per_layer.append(time.perf_counter() - began)
+        rows.append({"study": study, "seconds": sum(per_layer), "slowest layer (s)": max(per_layer),
+                     "slowest layer": 1 + int(np.argmax(per_layer)), **seconds})
+    return rows
+
+
 REAL_GOALS = {"smollm2": 3.0, "gemma3-270m": 4.0}  # GiB: the peak each may take at 1,024 tokens
 REAL_LENGTH, FIXED_LENGTH = 1024, 16  # the fixed cost of a run is its time at 16 tokens
 
@@ -166,10 +237,19 @@ def real_models_table(device):
     for name, goal in REAL_GOALS.items():
         (forward, command, peak), _ = in_own_process(real_model_job, name, REAL_LENGTH, device)
         (_, fixed, _), _ = in_own_process(real_model_job, name, FIXED_LENGTH, device)
+        loads = {cache: min(in_own_process(load_job, name, cache)[0] for _ in range(2)) for cache in (False, True)}
         rows.append({"model": name, "forward pass with attentions (s)": forward, "command (s)": command,
                      f"the same at {FIXED_LENGTH} tokens (s)": fixed, "studies in forward passes":
-                     (command - fixed) / forward, "peak GiB": peak, "goal GiB": goal})
+                     (command - fixed) / forward, "peak GiB": peak, "goal GiB": goal,
+                     "load from the GGUF file (s)": loads[False], "load from the cached copy (s)": loads[True]})
     return pd.DataFrame(rows).round(2)
+
+
+def profile_table(device):
+    """profile_job of each packaged model at REAL_LENGTH, in a process of its own."""
+    return pd.concat([pd.DataFrame(in_own_process(profile_job, name, REAL_LENGTH, device)[0]).assign(model=name)
+                      for name in REAL_GOALS])[["model", "study", "seconds", "slowest layer (s)", "slowest layer",
+                                                *PARTS]].round(2)
 
 
 def pretrained_section(device, plan=FULL_PLAN):
@@ -191,8 +271,12 @@ def pretrained_section(device, plan=FULL_PLAN):
     where = ("in a process of its own (peak: its resident memory)" if plan.own_processes else
              "in this process, tiny models (--quick: a check that the benchmark runs, not a measurement)")
     real = (["## The packaged models (pretrained.py --input prose --length 1024 --samples 1)", "", "Each row's "
-             "measurements in processes of their own (peak: the command's resident memory).", "",
-             real_models_table(device).to_markdown(index=False), ""]
+             "measurements in processes of their own (peak: the command's resident memory; loads: model_source, "
+             "config, tokenizer and model, torch and transformers imported, the least of two).", "",
+             real_models_table(device).to_markdown(index=False), "", "Where the studies' time goes: each study "
+             "alone on every layer of the same sample (seconds over the layers; the parts' seconds are within "
+             "them, every study's own steps counted where they run):", "", profile_table(device).to_markdown(
+                 index=False), ""]
             if plan.real_models else ["## The packaged models: left out with --quick", ""])
     return real + ["## Hugging Face models of random weights", "", f"Peaked attention, one sequence; each row {where}"
                    ".", "", table.to_markdown(index=False), "", "Each study on one layer (12 heads of the amplification "

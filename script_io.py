@@ -7,6 +7,8 @@
 Every check is a usage error that names the flag, what was expected and what was found (argparse's exit status 2).
 """
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import platform
@@ -75,6 +77,59 @@ def synchronize(device):
     """Wait for the device's queued work (a timing on a GPU would otherwise stop before its kernels end)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _glibc(name):
+    """A function of glibc's malloc (mallopt, malloc_trim), or None on a libc without it (macOS's, musl's)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h, and the defaults restored afterwards
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@contextlib.contextmanager
+def freed_memory_kept():
+    """Within it, glibc keeps freed memory for the next allocation instead of handing it back to the system. By
+    default every block over 32 MiB is mapped afresh and its pages faulted in one by one on first touch: the studies
+    of a language model's layer allocate and free tens of 75 MB temporaries (9 heads x 1,024^2 float64), and those
+    faults were a quarter of their time (docs/pretrained.md). Afterwards the defaults are back and the kept memory is
+    handed back (malloc_trim). Nothing changes where glibc is not the C library."""
+    mallopt, trim = _glibc("mallopt"), _glibc("malloc_trim")
+    if mallopt is None or trim is None:
+        yield lambda: None
+        return
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 1 << 40)
+    try:
+        yield lambda: trim(0)
+    finally:
+        mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        trim(0)
+
+
+REPO = Path(__file__).resolve().parent
+
+
+def portable_path(path):
+    """A path as a committed report shows it, naming no folder of the machine that made it: relative to this repo
+    where it lies inside, else .../its name."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return f".../{path.name}"
+
+
+def command_line(argv):
+    """A command as a committed report shows it: `python` and its arguments, any absolute path made portable."""
+    return "python " + " ".join(portable_path(arg) if arg.startswith("/") else arg for arg in argv)
 
 
 def write_atomic(path, write):

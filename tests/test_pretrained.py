@@ -5,6 +5,7 @@ worked out from the state_dict in each layout, no two layers' attention are aliv
 writes the library's values, and every bad input is one line with nothing written."""
 import gc
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 
 import hf_models  # noqa: E402
+import lm_analysis  # noqa: E402
 from config import PAPER  # noqa: E402
 from claims import growth_table  # noqa: E402
 from lm_analysis import prefix_lengths, summary_counts, summary_lines  # noqa: E402
@@ -262,7 +264,8 @@ def test_boundaries_of_length(folders, with_tokenizer, run_ok, tmp_path):
     ids = pd.read_csv(tmp_path / "exact" / "gpt2_words" / "text" / "tokens.csv").token_ids
     assert list(ids) == [" ".join(str(i + 1) for i in range(T))] * 3
     facts = json.loads((tmp_path / "exact" / "gpt2_words" / "text" / "run.json").read_text())
-    assert facts["text_file"] == str(text) and facts["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert facts["text_file"] == text.name and facts["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert facts["text_source"] == "--text" and facts["model"] == "gpt2_words" and facts["file"] is None
 
 
 def test_every_study_without_position_0_counts_its_prefixes_without_it(folders, run_ok, tmp_path):
@@ -275,6 +278,26 @@ def test_every_study_without_position_0_counts_its_prefixes_without_it(folders, 
     assert sorted(pd.read_csv(without / "prefix.csv").n.unique()) == [8, T]
     assert {p.name for p in full.glob("*.csv")} == {p.name for p in without.glob("*.csv")}
     assert (pd.read_csv(without / "sink.csv").first_token_mean > 0).all()
+    figures = {p.name for p in full.glob("*.png")}
+    assert figures == {p.name for p in without.glob("*.png")} and len(figures) == 6  # a figure of its own, each
+    assert json.loads((full / "run.json").read_text())["first_token"] is True
+    assert json.loads((without / "run.json").read_text())["first_token"] is False
+
+
+def test_reproduce_plans_the_real_results_then_the_sink_protocol_with_configs_settings(monkeypatch):
+    """--reproduce: config.REAL_RESULTS (every study, both DAGs) and config.SINK_PROTOCOL, as config sets them."""
+    import pretrained
+    from config import REAL_RESULTS, SINK_PROTOCOL
+    from evaluation import STUDIES
+    monkeypatch.setattr("sys.argv", ["pretrained.py", "--reproduce"])
+    parser, args = pretrained.parse_args()
+    real, sink = pretrained.plan_of(parser, args)
+    assert (real.models, real.inputs, real.length, real.samples, real.without_first_token, real.out) == (
+        REAL_RESULTS.models, REAL_RESULTS.inputs, REAL_RESULTS.length, REAL_RESULTS.samples, True, REAL_RESULTS.out)
+    assert real.studies == (REAL_RESULTS.studies or STUDIES) and real.studies == STUDIES
+    assert (sink.models, sink.inputs, sink.length, sink.samples, sink.studies, sink.out) == (
+        SINK_PROTOCOL.models, SINK_PROTOCOL.inputs, SINK_PROTOCOL.length, SINK_PROTOCOL.samples,
+        SINK_PROTOCOL.studies, SINK_PROTOCOL.out) and sink.studies == ("sink",)
 
 
 def test_summary_counts_wins_and_losses_apart():
@@ -354,3 +377,64 @@ def test_outputs_are_written_atomically(folders, run_main, tmp_path, monkeypatch
     folder = tmp_path / "gpt2" / "repeat"
     assert (folder / "tokens.csv").is_file() and not (folder / "samples.csv").exists()
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_half_precision_is_within_its_tolerance_of_float32_and_a_device_map_changes_nothing(folders, loaded):
+    """--dtype bfloat16 / float16: the forward pass in half precision, each attention row renormalised in float64
+    (lm_analysis.float64_rows): the proxies within 2% (bfloat16, 8 bits of mantissa) and 0.2% (float16, 11 bits) of
+    float32's on a tiny Llama. device_map="auto" (accelerate, here the CPU alone) gives the same values exactly."""
+    from lm_analysis import study_values
+    ids = tokens(seed=3)
+    reference = study_values(loaded["llama"], ids, PAPER, ("section4",), progress=False)[True]["section4"]
+    for dtype, rtol in (("bfloat16", 2e-2), ("float16", 2e-3)):
+        model = hf_models.load_causal_lm(folders["llama"], dtype=dtype)
+        assert model.dtype == getattr(torch, dtype)
+        half = study_values(model, ids, PAPER, ("section4",), progress=False)[True]["section4"]
+        for name in ("mixing_time", "mixing_time_normalized", "fidelity"):
+            assert np.allclose(half[name], reference[name], rtol=rtol, atol=0), (dtype, name)
+    mapped = hf_models.load_causal_lm(folders["llama"], device_map="auto")
+    placed = study_values(mapped, ids, PAPER, ("section4",), progress=False)[True]["section4"]
+    assert all(np.array_equal(placed[name], reference[name]) for name in reference)
+
+
+def test_float64_rows_renormalises_half_precision_only():
+    attn = torch.tensor([[[1.0, 0.0], [0.4, 0.6]]])
+    assert lm_analysis.float64_rows(attn) is attn
+    half = lm_analysis.float64_rows(torch.tensor([[[1.0, 0.0], [0.25, 0.7]]], dtype=torch.bfloat16))
+    row = torch.tensor([0.25, 0.69921875], dtype=torch.float64)  # 0.7 in bfloat16
+    assert half.dtype == torch.float64 and torch.equal(half[0, 1], row / 0.94921875) and torch.equal(half[0, 0],
+                                                                                                   row.new_tensor([1, 0]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "float8"], "--dtype must be one of float32, bfloat16, float16, got 'float8'"),
+    (["--device-map", "balanced"], "--device-map must be auto"),
+    (["--device-map", "auto"], "--device-map auto needs the accelerate package: pip install accelerate")])
+def test_bad_dtype_and_device_map_are_one_line(flags, message, folders, run_main, tmp_path, monkeypatch):
+    if "auto" in flags:  # accelerate is installed here: take it away
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else
+                            real(name, *a))
+    code, _, err = run_main("pretrained.py", "--model", folders["gpt2"], "--quick", *flags, "--out", tmp_path / "x")
+    last = err.strip().splitlines()[-1]  # argparse's usage, then the one line
+    assert code == 2 and last.startswith("pretrained.py: error: ") and message in last and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_summary_counts_read_the_right_columns():
+    """summary_counts by hand on tables whose neighbouring columns differ: the authors' mixing time (not the
+    normalised one), its capped share (not the normalised walk's), "bound holds" only where every sample holds (a
+    share of 1), growth once per layer (not once per prefix length)."""
+    section4 = pd.DataFrame({"layer": [1, 2, 3], "fidelity_mean": [2.0, 1.0, 3.0], "mixing_time_mean": [20.0, 10, 30],
+                             "mixing_time_normalized_mean": [200.0, 100, 300],
+                             "mixing_time_capped_share_mean": [0.1, 0.3, 0.2],
+                             "mixing_time_normalized_capped_share_mean": [0.7, 0.9, 0.8]})
+    theorem29 = pd.DataFrame({"layer": [1, 2, 3], "bound_holds_share": [1.0, 0.875, 1.0],
+                              "bound_over_measured": [4.0, 3.0, 5.0]})
+    prefix = pd.DataFrame({"layer": [1, 1, 2, 2, 3, 3], "n": [16, 32] * 3,
+                           "growth": ["log", "log", "linear", "linear", "log", "log"]})
+    counts = summary_counts({"section4": section4, "theorem29": theorem29, "prefix": prefix})
+    assert counts == {"layers": 3, "fidelity_min": 1.0, "fidelity_max": 3.0, "mixing_time_min": 10.0,
+                      "mixing_time_max": 30.0, "capped_share_max": 0.3, "bound_holds": 2,
+                      "bound_over_measured_min": 3.0, "bound_over_measured_max": 5.0, "growth_log": 2,
+                      "growth_linear": 1}

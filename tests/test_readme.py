@@ -1,6 +1,8 @@
 """The README's and docs' numbers come out of the committed results: the README's claims table equals the one
 claims.py computes from results/seeds/claims.csv, the seed study's tables all hold the same runs, the numbers of
 theory.md, findings.md and speed.md are their files', and the README fits a first read."""
+import re
+
 import pandas as pd
 from conftest import ROOT, markdown_frame, markdown_tables
 
@@ -120,3 +122,19 @@ def test_speed_doc_is_the_bench_reports():
     quoted.append(cpu.split("Monte Carlo on the same layer: ")[1].split(" in a batched")[0])  # 112x ..., 553x per layer
     for phrase in quoted:
         assert " ".join(phrase.split()) in " ".join(speed.split()), phrase
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(/(?:root|home|usr|tmp|opt|var|work|Users|private|mnt|srv)/|[A-Za-z]:\\\\|"
+                           r"site-packages)")
+
+
+def test_no_committed_result_names_a_folder_of_the_machine_that_made_it():
+    """Every text file under results/ (run records, reports, tables) is portable: no absolute path of the machine
+    that wrote it (a site-packages folder, a home, /tmp, /usr/share, a Windows drive)."""
+    texts = [path for path in (ROOT / "results").rglob("*") if path.suffix in (".json", ".md", ".csv", ".txt")]
+    assert len(texts) > 100
+    found = {str(path.relative_to(ROOT)): match.group(0) for path in texts
+             for match in [ABSOLUTE_PATH.search(path.read_text(errors="replace"))] if match}
+    assert not found, found
+    assert ABSOLUTE_PATH.search('"file": "/usr/share/common-licenses/GPL-3"') and ABSOLUTE_PATH.search(
+        "C:\\\\Users\\\\me") and not ABSOLUTE_PATH.search("--ckpt-dir ../shared/x .../checkpoints")

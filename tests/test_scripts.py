@@ -9,6 +9,7 @@ import torch
 from conftest import OFFICIAL, ROOT, markdown_frame, markdown_tables, needs_official
 
 import example2
+import lm_costs
 from config import HEADS, QUICK, TASKS
 from checkpoints import checkpoint_path, load_model
 from evaluation import STUDIES, section4_rows, synergy_rows, tables56_rows
@@ -207,3 +208,26 @@ def test_bench_pretrained_quick_runs_every_measurement(tmp_path, run_ok):
                                                                                    "log-log slope"]
     assert (costs[["T=16", "T=32", "T=64"]].astype(float) >= 0).all().all()
     assert np.isfinite(costs["log-log slope"].astype(float)).all()
+
+
+def test_lm_costs_tables_from_made_up_timings(monkeypatch):
+    """lm_costs' arithmetic on timings made up here: the cost table's slope is fitted on its three longest lengths
+    (seconds 1, 1, 2, 8, 32 over T = 16..256: log2(32 / 2) / log2(256 / 64) = 2, where all five would give less);
+    the real models' ratio is (command - its time at 16 tokens) / forward pass: (30 - 10) / 4 = 5."""
+    made_up = {16: 1.0, 32: 1.0, 64: 2.0, 128: 8.0, 256: 32.0}
+    monkeypatch.setattr(lm_costs, "measure", lambda plan, job, length, study, device: (made_up[length], 0.1))
+    plan = lm_costs.CostPlan(cost_lengths=tuple(made_up), own_processes=False, real_models=False)
+    table = lm_costs.cost_table(torch.device("cpu"), plan)
+    assert (table["log-log slope"] == 2.0).all() and list(table.study) == list(STUDIES)
+    assert table["T=256"].tolist() == [32.0] * len(STUDIES)
+
+    def job(function, name, *args):
+        if function is lm_costs.load_job:
+            return (3.0 if args[0] else 20.0), 0.0
+        length = args[0]
+        return (4.0, 30.0 if length == lm_costs.REAL_LENGTH else 10.0, 2.5), 0.0
+    monkeypatch.setattr(lm_costs, "in_own_process", job)
+    rows = lm_costs.real_models_table(torch.device("cpu")).set_index("model")
+    assert rows.loc["smollm2", "studies in forward passes"] == 5.0 and rows.loc["gemma3-270m", "peak GiB"] == 2.5
+    assert rows.loc["smollm2", "load from the cached copy (s)"] == 3.0
+    assert rows.loc["smollm2", "load from the GGUF file (s)"] == 20.0
