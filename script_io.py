@@ -96,8 +96,10 @@ def freed_memory_kept():
     """Within it, glibc keeps freed memory for the next allocation instead of handing it back to the system. By
     default every block over 32 MiB is mapped afresh and its pages faulted in one by one on first touch: the studies
     of a language model's layer allocate and free tens of 75 MB temporaries (9 heads x 1,024^2 float64), and those
-    faults were a quarter of their time (docs/pretrained.md). Afterwards the defaults are back and the kept memory is
-    handed back (malloc_trim). Nothing changes where glibc is not the C library."""
+    faults were a quarter of their time (docs/pretrained.md). Yields release(), which hands the kept memory back
+    (malloc_trim): call it between units of work, so that the peak stays that of one unit. Afterwards glibc's default
+    limits are set back (its sliding mmap threshold then stays at 128 KiB). Nothing changes where glibc is not the C
+    library (release does nothing)."""
     mallopt, trim = _glibc("mallopt"), _glibc("malloc_trim")
     if mallopt is None or trim is None:
         yield lambda: None

@@ -222,6 +222,7 @@ def test_lm_costs_tables_from_made_up_timings(monkeypatch):
     assert table["T=256"].tolist() == [32.0] * len(STUDIES)
 
     def job(function, name, *args):
+        assert isinstance(args[-1], torch.device)  # in_own_process measures the memory of the last argument's device
         if function is lm_costs.load_job:
             return (3.0 if args[0] else 20.0), 0.0
         length = args[0]
