@@ -373,7 +373,7 @@ def build_cached_copy(source, model=None, tokenizer=None):
             tokenizer.save_pretrained(building)
         files = {path.name: path.stat().st_size for path in sorted(building.iterdir())}
         record = {"gguf_file": source.gguf_file, "gguf_sha256": file_sha256(source.gguf_path), "files": files,
-                  "metadata": _read_gguf_metadata(str(source.gguf_path))}
+                  "metadata": gguf_metadata(str(source.gguf_path))}  # read once a process
         (building / CACHE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         os.rename(building, folder)
     except OSError:
