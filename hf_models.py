@@ -1,10 +1,12 @@
 """Hugging Face causal language models as the paper reads them: found (a folder, a hub name, a GGUF file or a model
-packaged on the registry), loaded in float32 with eager attention, one layer's heads streamed at a time, and the
-learned head weights of each layer (the norm of each head's block of its output projection).
+packaged on the registry), loaded in float32 (or half precision, or placed by accelerate) with eager attention, a
+GGUF file through its float32 copy in the cache, one layer's heads streamed at a time, and the learned head weights
+of each layer (the norm of each head's block of its output projection).
 
     from hf_models import model_source, load_causal_lm, load_tokenizer, bos_token_id, stream_attention, head_weights
     source = model_source("smollm2")                 # a packaged name, FILE.gguf, a folder or a hub name, checked
-    model = load_causal_lm(source, device="cpu")     # float32, eager attention, eval mode
+    model = load_causal_lm(source, device="cpu")     # float32, eager attention, eval mode; cache=False: the file
+    model = load_causal_lm(source, dtype="bfloat16", device_map="auto")   # a large model across the GPUs
     tokenizer = load_tokenizer(source, required=False)
     bos = bos_token_id(source, tokenizer, model.config, "auto")  # the id every sample starts with, or None
     w = head_weights(model)                           # (L, H) float64, each row sums to 1
