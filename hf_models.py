@@ -352,8 +352,16 @@ def cached_copy(source):
 
 
 def _copy_for(source, cache):
-    """The folder to load a GGUF source from with `cache` on: its cached copy, built first where there is none."""
-    return (cached_copy(source) or build_cached_copy(source)) if cache and source.gguf_file else None
+    """The folder to load a GGUF source from with `cache` on: its cached copy, built first where there is none; None
+    (the file itself) without the cache, and after one line on stderr where the copy cannot be written."""
+    if not (cache and source.gguf_file):
+        return None
+    try:
+        return cached_copy(source) or build_cached_copy(source)
+    except OSError as error:  # a read-only or full disk: the file itself still serves
+        print(f"could not write the cached copy of {source.gguf_file} ({_first_line(error, 120)}): reading the "
+              f"file itself", file=sys.stderr)
+        return None
 
 
 def build_cached_copy(source, model=None, tokenizer=None):

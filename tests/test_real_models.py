@@ -381,3 +381,16 @@ def test_a_damaged_or_stale_copy_is_rebuilt_after_one_line(fresh_smollm2, capsys
         assert hf_models.cached_copy(source) == folder
     assert hf_models.build_cached_copy(source, model, tokenizer) == folder  # another run's rename came first
     assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@needs_smollm2
+def test_a_cache_that_cannot_be_written_leaves_the_file_itself(fresh_smollm2, capsys, monkeypatch):
+    """A cache folder that cannot be created (a read-only home): one line, and the GGUF file itself serves."""
+    source, model, _ = fresh_smollm2
+    monkeypatch.setenv("XDG_CACHE_HOME", "/proc/none")
+    monkeypatch.setattr(hf_models, "load_causal_lm", lambda *args, **kwargs: model)
+    capsys.readouterr()
+    tokenizer = hf_models.load_tokenizer(source)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("could not write the cached copy of SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert err[0].endswith("reading the file itself") and tokenizer("Paris").input_ids
