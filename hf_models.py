@@ -123,7 +123,7 @@ def join_chunks(chunks, target, sha256):
     """The chunks joined in order into target, atomically (script_io.write_atomic: renamed once its SHA-256 is
     checked); an existing target with the right SHA-256 is kept. ValueError, nothing left behind, on a mismatch."""
     target = Path(target)
-    if target.is_file() and sha256_of(target) == sha256:
+    if target.is_file() and file_sha256(target) == sha256:  # hashed once a process: model_facts asks again
         return target
 
     def write(tmp):
@@ -278,8 +278,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def load_tokenizer(source, required=True, cache=True):
     """The model's tokenizer (a GGUF file carries its own; with `cache`, read from its cached copy, built first where
-    there is none); where there is none, ValueError if required (--input text needs one), else None (transformers would build
-    an empty one from a folder without tokenizer files)."""
+    there is none); where there is none, ValueError if required (--input text needs one), else None (transformers
+    would build an empty one from a folder without tokenizer files)."""
     from transformers import AutoTokenizer
     source = source if isinstance(source, Source) else model_source(source)
     cached = _copy_for(source, cache)
@@ -436,10 +436,20 @@ def model_facts(source):
     origin = ({"title": packaged.title, "packages": {dist: installed_version(dist) for dist in packaged_distributions(
         source.name)}} if packaged else {})
     if not source.gguf_file:
-        return {"model": source.name if not Path(source.path).exists() else Path(source.path).resolve().name,
-                **origin, "file": None, "sha256": None, "tensor_types": None}
-    return {"model": source.name if packaged else Path(source.gguf_file).stem, **origin, "file": source.gguf_file,
-            "sha256": file_sha256(source.gguf_path), "tensor_types": _metadata_of(source)["tensor_types"]}
+        return {"model": model_name(source), **origin, "file": None, "sha256": None, "tensor_types": None}
+    return {"model": model_name(source), **origin, "file": source.gguf_file, "sha256": file_sha256(source.gguf_path),
+            "tensor_types": _metadata_of(source)["tensor_types"]}
+
+
+def model_name(source):
+    """A model's name with no path of this machine in it: a packaged name as it is, a GGUF file's stem, a folder's
+    name, or the hub name."""
+    if source.name in PACKAGED:
+        return source.name
+    if source.gguf_file:
+        return Path(source.gguf_file).stem
+    path = Path(source.path)
+    return path.resolve().name if path.exists() else source.name
 
 
 def packaged_distributions(name):

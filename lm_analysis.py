@@ -25,7 +25,7 @@ from tqdm import tqdm
 from claims import growth_table, synergy_significant, wins_majority
 from evaluation import (SINK_THRESHOLD, STUDIES, layer_study_values, prefix_summary, section4_summary, sink_summary,
                         synergy_summary, tables56_summary, theorem29_summary, without_first_token)
-from hf_models import PACKAGED, head_weights, stream_attention
+from hf_models import head_weights, model_name, stream_attention
 from script_io import freed_memory_kept
 
 INPUTS = ("repeat", "random", "one-token", "prose", "code", "text")
@@ -104,14 +104,9 @@ def prefix_lengths(length):
 
 
 def model_label(source):
-    """A file-system-safe name for the model's output folder: a packaged name as it is, a GGUF file's stem, a
-    folder's name, or the hub name with / as __."""
-    if source.name in PACKAGED:
-        return source.name
-    if source.gguf_file:
-        return Path(source.gguf_file).stem
-    path = Path(source.path)
-    return path.resolve().name if path.exists() else source.name.replace("/", "__")
+    """A file-system-safe name for the model's output folder: its hf_models.model_name (a packaged name, a GGUF
+    file's stem, a folder's name, or the hub name), / as __."""
+    return model_name(source).replace("/", "__")
 
 
 def _concatenated(parts, axis):
@@ -141,8 +136,8 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
     weights = head_weights(model)
     layers = list(range(len(weights))) if layers is None else list(layers)
     T = tokens.shape[1]
-    reads = {True: (float64_rows, prefix_lengths(T)),
-             False: (lambda attn: without_first_token(float64_rows(attn)), prefix_lengths(T - 1))}
+    # without_first_token renormalises its rows in float64 itself, whatever the model's dtype
+    reads = {True: (float64_rows, prefix_lengths(T)), False: (without_first_token, prefix_lengths(T - 1))}
     per_sample = {variant: [] for variant in variants}
     with (tqdm(total=len(tokens) * len(layers), desc="samples x layers", unit="layer", disable=not progress) as bar,
           freed_memory_kept() as release):

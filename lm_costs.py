@@ -130,16 +130,22 @@ def cost_table(device, plan):
     return pd.DataFrame(rows)
 
 
+def prose_sample(name, length, device):
+    """(model, tokens (1, length)) of a packaged model on `device` and one prose sample, BOS as the model expects."""
+    source = hf_models.model_source(name)
+    model, tokenizer = hf_models.load_causal_lm(source, device), hf_models.load_tokenizer(source)
+    bos = hf_models.bos_token_id(source, tokenizer, model.config)
+    tokens = input_tokens("prose", samples=1, length=length, vocabulary=None, seed=0, tokenizer=tokenizer, bos=bos,
+                          text=text_file("prose").read_text())
+    return model, tokens
+
+
 def real_model_job(name, length, device, repeats=2):
     """(forward seconds, the pretrained.py command's seconds, its peak GiB) of one prose sample of a packaged model:
     its forward pass with output_attentions (the model loaded first, not timed), then `python pretrained.py --model
     NAME --input prose --length LENGTH --samples 1` as a child process, every study, timed whole (its peak memory:
     the children's). Each the least of `repeats` timings: a 2-core machine's noise only ever adds."""
-    source = hf_models.model_source(name)
-    model = hf_models.load_causal_lm(source, device)
-    tokenizer = hf_models.load_tokenizer(source)
-    tokens = input_tokens("prose", samples=1, length=length, vocabulary=None, seed=0, tokenizer=tokenizer,
-                          bos=hf_models.bos_token_id(source, tokenizer, model.config), text=text_file("prose").read_text())
+    model, tokens = prose_sample(name, length, device)
     forward = []
     for _ in range(repeats):
         began = time.perf_counter()
@@ -206,10 +212,7 @@ def timed_parts(seconds):
 def profile_job(name, length, device):
     """Where the time of each study goes on one prose sample of a packaged model: [{study, seconds over its layers,
     the slowest layer, each PARTS' seconds}], every study alone on each layer's attention (kept from one pass)."""
-    source = hf_models.model_source(name)
-    model, tokenizer = hf_models.load_causal_lm(source, device), hf_models.load_tokenizer(source)
-    tokens = input_tokens("prose", samples=1, length=length, vocabulary=None, seed=0, tokenizer=tokenizer,
-                          bos=hf_models.bos_token_id(source, tokenizer, model.config), text=text_file("prose").read_text())
+    model, tokens = prose_sample(name, length, device)
     layers, weights = {}, hf_models.head_weights(model)
     hf_models.stream_attention(model, tokens, lambda i, attn: layers.__setitem__(i, attn.clone()))
     rows = []

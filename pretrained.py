@@ -36,9 +36,9 @@ the layer's learned head weights (hf_models.head_weights):
     sink        Gu et al.'s attention sink: each head's mean attention to position 0, the share of heads above 0.3
 
 Writes OUT/<model>/<input>/ (OUT: --out, default results/pretrained): run.json (the model, its file's name and
-SHA-256, tensor types, BOS, input, T, samples, seed, versions; no path of this machine), tokens.csv, samples.csv (every per-sample value, a row per
-sample and layer), {study}.csv and .md, {study}.png and .pdf, and prints a summary; over several models or inputs,
-also OUT/summary.{csv,md} and OUT/models.{png,pdf}. docs/pretrained.md says how the sink shapes each proxy.
+SHA-256, tensor types, BOS, input, T, samples, seed, versions; no path of this machine), tokens.csv, samples.csv
+(every per-sample value, a row per sample and layer), {study}.csv, .md, .png and .pdf, and prints a summary; over
+several models or inputs, also OUT/summary.{csv,md} and OUT/models.{png,pdf}. docs/pretrained.md: the sink.
 """
 import argparse
 import dataclasses

@@ -134,9 +134,10 @@ class CausalSteps:
 
     def __init__(self, M=None, blocks=None):
         """M (B, T, T), or its blocks where the caller has them (__getitem__)."""
-        T, b = (M.shape[-1], STEP_BLOCK) if blocks is None else (0, 0)
-        if T > b and not any(bool(M[:, :j, j:j + b].any()) for j in range(b, T, b)):
-            blocks = [M[:, j:, j:j + b].transpose(-1, -2).contiguous() for j in range(0, T, b)]
+        b = STEP_BLOCK
+        if blocks is None and M.shape[-1] > b and not any(bool(M[:, :j, j:j + b].any())
+                                                          for j in range(b, M.shape[-1], b)):
+            blocks = [M[:, j:, j:j + b].transpose(-1, -2).contiguous() for j in range(0, M.shape[-1], b)]
         self.M, self.blocks = (M, None) if blocks is None else (None, blocks)  # what __call__ reads
 
     def __call__(self, r):

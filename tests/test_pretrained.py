@@ -402,8 +402,8 @@ def test_float64_rows_renormalises_half_precision_only():
     assert lm_analysis.float64_rows(attn) is attn
     half = lm_analysis.float64_rows(torch.tensor([[[1.0, 0.0], [0.25, 0.7]]], dtype=torch.bfloat16))
     row = torch.tensor([0.25, 0.69921875], dtype=torch.float64)  # 0.7 in bfloat16
-    assert half.dtype == torch.float64 and torch.equal(half[0, 1], row / 0.94921875) and torch.equal(half[0, 0],
-                                                                                                   row.new_tensor([1, 0]))
+    assert half.dtype == torch.float64 and torch.equal(half[0, 1], row / 0.94921875)
+    assert torch.equal(half[0, 0], row.new_tensor([1, 0]))
 
 
 @pytest.mark.parametrize("flags, message", [

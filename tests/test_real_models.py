@@ -335,7 +335,8 @@ def test_the_cached_copy_gives_bit_identical_attentions_and_the_files_metadata(f
     GGUF file's own load, the same head weights and tokens, and the file's metadata from the copy's record."""
     source, model, tokenizer = fresh_smollm2
     folder = hf_models.cached_copy(source)
-    assert folder is not None and folder.name == f"SmolLM2-135M-Instruct.Q4_1-{hf_models.sha256_of(source.gguf_path)[:16]}"
+    digest = hf_models.sha256_of(source.gguf_path)
+    assert folder is not None and folder.name == f"SmolLM2-135M-Instruct.Q4_1-{digest[:16]}"
     cached, cached_tokenizer = hf_models.load_causal_lm(source), hf_models.load_tokenizer(source)
     text = "The capital of France is Paris, and the capital of Italy is"
     ids = tokenizer(text, return_tensors="pt").input_ids
