@@ -259,14 +259,55 @@ def growth_fit(n, values):
     return r2_log, r2_linear, "log" if r2_log > r2_linear else "linear"
 
 
+def growth_exponents(n, values):
+    """beta, the least-squares slope of log(values) against log(n), of each row of values (..., len(n)): T_mix ~ n^beta.
+    0 is log-like (flat on this scale), 1 linear (the line graph), in between a power law. NaN in a row with a value
+    that is not finite and positive (a walk that never mixed) and where n has fewer than 2 lengths."""
+    x = np.log(np.asarray(n, dtype=float))
+    y = np.asarray(values, dtype=float)
+    valid = (np.isfinite(y) & (y > 0)).all(-1) & (len(np.unique(x)) >= 2)
+    logs = np.log(np.where(valid[..., None], y, 1.0))
+    centred = x - x.mean()
+    slope = (logs * centred).sum(-1) / max((centred ** 2).sum(), np.finfo(float).tiny)
+    return np.where(valid, slope, np.nan)
+
+
+def exponent_interval(n, per_sample, *, draws, seed, confidence=0.95):
+    """A percentile bootstrap interval of beta over samples: per_sample (S, len(n)) holds each sample's values;
+    draws resamples of the S samples (rows drawn with replacement, np.random.default_rng(seed).integers(0, S,
+    (draws, S))), each averaged over its samples and refitted (growth_exponents). Returns (low, high); NaN where
+    beta is."""
+    per_sample = np.asarray(per_sample, dtype=float)
+    rows = np.random.default_rng(seed).integers(0, len(per_sample), (draws, len(per_sample)))
+    betas = growth_exponents(n, per_sample[rows].mean(1))
+    if np.isnan(betas).any():
+        return float("nan"), float("nan")
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(betas, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family of p-values: sorted ascending, the k-th (from 0) becomes
+    max over j <= k of min(1, (m - j) p_(j)); each adjusted p < SIGNIFICANCE is significant with the family's error
+    rate held at SIGNIFICANCE. In the order given."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum(1.0, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
+    adjusted = np.empty_like(p)
+    adjusted[order] = stepped
+    return adjusted
+
+
 def growth_table(prefix):
     """Per (run where present), task, head count and layer of a prefix table: how the layer's averaged
-    epsilon-mixing time (`mixing`) grows with n (growth_fit)."""
+    epsilon-mixing time (`mixing`) grows with n (growth_fit), and beta, its exponent (growth_exponents)."""
     keys = [k for k in ("run", "task", "heads", "layer") if k in prefix.columns]
     rows = []
     for key, part in prefix.groupby(keys, sort=False):
         r2_log, r2_linear, growth = growth_fit(part.n, part.mixing)
-        rows.append({**dict(zip(keys, key)), "r2_log": r2_log, "r2_linear": r2_linear, "growth": growth})
+        rows.append({**dict(zip(keys, key)), "r2_log": r2_log, "r2_linear": r2_linear, "growth": growth,
+                     "beta": float(growth_exponents(part.n, part.mixing))})
     return pd.DataFrame(rows)
 
 

@@ -83,7 +83,8 @@ def cache_dir():
 @dataclasses.dataclass(frozen=True)
 class LMRuns:
     """pretrained.py's runs: these models on these inputs, samples of `length` tokens, the studies (None: every one),
-    written under `out`, also without position 0 where asked."""
+    written under `out`, also without position 0 where asked, or compared with the weights re-rounded by each of
+    `quantisers`."""
     models: tuple
     inputs: tuple
     length: int
@@ -91,11 +92,25 @@ class LMRuns:
     studies: tuple = None
     out: Path = Path("results") / "pretrained"
     without_first_token: bool = False
+    quantisers: tuple = ()  # lm_quantisation: the studies again after each of these re-roundings of the weights
 
 
+# pretrained.py's prefix study: resamples of the samples behind each layer's 95% interval of its exponent beta
+BETA_BOOTSTRAP_DRAWS = 2000
 # pretrained.py --reproduce: the committed real-model results, then Gu et al.'s sink protocol (ICLR 2025: 100
 # natural-text sequences of 64 tokens; random and repeated-token inputs beside them)
 REAL_MODELS = ("smollm2", "gemma3-270m")
-REAL_RESULTS = LMRuns(REAL_MODELS, ("repeat", "prose", "code"), length=1024, samples=8, without_first_token=True)
+REAL_RESULTS = LMRuns(REAL_MODELS, ("repeat", "prose", "code"), length=1024, samples=16, without_first_token=True)
 SINK_PROTOCOL = LMRuns(REAL_MODELS, ("prose", "random", "one-token"), length=64, samples=100, studies=("sink",),
                        out=Path("results") / "pretrained" / "sink_protocol")
+# pretrained.py --studies gradient: random unit directions u per sample (d(u . h_{T-1}) / d e_j, a backward pass each);
+# --reproduce runs it on prose and code at GRADIENT_RUNS.length (the longest that keeps --reproduce near an hour)
+GRADIENT_DIRECTIONS = 8
+GRADIENT_RUNS = LMRuns(REAL_MODELS, ("prose", "code"), length=256, samples=16, studies=("gradient",),
+                       out=Path("results") / "pretrained" / "gradient")
+# pretrained.py --quantisation: the gguf package's quantisers that round the dequantised weights once more (a small
+# perturbation, a medium one, a second 4-bit rounding); --reproduce compares them with the file's own weights on
+# the same 4 prose samples
+QUANTISERS = ("Q8_0", "Q5_0", "Q4_0")
+QUANTISATION_RUNS = LMRuns(REAL_MODELS, ("prose",), length=1024, samples=4, quantisers=QUANTISERS,
+                           out=Path("results") / "pretrained" / "quantisation")

@@ -327,26 +327,37 @@ STUDIES = ("section4", "tables56", "synergy", "theorem29", "prefix", "sink")
 SINK_THRESHOLD = 0.3
 
 
-def sink_values(attn):
+def sink_values(attn, window=None):
     """Gu et al.'s sink metric of one layer's attention (S, H, T, T): each head's attention to position 0 averaged
-    over all T queries (their importance score of the first token), {"first_token": (S, H), "share": (S,) the share
-    of heads above SINK_THRESHOLD}."""
-    first = torch.as_tensor(attn).double()[..., :, 0].mean(-1)  # (S, H)
-    return {"first_token": first.cpu().numpy(), "share": (first > SINK_THRESHOLD).double().mean(-1).cpu().numpy()}
+    over all T queries (their importance score of the first token), and over the queries that can see position 0
+    (i < window in a sliding-window layer, whose later queries cannot: Gu et al.'s score is capped near window / T
+    there; every query in a full layer, window None, where the two are one). {"first_token", "first_token_visible":
+    (S, H), "share", "share_visible": (S,) the share of heads above SINK_THRESHOLD}."""
+    first = torch.as_tensor(attn).double()[..., :, 0]  # (S, H, T)
+    visible = first[..., :window] if window is not None else first
+    out = {}
+    for name, scores in (("", first.mean(-1)), ("_visible", visible.mean(-1))):
+        out[f"first_token{name}"] = scores.cpu().numpy()
+        out[f"share{name}"] = (scores > SINK_THRESHOLD).double().mean(-1).cpu().numpy()
+    return out
 
 
 def sink_summary(values, task, heads):
     """One row per layer: the share of heads whose mean attention to position 0 (over queries, then samples) exceeds
-    SINK_THRESHOLD (Gu et al.'s), the per-sample share's mean and std, and each head's mean attention to position 0
-    (head_1 ... head_H) with their mean over heads."""
+    SINK_THRESHOLD (Gu et al.'s), the per-sample share's mean and std, the same share and mean attention over the
+    queries that see position 0 (sink_values), and each head's mean attention to position 0 (head_1 ... head_H)
+    with their mean over heads."""
     rows = []
     for layer in range(values["share"].shape[1]):
         first = values["first_token"][:, layer].mean(0)  # (H,), over samples
+        visible = values["first_token_visible"][:, layer].mean(0)
         rows.append({"task": task, "heads": heads, "layer": layer + 1,
                      "sink_share": float((first > SINK_THRESHOLD).mean()),
                      "sink_share_per_sample_mean": float(values["share"][:, layer].mean()),
                      "sink_share_per_sample_std": float(values["share"][:, layer].std()),
                      "first_token_mean": float(first.mean()),
+                     "sink_share_visible": float((visible > SINK_THRESHOLD).mean()),
+                     "first_token_visible_mean": float(visible.mean()),
                      **{f"head_{h + 1}": float(a) for h, a in enumerate(first)}})
     return rows
 
@@ -365,13 +376,13 @@ def without_first_token(attn):
     return rest / mass
 
 
-def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
+def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=(), window=None):
     """{study: {name: (S,) array}} of one layer's attention (S, H, T, T) with its head weights (H,): section4 (the
     combination's mixing time, the authors' walk and the principled one, with the share of their walks that the
     cap of cfg.max_steps stops, its fidelity at the paper's horizon and, certified, at convergence), tables56 and
     synergy (head_set_values, diversity among them), theorem29, and prefix
-    ({n: values} at the prefix lengths), sink (sink_values); the head sets' values that tables56 and synergy share
-    under "head_sets".
+    ({n: values} at the prefix lengths), sink (sink_values, window: a sliding-window layer's); the head sets' values
+    that tables56 and synergy share under "head_sets".
     Each value is a column of the study's summary, as for the toy models."""
     attn = torch.as_tensor(attn).double()
     layer, w = attn[:, None], np.asarray(weights, dtype=float)[None]  # one layer: (S, 1, H, T, T), (1, H)
@@ -391,6 +402,5 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=()):
                  if {"section4", "theorem29"} <= set(studies) else None)  # n = T: stepped once, by those studies
         out["prefix"] = prefix_values(layer, w, [n for n in lengths if n <= attn.shape[-1]], cfg, whole)
     if "sink" in studies:
-        sink = sink_values(attn)
-        out["sink"] = {"share": sink["share"][:, None], "first_token": sink["first_token"][:, None]}  # (S, 1, H)
+        out["sink"] = {name: value[:, None] for name, value in sink_values(attn, window).items()}  # (S, 1[, H])
     return out

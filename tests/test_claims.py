@@ -150,6 +150,50 @@ def test_growth_claim_fits_log_and_linear_by_hand():
     assert claims.growth_fit(n, [5, 6, float("inf"), 7, 8])[2] == "not mixed"
 
 
+def test_growth_exponent_of_power_laws_logs_and_lines_by_hand():
+    """T = 3 n^0.5 has beta 0.5 exactly; a line through the origin 1; 4 + log n's slope on the log-log scale is
+    (log(4 + log 100) - log(4 + log 8)) / (log 100 - log 8) over the two ends alone, near 0.15; a walk that never
+    mixed (inf) and a single length give NaN; rows of a 2-d array are fitted apart. growth_table carries beta."""
+    n = np.array([8, 16, 32, 64, 100])
+    assert claims.growth_exponents(n, 3 * n ** 0.5) == pytest.approx(0.5)
+    assert claims.growth_exponents(n, 0.7 * n) == pytest.approx(1.0)
+    two = [8, 100]
+    by_hand = (np.log(4 + np.log(100)) - np.log(4 + np.log(8))) / (np.log(100) - np.log(8))
+    assert claims.growth_exponents(two, 4 + np.log(two)) == pytest.approx(by_hand) and 0.1 < by_hand < 0.2
+    assert np.isnan(claims.growth_exponents(n, [5, 6, np.inf, 7, 8]))
+    assert np.isnan(claims.growth_exponents([16], [3.0]))
+    assert claims.growth_exponents(n, np.stack([n ** 0.25, n ** 2.0])) == pytest.approx([0.25, 2.0])
+    t = pd.DataFrame([{"task": "copy", "heads": 4, "layer": 1, "n": k, "mixing": 2 * k ** 0.3} for k in n])
+    assert claims.growth_table(t).beta.tolist() == [pytest.approx(0.3)]
+
+
+def test_exponent_interval_collapses_without_spread_and_covers_a_known_exponent():
+    """Identical samples: every resample is the same, so the interval is beta itself. Samples c_s n^0.4 with c_s
+    spread: every resample's mean is c n^0.4, beta exactly 0.4, whatever the draw. With noise on top, the 95% interval
+    of 200 samples holds 0.4 and is narrower than with 20; the same seed gives the same interval."""
+    n = np.array([16, 32, 64, 128])
+    same = np.tile(5 * n ** 0.7, (6, 1))
+    assert claims.exponent_interval(n, same, draws=50, seed=1) == (pytest.approx(0.7), pytest.approx(0.7))
+    scaled = np.array([[c * k ** 0.4 for k in n] for c in (1, 2, 5, 9)])
+    assert claims.exponent_interval(n, scaled, draws=50, seed=1) == (pytest.approx(0.4), pytest.approx(0.4))
+    noise = np.random.default_rng(0).lognormal(0, 0.3, (200, len(n)))
+    noisy = 10 * n ** 0.4 * noise
+    low, high = claims.exponent_interval(n, noisy, draws=1000, seed=2)
+    low20, high20 = claims.exponent_interval(n, noisy[:20], draws=1000, seed=2)
+    assert low < 0.4 < high and high - low < high20 - low20
+    assert claims.exponent_interval(n, noisy, draws=1000, seed=2) == (low, high)
+    assert np.isnan(claims.exponent_interval(n, np.vstack([noisy[:3], [1, 2, np.inf, 4]]), draws=10, seed=0)).all()
+
+
+def test_holm_by_hand():
+    """Holm on (0.01, 0.04, 0.03, 0.005), m = 4: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 are 0.02, 0.03,
+    0.06, 0.04; each at least the one before: 0.02, 0.03, 0.06, 0.06; back in the order given. Large p-values stop at
+    1; a family of one is unchanged."""
+    assert claims.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert claims.holm([0.5, 0.2, 0.9]) == pytest.approx([1.0, 0.6, 1.0])
+    assert claims.holm([0.04]) == pytest.approx([0.04])
+
+
 def test_a_folder_whose_studies_hold_different_runs_is_marked(tmp_path):
     """write_claims counts each claim over its own study's runs, records them (study_runs) and opens claims.md with a
     warning naming each study's runs when the studies differ; the same runs everywhere: one plain line."""

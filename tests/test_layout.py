@@ -10,7 +10,7 @@ MAY_IMPORT_TRAIN = {"main", "test_amplification", "synergy", "theory", "bench"}
 LAYERS = [  # a module imports only modules of lower layers (and of its own layer where listed together)
     {"example2", "main", "test_amplification", "synergy", "theory", "bench", "pretrained"},
     {"train", "lm_costs"},
-    {"amplification", "learners", "lm_analysis", "lm_figures"},
+    {"amplification", "learners", "lm_analysis", "lm_figures", "lm_gradient", "lm_quantisation"},
     {"evaluation", "runs", "claims"},
     {"checkpoints", "graphs", "hf_models"},
     {"transformer"},

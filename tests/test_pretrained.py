@@ -129,12 +129,19 @@ def library_tables(model, ids):
     prefix = pd.DataFrame(prefix_summary({n: {k: joined(lambda v: v["prefix"][n][k]) for k in layers[0]["prefix"][n]}
                                           for n in (8, T)}, "random", 4))
     fidelity = values["fidelity"]
-    return {"section4": pd.DataFrame(section4_summary(section4, "random", 4, "exact")),
-            "tables56": pd.DataFrame(tables56_summary("random", 4, fidelity["best_head"], fidelity["combined"])),
-            "prefix": prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer"),
-            "synergy": pd.DataFrame(synergy_summary("random", 4, values,
-                                                    joined(lambda v: v["head_sets"]["diversity"]))),
-            "theorem29": pd.DataFrame(theorem29_summary(theorem, "random", 4))}
+    exponents = lm_analysis.exponent_columns({n: {"mixing": joined(lambda v: v["prefix"][n]["mixing"])}
+                                              for n in (8, T)}, seed=5)
+    tables = {"section4": pd.DataFrame(section4_summary(section4, "random", 4, "exact")),
+              "tables56": lm_analysis.with_holm(pd.DataFrame(tables56_summary("random", 4, fidelity["best_head"],
+                                                                              fidelity["combined"]))),
+              "prefix": prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer").merge(
+                  pd.DataFrame({"layer": [1, 2], **exponents}), on="layer"),
+              "synergy": lm_analysis.with_holm(pd.DataFrame(synergy_summary(
+                  "random", 4, values, joined(lambda v: v["head_sets"]["diversity"]))), by="proxy"),
+              "theorem29": pd.DataFrame(theorem29_summary(theorem, "random", 4))}
+    for table in tables.values():
+        table.insert(3, "layer_kind", "full")
+    return tables
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -234,6 +241,7 @@ def test_the_variant_without_position_0_end_to_end(folders, loaded, run_ok, tmp_
                   for i, a in enumerate(attention)]
         joined = {k: np.concatenate([v[k] for v in values], axis=1) for k in values[0]}
         expected = pd.DataFrame(section4_summary(joined, "random", 4, "exact"))
+        expected.insert(3, "layer_kind", "full")
         pd.testing.assert_frame_equal(pd.read_csv(folder / name / "section4.csv"), expected, check_dtype=False,
                                       rtol=1e-9)
 
@@ -285,55 +293,96 @@ def test_every_study_without_position_0_counts_its_prefixes_without_it(folders, 
 
 
 def test_reproduce_plans_the_real_results_then_the_sink_protocol_with_configs_settings(monkeypatch):
-    """--reproduce: config.REAL_RESULTS (every study, both DAGs) and config.SINK_PROTOCOL, as config sets them."""
+    """--reproduce: config.REAL_RESULTS (every study, both DAGs, 16 samples), config.SINK_PROTOCOL, the gradient
+    study (config.GRADIENT_RUNS) and the quantisation study (config.QUANTISATION_RUNS), as config sets them."""
     import pretrained
-    from config import REAL_RESULTS, SINK_PROTOCOL
+    from config import GRADIENT_RUNS, QUANTISATION_RUNS, REAL_RESULTS, SINK_PROTOCOL
     from evaluation import STUDIES
     monkeypatch.setattr("sys.argv", ["pretrained.py", "--reproduce"])
     parser, args = pretrained.parse_args()
-    real, sink = pretrained.plan_of(parser, args)
+    real, sink, gradient, quantisation = pretrained.plan_of(parser, args)
     assert (real.models, real.inputs, real.length, real.samples, real.without_first_token, real.out) == (
         REAL_RESULTS.models, REAL_RESULTS.inputs, REAL_RESULTS.length, REAL_RESULTS.samples, True, REAL_RESULTS.out)
-    assert real.studies == (REAL_RESULTS.studies or STUDIES) and real.studies == STUDIES
+    assert real.studies == (REAL_RESULTS.studies or STUDIES) and real.studies == STUDIES and real.samples == 16
     assert (sink.models, sink.inputs, sink.length, sink.samples, sink.studies, sink.out) == (
         SINK_PROTOCOL.models, SINK_PROTOCOL.inputs, SINK_PROTOCOL.length, SINK_PROTOCOL.samples,
         SINK_PROTOCOL.studies, SINK_PROTOCOL.out) and sink.studies == ("sink",)
+    assert gradient == GRADIENT_RUNS and gradient.studies == ("gradient",) and not gradient.quantisers
+    assert quantisation.quantisers == ("Q8_0", "Q5_0", "Q4_0") and quantisation.inputs == ("prose",)
+    assert quantisation.studies == STUDIES and quantisation.out == QUANTISATION_RUNS.out
 
 
 def test_summary_counts_wins_and_losses_apart():
     """A tables56 row wins with more than half the decided samples and p < 0.05, loses with fewer; an even split or
-    p = 0.05 is neither; synergy of each sign likewise at Wilcoxon p < 0.05; the sink's share and attention averaged
-    over the layers."""
+    p = 0.05 is neither; synergy of each sign likewise at Wilcoxon p < 0.05; each count again with the Holm-adjusted
+    p-values (p_holm, written here by hand); the sink's share and attention averaged over the layers, the share over
+    the queries that see position 0 over full and sliding layers apart."""
     tables56 = pd.DataFrame({"layer": [1, 2, 3, 4, 5], "samples": 8, "ties": [0, 0, 2, 0, 0], "wins": [8, 0, 3, 7, 8],
-                             "win_rate": [1, 0, 0.375, 0.875, 1], "p_value": [0.0078, 0.0078, 1.0, 0.05, 0.0078]})
+                             "win_rate": [1, 0, 0.375, 0.875, 1], "p_value": [0.0078, 0.0078, 1.0, 0.05, 0.0078],
+                             "p_holm": [0.039, 0.039, 1.0, 0.1, 0.06]})
     synergy = pd.DataFrame({"layer": [1, 2, 3, 4, 1], "proxy": ["fidelity"] * 4 + ["mixing_time"],
-                            "synergy": [0.2, -0.1, 0.3, 0.1, 0.5], "p_value": [0.01, 0.04, 0.05, 0.02, 0.01]})
-    sink = pd.DataFrame({"layer": [1, 2, 3, 4, 5], "sink_share": [0.25, 0.75, 0, 0.5, 1],
-                         "first_token_mean": [0.1, 0.3, 0.05, 0.2, 0.6]})
+                            "synergy": [0.2, -0.1, 0.3, 0.1, 0.5], "p_value": [0.01, 0.04, 0.05, 0.02, 0.01],
+                            "p_holm": [0.04, 0.08, 0.1, 0.06, 0.01]})
+    sink = pd.DataFrame({"layer": [1, 2, 3, 4, 5],
+                         "layer_kind": ["sliding 4", "full", "sliding 4", "sliding 4", "full"],
+                         "sink_share": [0.25, 0.75, 0, 0.5, 1], "first_token_mean": [0.1, 0.3, 0.05, 0.2, 0.6],
+                         "sink_share_visible": [0.5, 0.75, 0.25, 0.75, 1]})
     tables = {"tables56": tables56, "synergy": synergy, "sink": sink}
     counts = summary_counts(tables)
     assert (counts["wins"], counts["losses"], counts["synergy_positive"], counts["synergy_negative"]) == (2, 1, 2, 1)
+    assert (counts["wins_holm"], counts["losses_holm"], counts["synergy_positive_holm"],
+            counts["synergy_negative_holm"]) == (1, 1, 1, 0)
     assert counts["layers"] == 5 and counts["win_rate_mean"] == pytest.approx(3.25 / 5)
     assert counts["sink_share"] == pytest.approx(0.5) and counts["first_token_mean"] == pytest.approx(0.25)
+    assert counts["sink_share_visible"] == pytest.approx(0.65) and counts["sliding_layers"] == 3
+    assert counts["sink_share_full"] == pytest.approx(0.875) and counts["sink_share_sliding"] == pytest.approx(0.5)
     lines = summary_lines(tables)
-    assert "in 2 of 5 layers, loses to it in 1" in lines[0] and "in 2 of 4 layers, < 0 in 1" in lines[1]
+    assert "in 2 of 5 layers (1 after Holm's correction), loses to it in 1 (1)" in lines[0]
+    assert "in 2 of 4 layers (1 after Holm's correction), < 0 in 1 (0)" in lines[1]
     assert "sink: 50.0% of heads put more than 0.3 of their attention on position 0" in lines[2]
-    assert "mean attention there 0.250" in lines[2]
+    assert "mean attention there 0.250; over the queries that see it, 87.5% in full layers and 50.0% in 3" in lines[2]
 
 
 def test_sink_values_and_summary_by_hand():
     """Two samples of one layer, two heads, T = 4. Position 0 gets 0.6 of every later query of a sink head (mean over
     the 4 queries: (1 + 3 x 0.6) / 4 = 0.7) and nothing from a later query of the other (1 / 4 = 0.25). Sample 0:
-    a sink head and a plain one; sample 1: two plain ones."""
+    a sink head and a plain one; sample 1: two plain ones. With a window of 2, only queries 0 and 1 see position 0:
+    the sink head's score over them is (1 + 0.6) / 2 = 0.8, the plain one's (1 + 0) / 2 = 0.5."""
     plain = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, .5, .5, 0], [0, 1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
     sink = torch.tensor([[1, 0, 0, 0], [.6, .4, 0, 0], [.6, .2, .2, 0], [.6, .4 / 3, .4 / 3, .4 / 3]],
                         dtype=torch.float64)
-    values = sink_values(torch.stack([torch.stack([sink, plain]), torch.stack([plain, plain])]))
+    attn = torch.stack([torch.stack([sink, plain]), torch.stack([plain, plain])])
+    values = sink_values(attn)
     assert np.allclose(values["first_token"], [[0.7, 0.25], [0.25, 0.25]]) and np.allclose(values["share"], [0.5, 0])
-    row, = sink_summary({"first_token": values["first_token"][:, None], "share": values["share"][:, None]}, "prose", 2)
+    assert np.array_equal(values["first_token_visible"], values["first_token"])  # a full layer: the same score
+    windowed = sink_values(attn, window=2)
+    assert np.allclose(windowed["first_token"], values["first_token"])
+    assert np.allclose(windowed["first_token_visible"], [[0.8, 0.5], [0.5, 0.5]])
+    assert np.allclose(windowed["share_visible"], [1, 1])
+    row, = sink_summary({k: v[:, None] for k, v in windowed.items()}, "prose", 2)
     expected = {"task": "prose", "heads": 2, "layer": 1, "sink_share": 0.5, "sink_share_per_sample_mean": 0.25,
-                "sink_share_per_sample_std": 0.25, "first_token_mean": 0.3625, "head_1": 0.475, "head_2": 0.25}
+                "sink_share_per_sample_std": 0.25, "first_token_mean": 0.3625, "sink_share_visible": 1.0,
+                "first_token_visible_mean": 0.575, "head_1": 0.475, "head_2": 0.25}
     assert row.keys() == expected.keys() and all(row[k] == pytest.approx(v) for k, v in expected.items())
+
+
+def test_a_sliding_layer_is_read_from_the_config_and_its_sink_over_the_queries_that_see_position_0(loaded):
+    """The tiny Gemma 2's layers: sliding (window 4) then full, as its config says; in the sliding one position 0
+    gets attention from queries 0-3 and none from later ones (the mask), and the score over the visible queries is
+    the mean over those 4, by hand; in the full layer the two scores are one."""
+    model = loaded["gemma2"]
+    assert hf_models.layer_windows(model.config) == [WINDOW, None]
+    assert hf_models.layer_windows(transformers.GPT2Config(n_layer=3)) == [None] * 3
+    assert hf_models.layer_windows(transformers.MistralConfig(num_hidden_layers=2, sliding_window=7)) == [7, 7]
+    found = {}
+    hf_models.stream_attention(model, tokens(samples=1), lambda i, a: found.update({i: a.double()}))
+    sliding, full = found[0], found[1]
+    assert (sliding[..., :WINDOW, 0] > 0).all() and (sliding[..., WINDOW:, 0] == 0).all()
+    scores = sink_values(sliding, window=WINDOW)
+    assert np.allclose(scores["first_token_visible"], sliding[..., :WINDOW, 0].mean(-1).numpy(), rtol=1e-12)
+    assert np.allclose(scores["first_token"], sliding[..., :, 0].sum(-1).numpy() / T, rtol=1e-12)
+    assert np.array_equal(*(sink_values(full, window=None)[k] for k in ("first_token", "first_token_visible")))
+    assert lm_analysis.layer_kind(WINDOW) == "sliding 4" and lm_analysis.layer_kind(None) == "full"
 
 
 def test_several_models_and_inputs_write_a_summary_and_the_figure(folders, run_ok, tmp_path):
@@ -424,7 +473,7 @@ def test_bad_dtype_and_device_map_are_one_line(flags, message, folders, run_main
 def test_summary_counts_read_the_right_columns():
     """summary_counts by hand on tables whose neighbouring columns differ: the authors' mixing time (not the
     normalised one), its capped share (not the normalised walk's), "bound holds" only where every sample holds (a
-    share of 1), growth once per layer (not once per prefix length)."""
+    share of 1), growth and beta once per layer (not once per prefix length)."""
     section4 = pd.DataFrame({"layer": [1, 2, 3], "fidelity_mean": [2.0, 1.0, 3.0], "mixing_time_mean": [20.0, 10, 30],
                              "mixing_time_normalized_mean": [200.0, 100, 300],
                              "mixing_time_capped_share_mean": [0.1, 0.3, 0.2],
@@ -432,9 +481,12 @@ def test_summary_counts_read_the_right_columns():
     theorem29 = pd.DataFrame({"layer": [1, 2, 3], "bound_holds_share": [1.0, 0.875, 1.0],
                               "bound_over_measured": [4.0, 3.0, 5.0]})
     prefix = pd.DataFrame({"layer": [1, 1, 2, 2, 3, 3], "n": [16, 32] * 3,
-                           "growth": ["log", "log", "linear", "linear", "log", "log"]})
+                           "growth": ["log", "log", "linear", "linear", "log", "log"],
+                           "beta": [0.2, 0.2, 0.9, 0.9, 0.5, 0.5], "beta_low": [-0.1, -0.1, 0.8, 0.8, 0.3, 0.3],
+                           "beta_high": [0.4, 0.4, 1.2, 1.2, 0.7, 0.7]})
     counts = summary_counts({"section4": section4, "theorem29": theorem29, "prefix": prefix})
     assert counts == {"layers": 3, "fidelity_min": 1.0, "fidelity_max": 3.0, "mixing_time_min": 10.0,
                       "mixing_time_max": 30.0, "capped_share_max": 0.3, "bound_holds": 2,
                       "bound_over_measured_min": 3.0, "bound_over_measured_max": 5.0, "growth_log": 2,
-                      "growth_linear": 1}
+                      "growth_linear": 1, "beta_median": 0.5, "beta_min": 0.2, "beta_max": 0.9, "beta_excludes_0": 2,
+                      "beta_excludes_1": 2, "beta_between": 1}

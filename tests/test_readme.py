@@ -72,27 +72,115 @@ def test_theory_docs_numbers_are_the_files():
     assert worst == 35 and "44 ≥ the measured 36" in theory and "reports 35, one" in theory
 
 
+PRETRAINED = ROOT / "results" / "pretrained"
+
+
+def _cells(summary, model, first, column, form="{}"):
+    """One summary column over repeat, prose and code, as the findings write it: "5, 3, 2"."""
+    return ", ".join(form.format(summary[(summary.model == model) & (summary.input == kind)
+                                         & (summary.first_token == first)][column].item())
+                     for kind in ("repeat", "prose", "code"))
+
+
 def test_real_model_findings_are_the_files():
-    """docs/findings.md's real-model counts against results/pretrained/summary.csv and the sink protocol's."""
+    """docs/findings.md's real-model counts against results/pretrained/summary.csv: the verdicts and their Holm
+    counts, growth and its exponent, both sink scores, the variant without position 0; and the sink protocol's."""
     findings = (ROOT / "docs" / "findings.md").read_text()
-    summary = pd.read_csv(ROOT / "results" / "pretrained" / "summary.csv")
-    cells = lambda model, first, column: ", ".join(
-        str(summary[(summary.model == model) & (summary.input == kind) & (summary.first_token == first)][column]
-            .item()) for kind in ("repeat", "prose", "code"))
-    assert f"wins in {cells('smollm2', True, 'wins')} layers; loses in {cells('smollm2', True, 'losses')}" in findings
-    assert f"wins in {cells('gemma3-270m', True, 'wins')}; loses in {cells('gemma3-270m', True, 'losses')}" in findings
-    assert f"log in {cells('smollm2', True, 'growth_log')} layers" in findings
-    assert f"SmolLM2 wins in {cells('smollm2', False, 'wins')} layers" in findings.replace("\n", " ")
-    assert f"loses in {cells('smollm2', False, 'losses')}; Gemma wins in {cells('gemma3-270m', False, 'wins')} and " \
-           f"loses in {cells('gemma3-270m', False, 'losses')}" in findings.replace("\n", " ")
-    shares = ", ".join(f"{100 * x:.0f}%" for x in summary[(summary.model == "smollm2") & summary.first_token].sink_share)
-    assert f"{shares} of heads" in findings
+    flat = " ".join(findings.split())
+    summary = pd.read_csv(PRETRAINED / "summary.csv")
+    cells = lambda model, column, first=True, form="{}": _cells(summary, model, first, column, form)
+    for model, name in (("smollm2", "SmolLM2"), ("gemma3-270m", "Gemma")):
+        assert (f"wins in {cells(model, 'wins')}{' layers' if name == 'SmolLM2' else ''} (Holm: "
+                f"{cells(model, 'wins_holm')}); loses in {cells(model, 'losses')} (Holm: "
+                f"{cells(model, 'losses_holm')})") in flat, name
+        signs = lambda suffix: zip(cells(model, f"synergy_positive{suffix}").split(", "),
+                                   cells(model, f"synergy_negative{suffix}").split(", "))
+        pairs = lambda suffix: ", ".join(f"{a} / {b}" for a, b in signs(suffix))
+        assert f"{pairs('')} (Holm: {pairs('_holm')})" in flat, name
+        assert f"log in {cells(model, 'growth_log')}" in flat, name
+        assert cells(model, "beta_median", form="{:.2f}") in flat, name
+        rows = summary[(summary.model == model) & summary.first_token]
+        assert f"({rows.beta_min.min():.2f}–{rows.beta_max.max():.2f})" in flat, name
+        assert (rows.beta_excludes_0 == rows.layers).all() and (rows.beta_excludes_1 == rows.layers).all()
+        assert cells(model, "sink_share", form="{:.0%}") in flat, name
+    gemma = lambda column: cells("gemma3-270m", column, form="{:.0%}")
+    assert f"{gemma('sink_share_visible')} ({gemma('sink_share_full')}; {gemma('sink_share_sliding')})" in flat
+    without = lambda model, column: cells(model, column, first=False)
+    assert f"SmolLM2 wins in {without('smollm2', 'wins')} layers and loses in {without('smollm2', 'losses')}" in flat
+    assert f"Gemma wins in {without('gemma3-270m', 'wins')} and loses in {without('gemma3-270m', 'losses')}" in flat
     assert (summary.bound_holds == summary.layers).all()
-    sink = pd.read_csv(ROOT / "results" / "pretrained" / "sink_protocol" / "summary.csv").set_index(["model", "input"])
+    sink = pd.read_csv(PRETRAINED / "sink_protocol" / "summary.csv").set_index(["model", "input"])
     share = lambda model, kind: f"{100 * sink.loc[(model, kind), 'sink_share']:.1f}%"
-    assert f"prose {share('smollm2', 'prose')} (SmolLM2) and {share('gemma3-270m', 'prose')} (Gemma)" in findings
-    assert f"tokens {share('smollm2', 'random')} and {share('gemma3-270m', 'random')}" in findings
-    assert f"repeated {share('smollm2', 'one-token')} (SmolLM2" in findings.replace("\n", " ")
+    assert f"prose {share('smollm2', 'prose')} (SmolLM2) and {share('gemma3-270m', 'prose')} (Gemma)" in flat
+    assert f"tokens {share('smollm2', 'random')} and {share('gemma3-270m', 'random')}" in flat
+    assert f"repeated {share('smollm2', 'one-token')} (SmolLM2" in flat
+
+
+def test_gradient_findings_are_the_files():
+    """The gradient study's table in docs/findings.md: recency's and rollout's rho with their intervals, each layer's
+    reach (median and range) and the layers whose reach beats recency after Holm's correction (claims.holm over the
+    committed per-layer Wilcoxon p-values)."""
+    from claims import holm
+    flat = " ".join((ROOT / "docs" / "findings.md").read_text().split())
+    interval = lambda r: (f"{r.rho_mean:.2f} ({r.rho_ci_low:.2f}–{r.rho_ci_high:.2f})" if r.rho_ci_low >= 0 else
+                          f"{r.rho_mean:.2f} ({r.rho_ci_low:.2f} to {r.rho_ci_high:.2f})").replace("-", "−")
+    for model in ("smollm2", "gemma3-270m"):
+        tables = [pd.read_csv(PRETRAINED / "gradient" / model / kind / "gradient.csv") for kind in ("prose", "code")]
+        tables = [t[t.positions == "after_first"].set_index("predictor") for t in tables]
+        for predictor in ("recency", "rollout"):
+            assert ", ".join(interval(t.loc[predictor]) for t in tables) in flat, (model, predictor)
+        reach = [t[t.index.str.startswith("reach_")] for t in tables]
+        spans = ", ".join(f"{r.rho_mean.median():.2f} ({r.rho_mean.min():.2f}–{r.rho_mean.max():.2f})"
+                          .replace("-", "−") for r in reach)
+        assert spans in flat, model
+        beats = [int(((r.over_recency > 0) & (holm(r.over_recency_p.to_numpy()) < 0.05)).sum()) for r in reach]
+        assert f"{beats[0]} and {beats[1]} of {len(reach[0])}" in flat, model
+
+
+def test_quantisation_findings_are_the_files():
+    """The quantisation table of docs/findings.md: each row from results/pretrained/quantisation/summary.csv (two
+    significant digits), the Q4_0 flips counted from each model's flips.csv."""
+    findings = (ROOT / "docs" / "findings.md").read_text()
+    q = pd.read_csv(PRETRAINED / "quantisation" / "summary.csv")
+    row = lambda model, column, scale=100, unit="%": ", ".join(
+        f"{scale * v:.2g}{unit}" for v in q[q.model == model].set_index("quantiser").loc[["Q8_0", "Q5_0", "Q4_0"],
+                                                                                        column])
+    cells = lambda column, **form: f"| {row('smollm2', column, **form)} | {row('gemma3-270m', column, **form)} |"
+    assert "| weights' RMS relative change " + cells("weights_rms_change") in findings
+    assert cells("kl_mean", scale=1, unit="") in findings
+    assert cells("section4.fidelity_mean_median_abs_change") in findings
+    for model in ("smollm2", "gemma3-270m"):
+        assert f"{row(model, 'section4.mixing_time_mean_median_abs_change')}; " \
+               f"{row(model, 'prefix.beta_median_abs_change')} |" in findings
+    flips = {m: pd.read_csv(PRETRAINED / "quantisation" / m / "prose" / "flips.csv") for m in ("smollm2", "gemma3-270m")}
+    layers = {"smollm2": 30, "gemma3-270m": 18}
+    counted = {m: [int(f[(f.quantiser == "Q4_0") & (f.verdict == v)].flipped.sum()) for v in (
+        "beats its best head in most samples", "fidelity synergy > 0", "grows like log n", "bound holds in every sample")]
+        for m, f in flips.items()}
+    assert " | ".join(f"{', '.join(map(str, counted[m]))} of {layers[m]}" for m in flips) in findings
+    sinks = {m: f[(f.quantiser == "Q4_0") & (f.verdict == "sink head (Gu et al.)")] for m, f in flips.items()}
+    assert " | ".join(f"{int(s.flipped.sum())} of {len(s)}" for s in sinks.values()) in findings
+
+
+def test_the_readmes_real_model_line_is_the_files():
+    """The README's real-model results: Holm-corrected wins and losses, the exponent's range, the layers whose reach
+    beats recency and Q4_0's fidelity change, each from the committed CSVs."""
+    from claims import holm
+    flat = " ".join(README.split())
+    summary = pd.read_csv(PRETRAINED / "summary.csv")
+    paper = summary[summary.first_token]
+    assert f"at most {paper.wins_holm.max()} of 18–30 layers, loses in {paper.losses_holm.min()}–" \
+           f"{paper.losses_holm.max()}" in flat
+    assert f"n^{paper.beta_min.min():.2f}–{paper.beta_max.max():.2f}" in flat
+    beats = []
+    for folder in (PRETRAINED / "gradient").glob("*/*/gradient.csv"):
+        t = pd.read_csv(folder)
+        reach = t[(t.positions == "after_first") & t.predictor.str.startswith("reach_")]
+        beats.append(int(((reach.over_recency > 0) & (holm(reach.over_recency_p.to_numpy()) < 0.05)).sum()))
+    assert len(beats) == 4 and f"in {min(beats)}–{max(beats)} of 18–30 layers" in flat
+    q = pd.read_csv(PRETRAINED / "quantisation" / "summary.csv")
+    change = 100 * q[q.quantiser == "Q4_0"]["section4.fidelity_mean_median_abs_change"]
+    assert f"moves fidelity {change.min():.0f}–{change.max():.0f}%" in flat
 
 
 def test_speed_doc_is_the_bench_reports():

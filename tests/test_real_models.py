@@ -319,7 +319,7 @@ def test_committed_real_model_values_are_the_codes(smollm2, variant):
     T = ids.shape[1] - (variant != "")
     attn = found[0] if variant == "" else without_first_token(found[0])
     values = layer_study_values(attn, hf_models.head_weights(model)[2], PAPER, STUDIES, prefix_lengths(T))
-    expected = samples_table(values, [2])
+    expected = samples_table(values, [2], hf_models.layer_windows(model.config))
     committed = pd.read_csv(folder / "samples.csv")
     row = committed[(committed["sample"] == 0) & (committed.layer == 3)].reset_index(drop=True)
     pd.testing.assert_frame_equal(row, expected, check_dtype=False, rtol=CROSS_CPU_RTOL, atol=CROSS_CPU_ATOL)

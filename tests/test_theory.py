@@ -291,7 +291,8 @@ def test_theory_script_quick_end_to_end(tmp_path, run_ok):
                                             ("seeds/growth_runs.csv", "seeds/prefix_runs.csv")])
 def test_committed_growth_tables_are_fits_of_the_mixing_column(growth, prefix):
     """Each layer's R^2 against log n and against n, recomputed by scipy's linregress from the committed prefix
-    table's `mixing` column (the averaged epsilon-mixing time), and the label of the better fit."""
+    table's `mixing` column (the averaged epsilon-mixing time), the label of the better fit, and beta, the slope of
+    log mixing against log n."""
     growth = pd.read_csv(ROOT / "results" / growth, dtype={"run": str})
     prefix = pd.read_csv(ROOT / "results" / prefix, dtype={"run": str})
     pd.testing.assert_frame_equal(claims.growth_table(prefix), growth, check_exact=False, rtol=1e-12)
@@ -300,8 +301,9 @@ def test_committed_growth_tables_are_fits_of_the_mixing_column(growth, prefix):
     for row, (_, part) in zip(growth.itertuples(index=False), prefix.groupby(keys, sort=False)):
         assert [getattr(row, k) for k in keys] == [part[k].iloc[0] for k in keys]
         if not np.isfinite(part.mixing).all():
-            assert row.growth == "not mixed"
+            assert row.growth == "not mixed" and np.isnan(row.beta)
             continue
+        assert row.beta == pytest.approx(stats.linregress(np.log(part.n), np.log(part.mixing)).slope, abs=1e-9)
         r2 = [stats.linregress(x, part.mixing).rvalue ** 2 if part.mixing.nunique() > 1 else 1.0
               for x in (np.log(part.n), part.n)]
         assert (row.r2_log, row.r2_linear) == pytest.approx(r2, abs=1e-9)
