@@ -395,3 +395,28 @@ def test_a_cache_that_cannot_be_written_leaves_the_file_itself(fresh_smollm2, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("could not write the cached copy of SmolLM2-135M-Instruct.Q4_1.gguf")
     assert err[0].endswith("reading the file itself") and tokenizer("Paris").input_ids
+
+
+@needs_smollm2
+def test_committed_gradient_and_quantisation_values_are_the_codes(smollm2):
+    """results/pretrained/gradient and quantisation cannot drift from the code: SmolLM2's first committed prose
+    sample of the gradient study, recomputed (its sensitivity over the run's 8 seeded directions and its rollout), is
+    gradient_positions.csv's; and the Q8_0 and Q4_0 re-roundings move its weights by quantisation/summary.csv's
+    RMS."""
+    import lm_gradient
+    import lm_quantisation
+    source, model, _ = smollm2
+    folder = COMMITTED / "gradient" / "smollm2" / "prose"
+    facts = json.loads((folder / "run.json").read_text())
+    ids = torch.tensor([[int(x) for x in pd.read_csv(folder / "tokens.csv").token_ids[0].split()]])
+    directions = lm_gradient.unit_directions(facts["directions"], model.get_input_embeddings().embedding_dim,
+                                             facts["seed"])
+    committed = pd.read_csv(folder / "gradient_positions.csv").query("sample == 0")
+    assert np.allclose(lm_gradient.sensitivity(model, ids, directions).numpy(), committed.sensitivity,
+                       rtol=CROSS_CPU_RTOL, atol=CROSS_CPU_ATOL)
+    assert np.allclose(lm_gradient.graph_predictions(model, ids, PAPER)["rollout"], committed.rollout,
+                       rtol=CROSS_CPU_RTOL, atol=CROSS_CPU_ATOL)
+    summary = pd.read_csv(COMMITTED / "quantisation" / "summary.csv").query("model == 'smollm2'").set_index("quantiser")
+    for quantiser in ("Q8_0", "Q4_0"):
+        _, rms = lm_quantisation.requantised_weights(model, quantiser)
+        assert rms == pytest.approx(summary.weights_rms_change[quantiser], rel=CROSS_CPU_RTOL), quantiser
