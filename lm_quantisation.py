@@ -2,7 +2,8 @@
 once more with the gguf package's own quantisers, and every study rerun on the same tokens (pretrained.py
 --quantisation).
 
-    from lm_quantisation import QUANTISERS, quantisation_tables
+    from config import QUANTISERS
+    from lm_quantisation import quantisation_tables
     tables = quantisation_tables(model, tokens, QUANTISERS, studies=lambda: tables_of(model))
     # {"quantisation": a row a quantiser, "changes": per proxy and layer, "flips": per verdict and layer}
     rounded, rms = requantised_weights(model, "Q4_0")          # {parameter name: tensor}, RMS relative change
@@ -23,22 +24,22 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from config import QUANTISERS  # noqa: F401 (the quantisers' one place; pretrained.py's --quantisation)
 from evaluation import SINK_THRESHOLD
 from hf_models import attention_modules
 
 BLOCK = 32  # the quantisers' block along a row
-# (study, column, table filter) of every proxy compared; synergy's rows are the fidelity ones
+# (study, column) of every proxy compared; synergy's rows are the fidelity ones
 PROXIES = (("section4", "fidelity_mean"), ("section4", "fidelity_converged_mean"), ("section4", "mixing_time_mean"),
            ("tables56", "mean_combined_%"), ("tables56", "win_rate"), ("synergy", "synergy"),
            ("theorem29", "mixing"), ("theorem29", "bound"), ("prefix", "beta"), ("sink", "first_token_visible_mean"))
 
 
 def rounded_matrices(model):
-    """{parameter name: weight} of every attention and MLP matrix of the decoder layers: 2-d weights whose row (input
-    features, GPT-2's Conv1D transposed) is a whole number of blocks; norms and embeddings stay."""
-    decoder = {name for name, module in model.named_modules() if any(module is m for m in attention_modules(model))}
-    prefix = {name.rsplit(".", 1)[0] + "." for name in decoder}  # the decoder layers' own prefix: model.layers.3.
+    """{parameter name: weight} of every attention and MLP matrix of the decoder layers: their 2-d weights (norms
+    and embeddings stay)."""
+    attention = {id(module) for module in attention_modules(model)}
+    prefix = {name.rsplit(".", 1)[0] + "." for name, module in model.named_modules()
+              if id(module) in attention}  # each decoder layer's own prefix: model.layers.3.
     return {name: weight for name, weight in model.named_parameters()
             if weight.ndim == 2 and any(name.startswith(p) for p in prefix) and name.endswith(".weight")}
 
