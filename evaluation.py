@@ -175,14 +175,23 @@ def layer_values(model, tokens, cfg):
     return head_set_values(model.attention(tokens), proxies.model_head_weights(model), cfg)
 
 
+def t_interval(values):
+    """Mean of per-sample values and its t 95% confidence interval; values that are all equal (one value included)
+    give a zero-width interval."""
+    mean = float(np.mean(values))
+    if np.ptp(values) == 0:
+        return mean, mean, mean
+    interval = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    return mean, float(interval.low), float(interval.high)
+
+
 def paired(difference):
-    """Mean of paired differences, its t 95% confidence interval and the two-sided Wilcoxon signed-rank p-value;
-    differences that are all equal give a zero-width interval (and p = 1 when they are all zero)."""
-    mean = float(np.mean(difference))
-    if np.ptp(difference) == 0:
-        return mean, mean, mean, 1.0 if mean == 0 else float(stats.wilcoxon(difference).pvalue)
-    interval = stats.ttest_1samp(difference, 0.0).confidence_interval(0.95)
-    return mean, float(interval.low), float(interval.high), float(stats.wilcoxon(difference).pvalue)
+    """Mean of paired differences, its t 95% confidence interval (t_interval) and the two-sided Wilcoxon signed-rank
+    p-value (1 when the differences are all zero)."""
+    mean, low, high = t_interval(difference)
+    if np.ptp(difference) == 0 and mean == 0:
+        return mean, low, high, 1.0
+    return mean, low, high, float(stats.wilcoxon(difference).pvalue)
 
 
 def synergy_summary(task, heads, values, diversity):

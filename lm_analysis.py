@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from claims import exponent_interval, growth_exponents, growth_table, holm, synergy_significant, wins_majority
+from claims import exponent_interval, growth_table, holm, synergy_significant, wins_majority
 from config import BETA_BOOTSTRAP_DRAWS
 from evaluation import (SINK_THRESHOLD, STUDIES, layer_study_values, prefix_summary, section4_summary, sink_summary,
                         synergy_summary, tables56_summary, theorem29_summary, without_first_token)
@@ -181,15 +181,14 @@ def with_holm(table, by=None):
     return table
 
 
-def exponent_columns(prefix_values, *, seed):
-    """{beta, beta_low, beta_high: (L,)}: per layer, the exponent of the mean epsilon-mixing time over the samples
-    against n (claims.growth_exponents) and its bootstrap interval over samples (claims.exponent_interval)."""
+def exponent_intervals(prefix_values, *, seed):
+    """{beta_low, beta_high: (L,)}: per layer, the bootstrap interval over samples (claims.exponent_interval) of the
+    exponent that claims.growth_table fits to the mean epsilon-mixing time over the samples."""
     lengths = sorted(prefix_values)
     per_sample = np.stack([np.asarray(prefix_values[n]["mixing"], dtype=float) for n in lengths], axis=-1)  # S, L, N
     intervals = [exponent_interval(lengths, per_sample[:, k], draws=BETA_BOOTSTRAP_DRAWS, seed=seed)
                  for k in range(per_sample.shape[1])]
-    return {"beta": growth_exponents(lengths, per_sample.mean(0)),
-            "beta_low": [low for low, _ in intervals], "beta_high": [high for _, high in intervals]}
+    return {"beta_low": [low for low, _ in intervals], "beta_high": [high for _, high in intervals]}
 
 
 def study_tables(values, studies, kind, heads, layers, *, windows, seed):
@@ -212,10 +211,10 @@ def study_tables(values, studies, kind, heads, layers, *, windows, seed):
         tables["sink"] = pd.DataFrame(sink_summary(values["sink"], kind, heads))
     if "prefix" in values:
         prefix = pd.DataFrame(prefix_summary(values["prefix"], kind, heads))
-        exponents = pd.DataFrame({"layer": range(1, len(layers) + 1),
-                                  **exponent_columns(values["prefix"], seed=seed)})
-        tables["prefix"] = prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer").merge(exponents,
-                                                                                                     on="layer")
+        intervals = pd.DataFrame({"layer": range(1, len(layers) + 1),
+                                  **exponent_intervals(values["prefix"], seed=seed)})
+        tables["prefix"] = prefix.merge(growth_table(prefix)[["layer", "growth", "beta"]], on="layer").merge(
+            intervals, on="layer")
     return {study: _numbered(table, layers, windows) for study, table in tables.items()}
 
 

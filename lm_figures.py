@@ -104,8 +104,7 @@ def plot_prefix(t, label):
         axis(matplotlib.ticker.FormatStrFormatter("%g"))  # 40, not 4 x 10^1
     rows = np.arange(grid.shape[0])
     exponent.errorbar(per_layer.beta, rows, xerr=[per_layer.beta - per_layer.beta_low,
-                                                  per_layer.beta_high - per_layer.beta], fmt="o", ms=3, capsize=2,
-)
+                                                  per_layer.beta_high - per_layer.beta], fmt="o", ms=3, capsize=2)
     for x, text in ((0, "log-like"), (1, "linear")):
         exponent.axvline(x, color="grey", lw=0.8, ls=":")
         exponent.text(x, -0.9, text, ha="center", va="bottom", fontsize=7, color="grey")

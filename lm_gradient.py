@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from evaluation import paired
+from evaluation import paired, t_interval
 from hf_models import head_weights, stream_attention
 from proxies import combine_heads, per_node_fidelity
 
@@ -103,21 +103,13 @@ def gradient_values(model, tokens, cfg, *, directions, seed):
             "rho": {key: np.array(rhos) for key, rhos in found["rho"].items()}}
 
 
-def _interval(x):
-    """Mean and t 95% interval of per-sample values (a point where they do not vary)."""
-    if len(x) < 2 or np.ptp(x) == 0:
-        return float(np.mean(x)), float(np.mean(x)), float(np.mean(x))
-    interval = stats.ttest_1samp(x, 0.0).confidence_interval(0.95)
-    return float(np.mean(x)), float(interval.low), float(interval.high)
-
-
 def gradient_tables(values, *, kind):
     """{"gradient": one row per predictor and positions: rho's mean and t 95% interval over samples, and against
     recency's rho (paired: mean difference, interval, Wilcoxon p); "gradient_positions": each sample's sensitivity
     and rollout per position}."""
     rows = []
     for (predictor, positions), rho in values["rho"].items():
-        mean, low, high = _interval(rho)
+        mean, low, high = t_interval(rho)
         row = {"input": kind, "predictor": predictor, "layer": int(predictor[6:]) if predictor[:6] == "reach_" else
                None, "positions": positions, "rho_mean": mean, "rho_ci_low": low, "rho_ci_high": high,
                "samples": len(rho)}

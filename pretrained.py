@@ -68,7 +68,8 @@ from lm_quantisation import quantisation_tables
 from lm_analysis import (INPUTS, input_tokens, model_label, ordinary_token_ids, samples_table, study_tables,
                          study_values, summary_counts, summary_lines, text_file, text_origin)
 from lm_figures import plot_models, plot_quantisation, plot_study
-from script_io import check_writable, input_errors, resolve_device, save_figure, save_table, write_atomic, write_text
+from script_io import (check_writable, input_errors, resolve_device, save_figure, save_table, table_view,
+                       write_atomic, write_text)
 
 QUICK_LENGTH, QUICK_SAMPLES = 24, 3
 
@@ -227,7 +228,7 @@ def run_input(kind, tokens, file, *, args, plan, source, model, layers, bos):
         write_outputs({}, {name: tables[name] for name in ("changes", "flips")}, tokens, folder, f"{label}, {kind}",
                       {**facts, "quantisers": list(plan.quantisers)})
         summary = tables["quantisation"]
-        view = summary.set_index("quantiser").T.map(lambda x: f"{x:.3g}").rename_axis("measure").reset_index()
+        view = table_view(summary.set_index("quantiser").T).rename_axis("measure").reset_index()
         save_table(summary, folder / "quantisation", view=view)  # a column a quantiser: 25 measures down
         save_figure(plot_quantisation(tables["changes"], f"{label}, {kind}"), folder / "quantisation")
         print(f"wrote {folder}/run.json, tokens.csv, changes.csv, flips.csv and quantisation.*")
@@ -276,8 +277,7 @@ def run_plan(parser, args, plan, device):
                    if plan.quantisers else pd.DataFrame([{"model": m, "input": k, "first_token": f,
                                                           **summary_counts(t)} for (m, k, f), t in found.items()]))
         summary = summary[["model", "input", *[c for c in summary.columns if c not in ("model", "input")]]]
-        save_table(summary, plan.out / "summary", view=summary.map(
-            lambda x: f"{x:.3g}" if isinstance(x, float) else x) if plan.quantisers else summary.round(4))
+        save_table(summary, plan.out / "summary", view=table_view(summary) if plan.quantisers else summary.round(4))
         figure = not plan.quantisers and {"section4", "tables56", "synergy", "sink"} <= set(plan.studies)
         if figure:
             save_figure(plot_models({key[:2]: t for key, t in found.items() if key[2]}), plan.out / "models")

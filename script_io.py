@@ -159,6 +159,16 @@ def save_table(df, stem, view=None):
     write_text(f"{stem}.md", (df if view is None else view).to_markdown(index=False) + "\n")
 
 
+def table_view(table):
+    """The Markdown view of a table: floats to 3 significant digits (the theory's bounds span 1e2 to 1e29; the
+    quantisation study's KL divergences 1e-4 to 1)."""
+    view = table.copy()
+    for column in view.columns:
+        if view[column].dtype == float:
+            view[column] = view[column].map(lambda x: f"{x:.3g}")
+    return view
+
+
 def save_figure(fig, stem, dpi=300):
     """A figure as PNG (dpi) and PDF, stem.png and stem.pdf; then closed."""
     for ext, metadata in (("png", {}), ("pdf", {"CreationDate": None})):  # no date: the same run, the same bytes

@@ -40,7 +40,7 @@ from evaluation import theory_rows
 from graphs import FAMILIES, graph_rows, reference_graphs
 from runs import evaluate_runs, runs_of, write_study
 from script_io import (add_evaluation_args, authors_checkpoints, input_errors, resolve_evaluation, save_figure,
-                       save_table, write_atomic, write_text)
+                       save_table, table_view, write_atomic, write_text)
 from train import models_of, trained_runs
 
 THEOREM29_ACROSS = {"mixing": "mixing", "mixing_worst": "mixing_worst", "fastest_head": "fastest_head",
@@ -82,15 +82,6 @@ def plot_prefix_across_runs(across, lengths):
     """plot_prefix of the mean over our runs."""
     mixing = across[across.quantity == "mixing"].rename(columns={"mean": "mixing"})
     return plot_prefix(mixing, reference_graphs(lengths))
-
-
-def table_view(table):
-    """The Markdown view of a theory table: floats to 3 significant digits (the bounds span 1e2 to 1e29)."""
-    view = table.copy()
-    for column in view.columns:
-        if view[column].dtype == float:
-            view[column] = view[column].map(lambda x: f"{x:.3g}")
-    return view
 
 
 def write_one_run(models, cfg, args, out):

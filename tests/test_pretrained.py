@@ -129,13 +129,13 @@ def library_tables(model, ids):
     prefix = pd.DataFrame(prefix_summary({n: {k: joined(lambda v: v["prefix"][n][k]) for k in layers[0]["prefix"][n]}
                                           for n in (8, T)}, "random", 4))
     fidelity = values["fidelity"]
-    exponents = lm_analysis.exponent_columns({n: {"mixing": joined(lambda v: v["prefix"][n]["mixing"])}
-                                              for n in (8, T)}, seed=5)
+    intervals = lm_analysis.exponent_intervals({n: {"mixing": joined(lambda v: v["prefix"][n]["mixing"])}
+                                                for n in (8, T)}, seed=5)
     tables = {"section4": pd.DataFrame(section4_summary(section4, "random", 4, "exact")),
               "tables56": lm_analysis.with_holm(pd.DataFrame(tables56_summary("random", 4, fidelity["best_head"],
                                                                               fidelity["combined"]))),
-              "prefix": prefix.merge(growth_table(prefix)[["layer", "growth"]], on="layer").merge(
-                  pd.DataFrame({"layer": [1, 2], **exponents}), on="layer"),
+              "prefix": prefix.merge(growth_table(prefix)[["layer", "growth", "beta"]], on="layer").merge(
+                  pd.DataFrame({"layer": [1, 2], **intervals}), on="layer"),
               "synergy": lm_analysis.with_holm(pd.DataFrame(synergy_summary(
                   "random", 4, values, joined(lambda v: v["head_sets"]["diversity"]))), by="proxy"),
               "theorem29": pd.DataFrame(theorem29_summary(theorem, "random", 4))}
