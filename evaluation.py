@@ -61,16 +61,23 @@ def attention_section4_values(attn, weights, cfg, estimator="exact", seed=0, cap
     from the same pass, as mixing_time_capped_share and mixing_time_normalized_capped_share."""
     C = proxies.combine_heads(attn, weights)[..., None, :, :]  # combined once: (S, L, 1, T, T)
     if capped_shares:
-        (mixing, capped), (normalized, normalized_capped) = (
-            proxies.mixing_and_capped_share(C, max_steps=cfg.max_steps, walk=walk) for walk in ("authors",
-                                                                                                 "normalized"))
-        shares = {"mixing_time_capped_share": capped, "mixing_time_normalized_capped_share": normalized_capped}
-    else:
-        mixing = (proxies.mixing_time(C, max_steps=cfg.max_steps) if estimator == "exact" else
-                  proxies.mixing_time_mc(C, num_simulations=cfg.num_simulations, max_steps=cfg.max_steps, seed=seed))
-        normalized, shares = proxies.mixing_time_normalized(C, max_steps=cfg.max_steps), {}
+        walked = section4_walk_values(C, cfg)
+        return {"mixing_time": walked.pop("mixing_time"), "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
+                **walked}
+    mixing = (proxies.mixing_time(C, max_steps=cfg.max_steps) if estimator == "exact" else
+              proxies.mixing_time_mc(C, num_simulations=cfg.num_simulations, max_steps=cfg.max_steps, seed=seed))
     return {"mixing_time": mixing, "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
-            "mixing_time_normalized": normalized, **shares}
+            "mixing_time_normalized": proxies.mixing_time_normalized(C, max_steps=cfg.max_steps)}
+
+
+def section4_walk_values(C, cfg):
+    """The walks' part of section4_values with capped shares, of combined heads C (..., 1, T, T): mixing_time,
+    mixing_time_normalized and the share of each walk's walks that the cap stops (proxies.mixing_and_capped_share),
+    from one pass each."""
+    (mixing, capped), (normalized, normalized_capped) = (
+        proxies.mixing_and_capped_share(C, max_steps=cfg.max_steps, walk=walk) for walk in ("authors", "normalized"))
+    return {"mixing_time": mixing, "mixing_time_normalized": normalized, "mixing_time_capped_share": capped,
+            "mixing_time_normalized_capped_share": normalized_capped}
 
 
 def section4_summary(values, task, heads, estimator):
@@ -134,16 +141,26 @@ def tables56_rows(models, cfg, samples, seed):
 
 
 # Synergy: the combination against the same heads used as parallel channels
+DIVERSITY_ROWS = 128  # query rows compared a pass: rows i < i1 of a causal head are zero past key i1 - 1
+
+
 def head_diversity(attn):
-    """Mean pairwise total-variation distance between the heads' attention rows: (..., H, T, T) -> (...)."""
-    attn = torch.as_tensor(attn, dtype=torch.float64)[..., 1:, :]  # row 0 is [1, 0, ...] in every causal head
+    """Mean pairwise total-variation distance between the heads' attention rows: (..., H, T, T) -> (...). The query
+    rows a DIVERSITY_ROWS at a time, each pass over the keys its rows can see (a causal head is zero beyond them):
+    on a language model's 1,024 tokens, less than half the work of comparing whole rows; one pass where
+    T <= DIVERSITY_ROWS (the toy models' T = 100)."""
+    attn = torch.as_tensor(attn, dtype=torch.float64)
     H, T = attn.shape[-3], attn.shape[-1]
     if H < 2:
         return np.zeros(attn.shape[:-3])
-    rows = attn.movedim(-3, -2).reshape(-1, H, T)  # (..., query, H, key): one (H, H) L1 table a query row
     pairs = torch.triu_indices(H, H, 1)
-    tv = 0.5 * torch.cdist(rows, rows, p=1)[:, pairs[0], pairs[1]].mean(-1)
-    return tv.reshape(attn.shape[:-3] + (-1,)).mean(-1).cpu().numpy()
+    tv = []
+    for first in range(1, T, DIVERSITY_ROWS):  # row 0 is [1, 0, ...] in every causal head
+        end = min(T, first + DIVERSITY_ROWS)
+        keys = T if end == T or bool(attn[..., first:end, end:].any()) else end  # the whole row if not causal
+        rows = attn[..., first:end, :keys].movedim(-3, -2).reshape(-1, H, keys)  # one (H, H) L1 table a query
+        tv.append((0.5 * torch.cdist(rows, rows, p=1)[:, pairs[0], pairs[1]].mean(-1)).reshape(attn.shape[:-3] + (-1,)))
+    return torch.cat(tv, dim=-1).mean(-1).cpu().numpy()
 
 
 def head_set_values(attn, weights, cfg, epsilon_mixing=False, combined_mixing=None):
@@ -286,22 +303,23 @@ def theorem29_summary(values, task, heads):
 
 
 # Mixing across sequence length: under a causal mask the first n tokens' attention is the top-left n x n block
-def prefix_values(attn, weights, lengths, cfg, whole=None):
+def prefix_values(attn, weights, lengths, cfg, whole=None, combined=None):
     """For each prefix length n: per sequence and layer (S, L), the epsilon-mixing time of the layer's walk on the
     first n tokens, the bound 2(n - 1)/p there, and the paper's two proxies of the block. whole: the values at
-    n = T where the caller has them already (theorem29's and section4's, the same computations)."""
+    n = T where the caller has them already (theorem29's and section4's, the same computations); combined: the
+    layer's combined heads C (S, L, 1, T, T) where the caller has them (the block's are C's top-left block)."""
     out = {}
+    C = proxies.combine_heads(attn, weights)[..., None, :, :] if combined is None else combined
     for n in lengths:
         if whole is not None and n == attn.shape[-1]:
             out[n] = whole
             continue
-        block = attn[..., :n, :n]
-        per_head = walks.head_walks(block)
+        per_head = walks.head_walks(attn[..., :n, :n])
         p_worst, _ = _theorem29_p(per_head, weights)
         out[n] = {"mixing": walks.epsilon_mixing_time(walks.mix_walks(per_head, weights), validate=False),
                   "bound": _bound(n - 1, p_worst),
-                  "mixing_time": proxies.mixing_time(block, weights, cfg.max_steps),
-                  "fidelity": proxies.minimax_fidelity(block, weights, cfg.horizon)}
+                  "mixing_time": proxies.mixing_time(C[..., :n, :n], max_steps=cfg.max_steps),
+                  "fidelity": proxies.minimax_fidelity(C[..., :n, :n], horizon=cfg.horizon)}
     return out
 
 
@@ -396,20 +414,24 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=(), window=N
     attn = torch.as_tensor(attn).double()
     layer, w = attn[:, None], np.asarray(weights, dtype=float)[None]  # one layer: (S, 1, H, T, T), (1, H)
     out = {}
+    if {"section4", "prefix"} & set(studies):
+        C = proxies.combine_heads(layer, w)[..., None, :, :]  # (S, 1, 1, T, T): combined once, for every value
     if "section4" in studies:
-        C = proxies.combine_heads(attn, weights)  # (S, T, T), for the certified fidelity beside the paper's
-        out["section4"] = {**attention_section4_values(layer, w, cfg, capped_shares=True),
-                           "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C)[0][:, None]}
+        out["section4"] = section4_walk_values(C, cfg)
     if {"tables56", "synergy"} & set(studies):
         values, diversity = head_set_values(layer, w, cfg, combined_mixing=out.get("section4", {}).get("mixing_time"))
         out["head_sets"] = {"values": values, "diversity": diversity}  # tables56 and synergy
+    if "section4" in studies:  # the combination's fidelity: the head sets' where they stepped it (the same value)
+        fidelity = values["fidelity"]["combined"] if "head_sets" in out else proxies.minimax_fidelity(C, horizon=cfg.horizon)
+        out["section4"] = {"mixing_time": out["section4"].pop("mixing_time"), "fidelity": fidelity, **out["section4"],
+                           "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C[:, 0, 0])[0][:, None]}
     if "theorem29" in studies:
         out["theorem29"] = theorem29_values(layer, w)
     if "prefix" in studies:
         whole = ({"mixing": out["theorem29"]["mixing"], "bound": out["theorem29"]["bound"],
                   **{name: out["section4"][name] for name in ("mixing_time", "fidelity")}}
                  if {"section4", "theorem29"} <= set(studies) else None)  # n = T: stepped once, by those studies
-        out["prefix"] = prefix_values(layer, w, [n for n in lengths if n <= attn.shape[-1]], cfg, whole)
+        out["prefix"] = prefix_values(layer, w, [n for n in lengths if n <= attn.shape[-1]], cfg, whole, C)
     if "sink" in studies:
         out["sink"] = {name: value[:, None] for name, value in sink_values(attn, window).items()}  # (S, 1[, H])
     return out

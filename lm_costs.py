@@ -181,14 +181,16 @@ def load_job(name, cache, device):
 
 
 PARTS = {"fidelity steps": [(proxies, "_certified_fidelities")], "mixing-time steps": [(proxies,
-         "_capped_steps_by_stepping")], "walks built": [(proxies, "walk_transition"), (walks, "head_walks")],
+         "_capped_steps_by_stepping")], "walks built": [(proxies, "walk_transition"), (proxies, "_walk_steps"),
+                                                         (walks, "head_walks")],
          "epsilon-mixing steps": [(walks, "_first_mixed_steps")], "heads combined": [(proxies, "weighted_sum"),
          (walks, "weighted_sum")], "head diversity": [(evaluation, "head_diversity")]}
 
 
 @contextmanager
 def timed_parts(seconds):
-    """Within it, each function of PARTS adds its time to seconds[part] (none of them calls another)."""
+    """Within it, each function of PARTS adds its time to seconds[part] (none of them calls another at a language
+    model's length: _walk_steps falls back on walk_transition only at T <= proxies.STEP_BLOCK)."""
     def timed(part, function):
         def run(*args, **kwargs):
             began = time.perf_counter()

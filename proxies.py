@@ -122,6 +122,44 @@ def _over_chunks(fn, C, *aligned, item_dims=2):
     return out.reshape((*batch_shape, *out.shape[1:]))
 
 
+def zero_above_diagonal_blocks(M):
+    """Whether every matrix of M (B, T, T) is zero above its diagonal blocks of STEP_BLOCK x STEP_BLOCK, as every
+    causal one is: what CausalSteps and _walk_steps keep their column blocks on."""
+    b = STEP_BLOCK
+    return not any(bool(M[:, :j, j:j + b].any()) for j in range(b, M.shape[-1], b))
+
+
+def _band_ends(parts):
+    """Per column block j of CausalSteps (columns j..j+b-1): how many of its rows, from row j down, hold a non-zero in
+    some matrix of parts (N, k, T, T). T - j in the last block and in a full causal matrix, whose last row (the
+    sink's query) reads every key, found from that row alone; fewer in a sliding-window layer, where query i reads
+    keys i - W < j <= i only: its zeros below the band (a sixth of Gemma 3's at 1,024 tokens) are then neither copied
+    nor read."""
+    T, ends = parts[0].shape[-1], []
+    for j in range(0, T, STEP_BLOCK):
+        if j + STEP_BLOCK >= T or any(bool(part[..., -1, j:j + STEP_BLOCK].any()) for part in parts):
+            ends.append(T - j)
+            continue
+        rows = torch.stack([part[..., j:, j:j + STEP_BLOCK].any(-1).flatten(0, -2).any(0) for part in parts]).any(0)
+        ends.append(int(rows.nonzero().max()) + 1 if rows.any() else 1)
+    return ends
+
+
+def _column_blocks(parts):
+    """CausalSteps' column blocks (block j: M[j:j+e, j:j+b]^T, contiguous, e from _band_ends) of the matrices of
+    parts (N, k, T, T) joined along dim 1: (N * K, b, e) each, K the sum of the parts' k, each part copied once."""
+    N, T, K = len(parts[0]), parts[0].shape[-1], sum(part.shape[1] for part in parts)
+    blocks = []
+    for j, end in zip(range(0, T, STEP_BLOCK), _band_ends(parts)):
+        block = parts[0].new_empty(N, K, min(STEP_BLOCK, T - j), end)
+        first = 0
+        for part in parts:
+            block[:, first:first + part.shape[1]] = part[..., j:j + end, j:j + STEP_BLOCK].transpose(-1, -2)
+            first += part.shape[1]
+        blocks.append(block.flatten(0, 1))
+    return blocks
+
+
 class CausalSteps:
     """r -> r M for a batch of matrices M (B, T, T) and rows r (B, k, T), the one product every stepped proxy and
     walk repeats up to a hundred times (and more) on the same M. Where T > STEP_BLOCK = b and every M is zero above
@@ -134,17 +172,25 @@ class CausalSteps:
 
     def __init__(self, M=None, blocks=None):
         """M (B, T, T), or its blocks where the caller has them (__getitem__)."""
-        b = STEP_BLOCK
-        if blocks is None and M.shape[-1] > b and not any(bool(M[:, :j, j:j + b].any())
-                                                          for j in range(b, M.shape[-1], b)):
-            blocks = [M[:, j:, j:j + b].transpose(-1, -2).contiguous() for j in range(0, M.shape[-1], b)]
+        if blocks is None and M.shape[-1] > STEP_BLOCK and zero_above_diagonal_blocks(M):
+            blocks = _column_blocks([M[:, None]])
         self.M, self.blocks = (M, None) if blocks is None else (None, blocks)  # what __call__ reads
+
+    @classmethod
+    def joined(cls, *parts):
+        """The steps of torch.cat(parts, dim=1) flattened to (N * K, T, T), parts (N, k, T, T) with K the sum of their
+        k (a batch of heads and their combination), without that concatenation: each block copied once, from its
+        part."""
+        T = parts[0].shape[-1]
+        if T > STEP_BLOCK and all(zero_above_diagonal_blocks(part.reshape(-1, T, T)) for part in parts):
+            return cls(blocks=_column_blocks(parts))
+        return cls(torch.cat(parts, dim=1).flatten(0, 1))
 
     def __call__(self, r):
         if self.blocks is None:
             return r @ self.M
-        return torch.cat([(block @ r[..., j * STEP_BLOCK:].transpose(-1, -2)).transpose(-1, -2)
-                          for j, block in enumerate(self.blocks)], dim=-1)
+        return torch.cat([(block @ r[..., j * STEP_BLOCK:j * STEP_BLOCK + block.shape[-1]].transpose(-1, -2))
+                          .transpose(-1, -2) for j, block in enumerate(self.blocks)], dim=-1)
 
     def __getitem__(self, keep):
         if self.blocks is None:
@@ -207,36 +253,77 @@ def walk_transition(C, walk="authors"):
     # Built transposed, Pt[k, c] = P[c, k], along C's contiguous rows (the same sums in the same order), and returned
     # as a view: the stepped mixing time reads Pt itself, contiguous.
     if walk == "authors":
-        St = C.cumsum(dim=-2).clamp_(max=1.0)  # St[k, c] = S_k of column c
-        Pt = torch.empty_like(St)
-        Pt[..., :1, :] = St[..., :1, :]
-        torch.sub(St[..., 1:, :], St[..., :-1, :], out=Pt[..., 1:, :])
-        Pt[..., -1, :] = 1.0 - St[..., -2, :] if C.shape[-1] > 1 else 1.0
-    elif walk == "normalized":
-        mass = C.sum(dim=-2, keepdim=True)
-        if (mass <= 0).any():
-            raise ValueError("walk='normalized' needs every position to receive some attention (a zero column)")
-        Pt = C / mass
+        Pt = _authors_steps(C.cumsum(dim=-2).clamp_(max=1.0), dim=-2)
     else:
-        raise ValueError(f"walk must be 'authors' or 'normalized', got {walk!r}")
+        Pt = C / _column_mass(C, walk).unsqueeze(-2)
     P = Pt.transpose(-1, -2)
     P[..., -1, :] = 0.0
     P[..., -1, -1] = 1.0
     return P
 
 
-def _expected_capped_steps(P, max_steps, survival=False):
-    """E[min(hitting time of the sink, max_steps)] from every start: sum_{t<max_steps} P(not yet at the sink), (B, T);
-    with survival, stacked with P(not at the sink after max_steps steps) from every start: (B, 2, T).
+def _authors_steps(S, dim, sink=True):
+    """The authors' walk from clipped cumulative sums S along dim (the rows k of each column c, S_k of column c):
+    S_0, S_k - S_{k-1}, and, with sink (S's last k is the sink's), 1 - S_{T-2} to the sink."""
+    S = S.movedim(dim, -1)
+    steps = torch.empty_like(S)
+    steps[..., :1] = S[..., :1]
+    torch.sub(S[..., 1:], S[..., :-1], out=steps[..., 1:])
+    if sink:
+        steps[..., -1] = 1.0 - S[..., -2] if S.shape[-1] > 1 else 1.0
+    return steps.movedim(-1, dim)
+
+
+def _column_mass(C, walk):
+    """sum_i C[i, c] (..., T), the normalized walk's denominators; ValueError for another walk than the two, or a
+    zero column."""
+    if walk not in ("authors", "normalized"):
+        raise ValueError(f"walk must be 'authors' or 'normalized', got {walk!r}")
+    mass = C.sum(dim=-2) if walk == "normalized" else None
+    if mass is not None and (mass <= 0).any():
+        raise ValueError("walk='normalized' needs every position to receive some attention (a zero column)")
+    return mass
+
+
+def _walk_steps(C, walk):
+    """(r -> r P^T as CausalSteps, P's diagonal (B, T)) of the walk on C (B, T, T) (walk_transition), for rows r
+    without mass at the sink (r[T - 1] = 0), as the stepped mixing time's. Where CausalSteps keeps column blocks
+    (T > STEP_BLOCK, C zero above its diagonal blocks), they are built from C's own: block j, P[j:j+b, j:], needs
+    only C[j:, j:j+b] (column c of C from row j down, zero above row c), so the zeros above C's diagonal blocks are
+    neither summed nor copied, and P is never held whole; below a sliding window's band (_band_ends) P is zero but
+    for its column to the sink, which r never reads. The same sums in the same order as walk_transition, so the
+    same bits."""
+    b, T = STEP_BLOCK, C.shape[-1]
+    if T <= b or not zero_above_diagonal_blocks(C):
+        P = walk_transition(C, walk)
+        return CausalSteps(P.transpose(-1, -2)), P.diagonal(dim1=-2, dim2=-1)
+    mass = _column_mass(C, walk)
+    blocks, diagonal = [], torch.zeros_like(C[:, 0])
+    for j, end in zip(range(0, T, b), _band_ends([C[:, None]])):
+        column = C[:, j:j + end, j:j + b].transpose(-1, -2).contiguous()  # (B, b, end): [c, k] = C[j + k, j + c]
+        blocks.append(_authors_steps(column.cumsum_(dim=-1).clamp_(max=1.0), dim=-1, sink=end == T - j)
+                      if walk == "authors" else column.div_(mass[:, j:j + b, None]))
+        diagonal[:, j:j + min(b, end)] = blocks[-1].diagonal(dim1=-2, dim2=-1)  # 0 past a band's end
+    blocks[-1][:, -1] = 0.0  # the sink's row: absorbing
+    blocks[-1][:, -1, -1] = 1.0
+    diagonal[:, -1] = 1.0
+    return CausalSteps(blocks=blocks), diagonal
+
+
+def _expected_capped_steps(C, max_steps, survival=False, walk="authors"):
+    """E[min(hitting time of the sink, max_steps)] of the walk on C (B, T, T) (walk_transition) from every start:
+    sum_{t<max_steps} P(not yet at the sink), (B, T); with survival, stacked with P(not at the sink after max_steps
+    steps) from every start: (B, 2, T).
 
     With Q the transitions among the non-sink positions, P(H > t | start s) = (Q^t 1)_s, so the answer is
     s_M = sum_{t<M} Q^t 1. Binary doubling over the bits of M (s_2n = s_n + Q^n s_n; s_n+1 = s_n + Q^n 1) needs
     O(log M) matrix products, O(T^3 log M), instead of M dependent mat-vec steps, O(M T^2): the products win while
     M >= T (the paper's T = M = 100), the steps on long sequences (a language model's T = 1024). The sink scores 0.
     """
-    if max_steps < P.shape[-1] - 1:
-        out = _capped_steps_by_stepping(P, max_steps)
+    if max_steps < C.shape[-1] - 1:
+        out = _capped_steps_by_stepping(*_walk_steps(C, walk), max_steps)
         return out if survival else out[:, 0]
+    P = walk_transition(C, walk)
     Q = P[:, :-1, :-1].contiguous()
     ones = torch.ones(*Q.shape[:-1], 1, dtype=P.dtype, device=P.device)
     total, power = torch.zeros_like(ones), None  # total = s_n, power = Q^n (None for n = 0)
@@ -264,20 +351,19 @@ CAPPED_RTOL = 1e-10  # the stepped mixing time stops once the steps left add les
 CAPPED_CHECK_EVERY = 8  # steps between two checks of that condition
 
 
-def _capped_steps_by_stepping(P, max_steps):
-    """(B, 2, T): s_M = 1 + Q 1 + ... + Q^(M-1) 1 and Q^M 1 (Q: P without the sink), the sink's 0 included, by
+def _capped_steps_by_stepping(steps, diagonal, max_steps):
+    """(B, 2, T) of the walk whose steps r <- r P^T and diagonal (B, T) _walk_steps gives: s_M = 1 + Q 1 + ... + Q^(M-1) 1 and Q^M 1 (Q: P without the sink), the sink's 0 included, by
     row-vector steps r <- r P^T (a vector times a matrix reads the matrix about twice as fast as a matrix times a
     vector here; walk_transition's P is a view of a contiguous P^T; r's sink entry stays 0, since the sink moves
     nowhere, so the sink's row and column drop out). Survival only falls (Q >= 0, rows summing to <= 1), so the
     steps left from t add at most (M - t) r_t: an item may stop once every r_t is below CAPPED_RTOL / M (the rest
     adds less than CAPPED_RTOL to totals >= 1, and its survival, taken as 0, is off by less), except at starts that
     never move (P[c, c] = 1: r stays 1, so they add exactly M - t and survive)."""
-    steps = CausalSteps(P.transpose(-1, -2))  # r <- r P^T
-    trapped = P.diagonal(dim1=-2, dim2=-1) == 1.0
+    trapped = diagonal == 1.0
     trapped[:, -1] = False  # the sink: r is 0 there throughout
-    out = torch.zeros(len(P), 2, P.shape[-1], dtype=P.dtype, device=P.device)
-    active = torch.arange(len(P), device=P.device)
-    total = torch.zeros(len(P), 1, P.shape[-1], dtype=P.dtype, device=P.device)  # (B, 1, T) rows
+    out = diagonal.new_zeros(len(diagonal), 2, diagonal.shape[-1])
+    active = torch.arange(len(diagonal), device=diagonal.device)
+    total = diagonal.new_zeros(len(diagonal), 1, diagonal.shape[-1])  # (B, 1, T) rows
     survive = torch.ones_like(total)
     survive[..., -1] = 0.0
     for t in range(max_steps):
@@ -288,7 +374,7 @@ def _capped_steps_by_stepping(P, max_steps):
             done = ((survive * max_steps <= CAPPED_RTOL) | trapped[:, None]).all(-1)[:, 0]
             # set aside once the steps it saves outweigh the copy of the rest (about 4 steps of every active walk)
             if done.all() or done.sum() * left >= 4 * len(active):
-                kept = trapped[done].to(P.dtype)
+                kept = trapped[done].to(diagonal.dtype)
                 out[active[done]] = torch.stack([total[done, 0] + left * kept, kept], dim=1)
                 keep = ~done
                 active, steps, trapped, total, survive = (active[keep], steps[keep], trapped[keep], total[keep],
@@ -303,8 +389,8 @@ def expected_walk_steps(attn, head_weights=None, max_steps=100, walk="authors", 
     """Exact expected capped steps to the sink from each start position: array (..., T); the sink scores 0. With
     survival, (..., 2, T): those and each start's probability of not reaching the sink within max_steps."""
     check_steps("max_steps", max_steps)
-    P = walk_transition(combine_heads(attn, head_weights), walk)
-    return to_numpy(_over_chunks(lambda p: _expected_capped_steps(p, max_steps, survival), P))
+    C = combine_heads(attn, head_weights)
+    return to_numpy(_over_chunks(lambda c: _expected_capped_steps(c, max_steps, survival, walk), C))
 
 
 def mixing_and_capped_share(attn, head_weights=None, max_steps=100, walk="authors"):
@@ -379,9 +465,9 @@ def head_set_fidelities(attn, head_weights=None, horizon=100):
     attn = check_layer(attn)
     w = check_weights(head_weights, attn).expand(*attn.shape[:-2])  # (..., H)
     H = attn.shape[-3]
-    matrices = torch.cat([attn, weighted_sum(w, attn)[..., None, :, :]], dim=-3)  # (..., H + 1, T, T)
-    fidelity = 100 * to_numpy(_over_chunks(lambda m, v: _certified_fidelities(m, v, horizon), matrices, w,
-                                            item_dims=3))  # (..., H + 2): heads, combined, parallel
+    fidelity = 100 * to_numpy(_over_chunks(lambda m, c, v: _certified_fidelities(m, v, horizon, combined=c), attn,
+                                            weighted_sum(w, attn)[..., None, :, :], w, item_dims=3))  # (..., H + 2):
+    # heads, combined, parallel
     return {"heads": fidelity[..., :H], "combined": fidelity[..., H], "parallel": fidelity[..., H + 1]}
 
 
@@ -399,17 +485,19 @@ def _certificate(phi, current):
     return low, high - low <= CERTIFY_RTOL * high
 
 
-def _certified_fidelities(matrices, w, horizon):
-    """min_j phi_j of each of matrices (N, M, T, T) and, where weights w (N, M - 1) are given, of the parallel
-    channels of the first M - 1: (N, M + 1) (else (N, M)). Each item is stepped until the horizon or until all its
-    values are certain, then set aside."""
-    w = None if w is None else w[:, None, :]  # (N, 1, M - 1): the parallel row is w @ the heads' rows
-    N, M, T = matrices.shape[:3]
-    rows = matrices[:, :, -1, :]  # (N, M, T): row tau of each matrix, t = 1
-    steps = CausalSteps(matrices.reshape(N * M, T, T))
+def _certified_fidelities(matrices, w, horizon, combined=None):
+    """min_j phi_j of each of matrices (N, M, T, T), then of combined (N, 1, T, T) where given (M + 1 of them, as if
+    joined along dim 1), and, where weights w (N, M) are given, of the parallel channels of the M matrices: (N, M + 2)
+    (else one fewer of each). Each item is stepped until the horizon or until all its values are certain, then set
+    aside."""
+    w = None if w is None else w[:, None, :]  # (N, 1, M): the parallel row is w @ the heads' rows
+    parts = (matrices,) if combined is None else (matrices, combined)
+    rows = torch.cat([part[:, :, -1, :] for part in parts], dim=1)  # (N, M [+ 1], T): row tau of each, t = 1
+    N, M, T = rows.shape
+    steps = CausalSteps.joined(*parts)
     phi = _with_parallel(rows, w)
     result = torch.empty(phi.shape[:2], dtype=phi.dtype, device=phi.device)
-    active = torch.arange(len(matrices), device=matrices.device)
+    active = torch.arange(N, device=matrices.device)
     for t in range(2, horizon + 1):
         if t % CERTIFY_EVERY == 0:
             low, certain = _certificate(phi, _with_parallel(rows, w))

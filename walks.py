@@ -161,6 +161,8 @@ def _first_mixed_steps(W, need, max_steps, starts=STARTS, group=1):
             row = steps(row)
             mixed = torch.stack([_sink_share(row[:, 0], start) for start in starts], dim=-1) > need
             found = torch.where(torch.isinf(found) & mixed, float(t), found)
+            if not torch.isinf(found.reshape(-1, group, len(starts)).amin(1)).any():
+                break  # every walk (group) has mixed from every start: nothing left to step
         first[active] = found
         walking = torch.isinf(found.reshape(-1, group, len(starts)).amin(1)).any(-1).repeat_interleave(group)
         if not walking.all():  # set the mixed walks aside (a copy of the rest: only when something changed)

@@ -113,6 +113,19 @@ def test_synergy_statistics_and_diversity_by_hand():
     assert head_diversity(np.array([*one_hot, one_hot[0]])) == pytest.approx(2 / 3)  # pairs: 1, 0, 1
 
 
+def test_head_diversity_of_long_causal_heads_equals_its_definition():
+    """At T = 300 head_diversity compares each block of query rows over the keys they see: the same as the mean over
+    queries 1..T-1 and pairs of heads of the total-variation distance of whole rows, summed here pair by pair; a
+    non-causal batch (every key read) too."""
+    rng = np.random.default_rng(4)
+    for attn in (np.tril(rng.random((2, 4, 300, 300))), rng.random((1, 3, 300, 300))):
+        attn /= attn.sum(-1, keepdims=True)
+        H = attn.shape[1]
+        pairs = [(h, g) for h in range(H) for g in range(h + 1, H)]
+        tv = [np.mean([0.5 * np.abs(a[h, 1:] - a[g, 1:]).sum(-1) for h, g in pairs], axis=0).mean() for a in attn]
+        assert np.allclose(head_diversity(attn), tv, rtol=1e-13, atol=0)
+
+
 def test_synergy_layer_values_from_their_definitions():
     """layer_values on two known heads with weights 3:1: best head = max fidelity and min mixing time over the heads,
     parallel mixing time = the weighted mean of the heads' own, parallel fidelity from matrix powers of each head,

@@ -85,10 +85,10 @@ def test_long_sequences_step_and_agree_with_doubling():
     A, w = random_causal((2,), 12, rng), np.array([0.7, 0.3])
     means, _, _ = brute_force_walk(np.tensordot(w, A, axes=1), 5)
     assert np.allclose(proxies.expected_walk_steps(A, w, max_steps=5), means, atol=1e-12)
-    P = proxies.walk_transition(torch.from_numpy(np.tensordot(w, A, axes=1))[None])
+    C = torch.from_numpy(np.tensordot(w, A, axes=1))[None]
     for M in (3, 10, 11, 40):
-        stepped = proxies._capped_steps_by_stepping(P, M)  # (1, 2, 12): steps and survival
-        assert torch.allclose(proxies._expected_capped_steps(P, M, survival=True), stepped, rtol=1e-12, atol=1e-12)
+        stepped = proxies._capped_steps_by_stepping(*proxies._walk_steps(C, "authors"), M)  # (1, 2, 12)
+        assert torch.allclose(proxies._expected_capped_steps(C, M, survival=True), stepped, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5])
@@ -306,3 +306,44 @@ def test_causal_steps_are_row_times_matrix_in_blocks_and_keep_subsets():
         assert plain.blocks is None and np.allclose(plain(torch.from_numpy(r)).numpy(), r @ M, rtol=1e-13, atol=0)
     short = np.tril(rng.random((2, 9, 9)))
     assert proxies.CausalSteps(torch.from_numpy(short)).blocks is None
+
+
+def _dense_survival(P, M):
+    """Independent of proxies: numpy's M steps s <- Q s of a walk's transitions P among its non-sink nodes, from
+    every start: (sum of the survivals before each step, the survival after M)."""
+    Q, total = P[:-1, :-1], np.zeros(len(P) - 1)
+    survive = np.ones(len(P) - 1)
+    for _ in range(M):
+        total, survive = total + survive, Q @ survive
+    return total, survive
+
+
+def test_sliding_window_heads_are_stepped_on_their_band_alone():
+    """Sliding-window heads (query i reads keys i - W < j <= i, as Gemma 3's local layers) at T = 300: CausalSteps
+    keeps each column block only down to its band's last row (b + W - 1 rows), and steps as numpy's r @ M; the
+    mixing times of both walks built from the band (survival included) equal numpy's dense steps of the reference
+    walks; the certified fidelities, the full horizon's minimum (per_node_fidelity)."""
+    rng = np.random.default_rng(7)
+    T, W, M, b = 300, 40, 100, proxies.STEP_BLOCK
+    i, j = np.indices((T, T))
+    heads = np.where((i >= j) & (i - j < W), np.exp(2 * rng.standard_normal((3, T, T))), 0.0)
+    heads /= heads.sum(-1, keepdims=True)
+    steps = proxies.CausalSteps(torch.from_numpy(heads))
+    assert [block.shape[-1] for block in steps.blocks] == [b + W - 1, b + W - 1, T - 2 * b]
+    r = rng.random((3, 2, T))
+    assert np.allclose(steps(torch.from_numpy(r)).numpy(), r @ heads, rtol=1e-13, atol=0)
+    authors = proxies.expected_walk_steps(heads[:, None], max_steps=M, survival=True)
+    normalized = proxies.expected_walk_steps(heads[:, None], max_steps=M, walk="normalized", survival=True)
+    for h, C in enumerate(heads):
+        P = C.T / C.sum(0)[:, None]
+        P[-1] = np.eye(T)[-1]
+        for values, walk in ((authors[h], authors_walk_reference(C)), (normalized[h], P)):
+            total, survive = _dense_survival(walk, M)
+            assert np.allclose(values[0, :-1], total, rtol=1e-9, atol=0) and values[0, -1] == 0
+            assert np.allclose(values[1, :-1], survive, rtol=1e-9, atol=1e-12)
+    weights = rng.random(3)
+    fidelities = proxies.head_set_fidelities(heads, weights, horizon=30)
+    full = lambda a, w=None: 100 * proxies.per_node_fidelity(a, w, horizon=30).min(-1)
+    assert np.allclose(fidelities["heads"], full(heads[:, None]), rtol=1e-12, atol=0)
+    assert np.isclose(fidelities["combined"], full(heads, weights), rtol=1e-12, atol=0)
+
