@@ -95,6 +95,13 @@ class LMRuns:
     quantisers: tuple = ()  # lm_quantisation: the studies again after each of these re-roundings of the weights
 
 
+# pretrained.py on a CPU: the layers' studies run on this many worker threads, one torch thread each (their
+# matrix-vector steps run as fast on one thread as on two), beside the forward pass, where a layer's attention in
+# float64 is at most LM_PARALLEL_BYTES (each worker holds one), with up to LM_WAITING_BYTES of attention handed
+# over and waiting for them; above it, one layer at a time on every thread
+LM_LAYER_WORKERS = 2
+LM_PARALLEL_BYTES = 2 ** 28
+LM_WAITING_BYTES = 2 ** 28
 # pretrained.py's prefix study: resamples of the samples behind each layer's 95% interval of its exponent beta
 BETA_BOOTSTRAP_DRAWS = 2000
 # pretrained.py --reproduce: the committed real-model results, then Gu et al.'s sink protocol (ICLR 2025: 100

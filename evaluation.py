@@ -163,12 +163,12 @@ def head_diversity(attn):
     return torch.cat(tv, dim=-1).mean(-1).cpu().numpy()
 
 
-def head_set_values(attn, weights, cfg, epsilon_mixing=False, combined_mixing=None):
+def head_set_values(attn, weights, cfg, epsilon_mixing=False, combined_mixing=None, combined=None):
     """Per head set of a batch (..., H, T, T) with head weights (uniform when None): the combined, parallel and
     best-head values of both proxies (dicts of (...) arrays) and head diversity; with epsilon_mixing, also the
     averaged-start epsilon-mixing time of the layer's walk (walks.mixture_walk) and of its fastest head.
-    combined_mixing: the combination's mixing time where the caller has it already (Section 4's)."""
-    fidelity = proxies.head_set_fidelities(attn, weights, cfg.horizon)
+    combined_mixing, combined: the combination's mixing time and C (..., T, T) where the caller has them already."""
+    fidelity = proxies.head_set_fidelities(attn, weights, cfg.horizon, combined)
     per_head_mixing = proxies.mixing_time(attn[..., None, :, :], max_steps=cfg.max_steps)  # (..., H), once
     if combined_mixing is None:
         combined_mixing = proxies.mixing_time(attn, weights, cfg.max_steps)
@@ -411,19 +411,27 @@ def layer_study_values(attn, weights, cfg, studies=STUDIES, lengths=(), window=N
     ({n: values} at the prefix lengths), sink (sink_values, window: a sliding-window layer's); the head sets' values
     that tables56 and synergy share under "head_sets".
     Each value is a column of the study's summary, as for the toy models."""
-    attn = torch.as_tensor(attn).double()
+    with proxies.trusted_layer(torch.as_tensor(attn)) as attn:  # checked once here, not by every proxy
+        return _layer_study_values(attn, weights, cfg, studies, lengths, window)
+
+
+def _layer_study_values(attn, weights, cfg, studies, lengths, window):
+    """layer_study_values of a checked float64 attention."""
     layer, w = attn[:, None], np.asarray(weights, dtype=float)[None]  # one layer: (S, 1, H, T, T), (1, H)
     out = {}
-    if {"section4", "prefix"} & set(studies):
+    if {"section4", "prefix", "tables56", "synergy"} & set(studies):
         C = proxies.combine_heads(layer, w)[..., None, :, :]  # (S, 1, 1, T, T): combined once, for every value
     if "section4" in studies:
         out["section4"] = section4_walk_values(C, cfg)
     if {"tables56", "synergy"} & set(studies):
-        values, diversity = head_set_values(layer, w, cfg, combined_mixing=out.get("section4", {}).get("mixing_time"))
+        values, diversity = head_set_values(layer, w, cfg, combined_mixing=out.get("section4", {}).get("mixing_time"),
+                                            combined=C[..., 0, :, :])
         out["head_sets"] = {"values": values, "diversity": diversity}  # tables56 and synergy
     if "section4" in studies:  # the combination's fidelity: the head sets' where they stepped it (the same value)
-        fidelity = values["fidelity"]["combined"] if "head_sets" in out else proxies.minimax_fidelity(C, horizon=cfg.horizon)
-        out["section4"] = {"mixing_time": out["section4"].pop("mixing_time"), "fidelity": fidelity, **out["section4"],
+        fidelity = (values["fidelity"]["combined"] if "head_sets" in out else
+                    proxies.minimax_fidelity(C, horizon=cfg.horizon))
+        out["section4"] = {"mixing_time": out["section4"].pop("mixing_time"), "fidelity": fidelity,  # toy order
+                           **out["section4"],
                            "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C[:, 0, 0])[0][:, None]}
     if "theorem29" in studies:
         out["theorem29"] = theorem29_values(layer, w)

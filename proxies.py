@@ -24,6 +24,8 @@ follow and are reproduced by default because the published numbers depend on the
 off, and since A[0, 0] = 1 in every causal head, a walk started at position 0 never moves and scores max_steps.
 """
 import math
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -46,8 +48,43 @@ def model_head_weights(model):
     return np.stack([head_weights(layer.attn) for layer in model.layers])
 
 
+_CHECKED = set()  # the layers trusted_layer has checked, by _layer_key
+_LAYER = threading.local()  # .shape: (T, whether zero above its diagonal blocks, _band_ends) of the layer within
+# trusted_layer in this thread (study_values studies two layers at once, each in a thread of its own)
+
+
+def _layer_key(attn):
+    """What identifies a checked layer's rows: its memory, its rows' shape and strides, its element count and its
+    version (bumped by every in-place change); a view of all of it with the same rows (attn[..., None, :, :]) has
+    the same key, a transposed or partial one another."""
+    return attn.data_ptr(), tuple(attn.shape[-2:]), attn.stride()[-2:], attn.numel(), attn._version
+
+
+@contextmanager
+def trusted_layer(attn):
+    """Within it, check_layer takes attn (float64, as check_layer returns it) and any view of all of it with the same
+    rows as checked, without reading them again: one layer's studies check their attention once, not once per
+    proxy. And every T x T matrix stepped in blocks (CausalSteps, _walk_steps) is taken to be zero where all the
+    layer's heads are, as every matrix the studies derive from them is (their combination, their walks; the authors'
+    walk but for its column to the sink, which no stepped row reads): whether they are zero above their diagonal
+    blocks, and where their bands end, is read once from the attention, not from each. Yields the checked
+    attention."""
+    attn = check_layer(attn)
+    key, T, outer = _layer_key(attn), attn.shape[-1], getattr(_LAYER, "shape", None)
+    heads, _LAYER.shape = attn.reshape(-1, 1, T, T), None  # read from this layer's heads themselves
+    causal = T > STEP_BLOCK and zero_above_diagonal_blocks(heads[:, 0])
+    _CHECKED.add(key)
+    _LAYER.shape = (T, causal, _band_ends([heads]) if causal else None)
+    try:
+        yield attn
+    finally:
+        _CHECKED.discard(key)
+        _LAYER.shape = outer
+
+
 def check_layer(attn):
-    """The attention as a float64 tensor (..., H, T, T), or a ValueError that says what is wrong."""
+    """The attention as a float64 tensor (..., H, T, T), or a ValueError that says what is wrong (not read again
+    within trusted_layer)."""
     if isinstance(attn, np.ndarray):
         attn = torch.from_numpy(attn)
     elif not isinstance(attn, torch.Tensor):
@@ -59,6 +96,8 @@ def check_layer(attn):
     if attn.ndim == 2:
         attn = attn[None]
     attn = attn.to(torch.float64)
+    if _CHECKED and _layer_key(attn) in _CHECKED:
+        return attn
     row_sums = attn.sum(-1)  # any NaN or inf shows in its row's sum
     if not torch.isfinite(row_sums).all():
         raise ValueError("attention contains NaN or infinite entries")
@@ -124,7 +163,10 @@ def _over_chunks(fn, C, *aligned, item_dims=2):
 
 def zero_above_diagonal_blocks(M):
     """Whether every matrix of M (B, T, T) is zero above its diagonal blocks of STEP_BLOCK x STEP_BLOCK, as every
-    causal one is: what CausalSteps and _walk_steps keep their column blocks on."""
+    causal one is: what CausalSteps and _walk_steps keep their column blocks on (the layer's, within trusted_layer)."""
+    layer = getattr(_LAYER, "shape", None)
+    if layer is not None and layer[0] == M.shape[-1]:
+        return layer[1]
     b = STEP_BLOCK
     return not any(bool(M[:, :j, j:j + b].any()) for j in range(b, M.shape[-1], b))
 
@@ -135,7 +177,9 @@ def _band_ends(parts):
     sink's query) reads every key, found from that row alone; fewer in a sliding-window layer, where query i reads
     keys i - W < j <= i only: its zeros below the band (a sixth of Gemma 3's at 1,024 tokens) are then neither copied
     nor read."""
-    T, ends = parts[0].shape[-1], []
+    T, ends, layer = parts[0].shape[-1], [], getattr(_LAYER, "shape", None)
+    if layer is not None and layer[0] == T and layer[2] is not None:
+        return layer[2]  # the layer's, within trusted_layer
     for j in range(0, T, STEP_BLOCK):
         if j + STEP_BLOCK >= T or any(bool(part[..., -1, j:j + STEP_BLOCK].any()) for part in parts):
             ends.append(T - j)
@@ -166,9 +210,10 @@ class CausalSteps:
     its diagonal blocks of b x b (as every causal M is: attention, its walks, the authors' transposed walk), M is
     kept as its column blocks from the diagonal down, each transposed and contiguous (block j: M[j:, j:j+b]^T), and
     r M is [M[j:, j:j+b]^T r[j:]^T]^T block by block: the zeros above them (about half of a long M) are never read,
-    and a matrix times a vector reads its matrix faster than a vector times a matrix. The sums then run in another
-    order (within 1e-15 relative of r @ M). Otherwise, r @ M itself, as before (the toy models' T = 100).
-    steps[keep] is the steps of a subset of the batch (a walk set aside)."""
+    and a matrix times a vector reads its matrix faster than a vector times a matrix; a block ends at the last row
+    with a non-zero (_band_ends: a sliding-window layer's band). The sums then run in another order (within 1e-15
+    relative of r @ M). Otherwise, r @ M itself, as before (the toy models' T = 100). steps[keep] is the steps of a
+    subset of the batch (a walk set aside); CausalSteps.joined those of several batches side by side."""
 
     def __init__(self, M=None, blocks=None):
         """M (B, T, T), or its blocks where the caller has them (__getitem__)."""
@@ -352,10 +397,10 @@ CAPPED_CHECK_EVERY = 8  # steps between two checks of that condition
 
 
 def _capped_steps_by_stepping(steps, diagonal, max_steps):
-    """(B, 2, T) of the walk whose steps r <- r P^T and diagonal (B, T) _walk_steps gives: s_M = 1 + Q 1 + ... + Q^(M-1) 1 and Q^M 1 (Q: P without the sink), the sink's 0 included, by
-    row-vector steps r <- r P^T (a vector times a matrix reads the matrix about twice as fast as a matrix times a
-    vector here; walk_transition's P is a view of a contiguous P^T; r's sink entry stays 0, since the sink moves
-    nowhere, so the sink's row and column drop out). Survival only falls (Q >= 0, rows summing to <= 1), so the
+    """(B, 2, T): s_M = 1 + Q 1 + ... + Q^(M-1) 1 and Q^M 1 (Q: P without the sink), the sink's 0 included, of the
+    walk whose steps r <- r P^T and diagonal (B, T) _walk_steps gives, by row-vector steps (a vector times a matrix
+    reads the matrix about twice as fast as a matrix times a vector here; r's sink entry stays 0, since the sink
+    moves nowhere, so the sink's row and column drop out). Survival only falls (Q >= 0, rows summing to <= 1), so the
     steps left from t add at most (M - t) r_t: an item may stop once every r_t is below CAPPED_RTOL / M (the rest
     adds less than CAPPED_RTOL to totals >= 1, and its survival, taken as 0, is off by less), except at starts that
     never move (P[c, c] = 1: r stays 1, so they add exactly M - t and survive)."""
@@ -454,19 +499,21 @@ def parallel_minimax_fidelity(attn, head_weights=None, horizon=100):
     return head_set_fidelities(attn, head_weights, horizon)["parallel"]
 
 
-def head_set_fidelities(attn, head_weights=None, horizon=100):
+def head_set_fidelities(attn, head_weights=None, horizon=100, combined=None):
     """The minimax fidelity (percent) of each head alone, of the combination C = sum_h w_h A_h and of the heads as
     parallel channels, from one pass over each head's sink rows: {"heads": (..., H), "combined": (...),
     "parallel": (...)}, the values of minimax_fidelity(attn[..., None, :, :]), minimax_fidelity(attn, w) and
     parallel_minimax_fidelity(attn, w). An item stops before the horizon once all its values are certain
     (converged_minimax_fidelity's certificate: no later step raises phi_i above the signal that sources >= i still
-    have at the sink), so each agrees with the full horizon's within 1e-12 relative."""
+    have at the sink), so each agrees with the full horizon's within 1e-12 relative. combined: C (..., T, T) where the
+    caller has it."""
     check_steps("horizon", horizon)
     attn = check_layer(attn)
     w = check_weights(head_weights, attn).expand(*attn.shape[:-2])  # (..., H)
     H = attn.shape[-3]
+    C = weighted_sum(w, attn) if combined is None else combined
     fidelity = 100 * to_numpy(_over_chunks(lambda m, c, v: _certified_fidelities(m, v, horizon, combined=c), attn,
-                                            weighted_sum(w, attn)[..., None, :, :], w, item_dims=3))  # (..., H + 2):
+                                            C[..., None, :, :], w, item_dims=3))  # (..., H + 2):
     # heads, combined, parallel
     return {"heads": fidelity[..., :H], "combined": fidelity[..., H], "parallel": fidelity[..., H + 1]}
 
@@ -537,12 +584,12 @@ def converged_minimax_fidelity(diffusion, max_horizon=100_000):
     max_horizon. Returns (fidelity, horizon reached) as float and int (or arrays)."""
     D = check_layer(diffusion)  # row-stochastic, as attention
     D = D.reshape(-1, *D.shape[-2:])
-    row = D[:, -1:, :]
+    row, steps = D[:, -1:, :], CausalSteps(D)
     phi = row[:, 0].clone()
     for t in range(1, max_horizon + 1):
         low, certain = _certificate(phi, row[:, 0])
         if bool(certain.all()):
             return to_numpy(low.reshape(diffusion.shape[:-2])), t
-        row = row @ D
+        row = steps(row)
         phi = torch.maximum(phi, row[:, 0])
     raise ValueError(f"the fidelity did not converge within {max_horizon} steps")

@@ -37,6 +37,15 @@ def input_errors(parser):
         parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
+def comma_list(parser, flag, text, allowed=None):
+    """A comma-separated flag's items as a tuple, each among `allowed` where given; else the parser's error."""
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    if not items or (allowed and any(item not in allowed for item in items)):
+        parser.error(f"{flag}: expected a comma-separated list" + (f" of {', '.join(allowed)}" if allowed else "")
+                     + f", got {text!r}")
+    return tuple(items)
+
+
 def check_writable(parser, folder, flag="--out"):
     """Create `folder` and write a file in it now, so that a run that could not save its results refuses at once."""
     try:
@@ -112,6 +121,18 @@ def freed_memory_kept():
         mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
         trim(0)
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads):
+    """torch's intra-op thread count set to `threads` (None: left as it is) inside the block, restored after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 REPO = Path(__file__).resolve().parent

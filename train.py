@@ -18,7 +18,6 @@ processes and their watchdog), where the evaluation scripts get their models (`m
 missing cells trained first), time estimates, and --status.
 """
 import argparse
-import contextlib
 import os
 import threading
 import time
@@ -33,7 +32,8 @@ from checkpoints import Cell, load_model, read_checkpoint, run_difference, save_
 from config import HEADS, TASKS
 from learners import Group, OneCell, timing_step
 from runs import load_runs, training_status
-from script_io import add_common_args, add_training_args, deadline_of, hardware_name, input_errors, resolve_training
+from script_io import (add_common_args, add_training_args, deadline_of, hardware_name, input_errors,
+                       intra_op_threads, resolve_training)
 
 
 def train_here(cfg, cells, *, group=False, device="cpu", resume=False, save_every=10, tf32=False, compile=False,
@@ -169,18 +169,6 @@ def save_resume_states(cfg, cells, learner, device, *, losses, sessions, session
 
 
 # The grid: cells in worker processes, or in groups
-@contextlib.contextmanager
-def intra_op_threads(threads):
-    """torch's intra-op thread count set to `threads` (None: left as it is) inside the block, restored after."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def default_jobs(jobs, cells):
     """--jobs as given, else one worker per CPU core, at most one per cell."""
     return jobs or min(len(cells), os.cpu_count() or 1)

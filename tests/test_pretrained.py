@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 import weakref
 
 import numpy as np
@@ -444,6 +445,30 @@ def test_half_precision_is_within_its_tolerance_of_float32_and_a_device_map_chan
     mapped = hf_models.load_causal_lm(folders["llama"], device_map="auto")
     placed = study_values(mapped, ids, PAPER, ("section4",), progress=False)[True]["section4"]
     assert all(np.array_equal(placed[name], reference[name]) for name in reference)
+
+
+def test_layers_studied_two_at_a_time_give_the_values_of_one_at_a_time(loaded, monkeypatch):
+    """On a CPU study_values studies layers on LM_LAYER_WORKERS threads while the forward pass goes on, with layers
+    waiting for them up to LM_WAITING_BYTES: the same values, bit for bit, as one layer at a time (a layer past
+    LM_PARALLEL_BYTES in float64), every study, both DAGs, on a sliding-window Gemma 2; the workers run behind the
+    forward pass (Linux: a nice value WORKER_NICENESS above the process's) and torch's threads are set back."""
+    ids, model, threads = tokens(seed=4), loaded["gemma2"], torch.get_num_threads()
+    assert lm_analysis.layer_workers(model, T) == (2, lm_analysis.LM_WAITING_BYTES // (4 * T * T * 4))
+    two = lm_analysis.study_values(model, ids, PAPER, variants=(True, False), progress=False)
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(lm_analysis, "LM_PARALLEL_BYTES", 4 * T * T * 8 - 1)
+    assert lm_analysis.layer_workers(model, T) == (1, 1)
+    one = lm_analysis.study_values(model, ids, PAPER, variants=(True, False), progress=False)
+    flat = lm_analysis._flat  # {dotted name: array}
+    for variant in (True, False):
+        assert flat(one[variant]).keys() == flat(two[variant]).keys()
+        assert all(np.array_equal(a, flat(two[variant])[k], equal_nan=True) for k, a in flat(one[variant]).items())
+    if os.uname().sysname == "Linux":
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as pool:
+            nice = pool.submit(lambda: (lm_analysis.behind_the_forward(),
+                                        os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))[1]).result()
+        assert nice == min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + lm_analysis.WORKER_NICENESS)
 
 
 def test_float64_rows_renormalises_half_precision_only():

@@ -347,3 +347,42 @@ def test_sliding_window_heads_are_stepped_on_their_band_alone():
     assert np.allclose(fidelities["heads"], full(heads[:, None]), rtol=1e-12, atol=0)
     assert np.isclose(fidelities["combined"], full(heads, weights), rtol=1e-12, atol=0)
 
+
+def test_a_trusted_layer_is_read_once_and_its_derived_matrices_step_on_its_band():
+    """Within trusted_layer a sliding-window layer (T = 300) is checked once: the proxies of it, of a view of all of
+    it with the same rows and of its combination equal those outside, bit for bit (its band read from the
+    attention, not from each matrix); an in-place change moves the tensor's version, so it is read again and
+    refused; a bad layer is refused on entry, as check_layer refuses it."""
+    rng = np.random.default_rng(9)
+    T, W = 300, 40
+    i, j = np.indices((T, T))
+    attn = np.where((i >= j) & (i - j < W), rng.random((2, 3, T, T)) + 0.01, 0.0)
+    attn /= attn.sum(-1, keepdims=True)
+    weights = rng.random(3)
+    outside = (proxies.head_set_fidelities(attn, weights)["combined"],
+               proxies.expected_walk_steps(attn[:, :, None], max_steps=50, survival=True),
+               proxies.converged_minimax_fidelity(proxies.combine_heads(attn, weights))[0])
+    with proxies.trusted_layer(torch.from_numpy(attn.copy())) as layer:
+        inside = (proxies.head_set_fidelities(layer, weights)["combined"],
+                  proxies.expected_walk_steps(layer[:, :, None], max_steps=50, survival=True),
+                  proxies.converged_minimax_fidelity(proxies.combine_heads(layer, weights))[0])
+        assert proxies._band_ends([layer[:1, :1]]) == [128 + W - 1, 128 + W - 1, T - 256]
+        layer[1, 2, 250, 0] = -0.5  # in place: read again
+        with pytest.raises(ValueError, match="negative entries"):
+            proxies.mixing_time(layer)
+    for a, b in zip(outside, inside):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        with proxies.trusted_layer(torch.from_numpy(2 * attn)):
+            pass
+
+
+def test_the_converged_fidelity_of_a_long_diffusion_is_the_minimum_at_its_horizon():
+    """converged_minimax_fidelity steps a long causal diffusion in blocks; its value is per_node_fidelity's minimum at
+    the horizon it reports (rows of D^t by dense products), within 1e-12."""
+    rng = np.random.default_rng(11)
+    D = random_causal((2,), 260, rng) ** 4
+    D /= D.sum(-1, keepdims=True)
+    fidelity, horizon = proxies.converged_minimax_fidelity(D)
+    assert np.allclose(fidelity, proxies.per_node_fidelity(D[:, None], horizon=horizon).min(-1), rtol=1e-12, atol=0)
+
