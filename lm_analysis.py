@@ -169,9 +169,9 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
                 bar.update()
 
             def on_layer(i, attn):
-                if len(running) == waiting:  # at most `waiting` layers' attention alive besides the forward's
-                    finish_oldest()
                 running.append((i, pool.submit(studied, i, attn)))
+                while len(running) > waiting:  # the forward pass goes on with at most `waiting` layers handed over
+                    finish_oldest()
             stream_attention(model, sample[None], on_layer, layers)
             while running:
                 finish_oldest()
@@ -181,13 +181,13 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
 
 
 def layer_workers(model, length):
-    """(workers, layers) of study_values: on a CPU where one layer's attention at `length` tokens is at most
-    LM_PARALLEL_BYTES in float64, LM_LAYER_WORKERS layers studied at once, and as many layers' attention, at most
-    LM_WAITING_BYTES of it, handed over and not yet studied (the forward pass goes on meanwhile); else one and one
-    (a GPU, or a layer too large to hold twice)."""
+    """(workers, waiting) of study_values: on a CPU where one layer's attention at `length` tokens is at most
+    LM_PARALLEL_BYTES in float64, LM_LAYER_WORKERS layers studied at once and as many layers handed over while the
+    forward pass goes on as LM_WAITING_BYTES of their attention holds (at least LM_LAYER_WORKERS); else one worker
+    and none waiting, the forward pass held until its layer is studied (a GPU, or a layer too large to hold twice)."""
     layer = num_heads(model.config) * length ** 2
     if model.device.type != "cpu" or layer * 8 > LM_PARALLEL_BYTES:
-        return 1, 1
+        return 1, 0
     return LM_LAYER_WORKERS, max(LM_LAYER_WORKERS, LM_WAITING_BYTES // (layer * model.dtype.itemsize))
 
 

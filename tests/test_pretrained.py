@@ -457,7 +457,7 @@ def test_layers_studied_two_at_a_time_give_the_values_of_one_at_a_time(loaded, m
     two = lm_analysis.study_values(model, ids, PAPER, variants=(True, False), progress=False)
     assert torch.get_num_threads() == threads
     monkeypatch.setattr(lm_analysis, "LM_PARALLEL_BYTES", 4 * T * T * 8 - 1)
-    assert lm_analysis.layer_workers(model, T) == (1, 1)
+    assert lm_analysis.layer_workers(model, T) == (1, 0)  # the forward pass waits for each layer, as before
     one = lm_analysis.study_values(model, ids, PAPER, variants=(True, False), progress=False)
     flat = lm_analysis._flat  # {dotted name: array}
     for variant in (True, False):
