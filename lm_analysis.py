@@ -19,7 +19,7 @@ import platform
 import re
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +158,9 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
     per_sample = {variant: [] for variant in variants}
     with (tqdm(total=len(tokens) * len(layers), desc="samples x layers", unit="layer", disable=not progress) as bar,
           freed_memory_kept() as release, intra_op_threads(1 if workers > 1 else None),
-          ThreadPoolExecutor(workers) as pool):
+          ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool):
+        # one worker: this thread itself, whose freed memory the forward pass reuses (one glibc arena), as before
+        submit = pool.submit if pool else lambda function, *args: _finished(function(*args))
         for sample in tokens:
             found, running = {}, []
 
@@ -169,7 +171,7 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
                 bar.update()
 
             def on_layer(i, attn):
-                running.append((i, pool.submit(studied, i, attn)))
+                running.append((i, submit(studied, i, attn)))
                 while len(running) > waiting:  # the forward pass goes on with at most `waiting` layers handed over
                     finish_oldest()
             stream_attention(model, sample[None], on_layer, layers)
@@ -178,6 +180,13 @@ def study_values(model, tokens, cfg, studies=STUDIES, layers=None, variants=(Tru
             for variant in variants:
                 per_sample[variant].append(_concatenated([found[i][variant] for i in layers], axis=1))
     return {variant: _concatenated(parts, axis=0) for variant, parts in per_sample.items()}
+
+
+def _finished(value):
+    """A future that already holds value."""
+    future = Future()
+    future.set_result(value)
+    return future
 
 
 def layer_workers(model, length):

@@ -212,6 +212,22 @@ def test_speed_doc_is_the_bench_reports():
         assert " ".join(phrase.split()) in " ".join(speed.split()), phrase
 
 
+def test_pretrained_speed_doc_is_the_bench_report():
+    """docs/pretrained.md's speed tables are results/bench_pretrained_cpu.md's, and the passes, loads and peaks its
+    text quotes for the packaged models are that report's."""
+    doc = (ROOT / "docs" / "pretrained.md").read_text().split("## Speed and memory")[1]
+    report = (ROOT / "results" / "bench_pretrained_cpu.md").read_text()
+    assert len(markdown_tables(doc)) == 4 and all(table in markdown_tables(report) for table in markdown_tables(doc))
+    real = markdown_frame(markdown_tables(report)[0]).set_index("model")
+    for model, name in (("smollm2", "SmolLM2"), ("gemma3-270m", "Gemma 3")):
+        row = real.loc[model]
+        quoted = (f"{name}: **{float(row['studies in forward passes']):.2f} passes**",
+                  f"{name} in {float(row['load from the cached copy (s)']):.1f} s from its cached copy",
+                  f"{float(row['peak GiB']):.2f} GiB")
+        for phrase in quoted:
+            assert phrase in " ".join(doc.split()), phrase
+
+
 ABSOLUTE_PATH = re.compile(r"(?<![\w.~])(/(?:root|home|usr|tmp|opt|var|work|Users|private|mnt|srv)/|[A-Za-z]:\\\\|"
                            r"site-packages)")
 
