@@ -140,7 +140,7 @@ def prose_sample(name, length, device):
     return model, tokens
 
 
-REAL_REPEATS = 3  # timings of each command and forward pass: a shared machine's noise moves one by seconds, only up
+REAL_REPEATS = 5  # timings of each command and forward pass: a shared machine's noise moves one by seconds, only up
 
 
 def real_model_job(name, length, device, repeats=REAL_REPEATS):
