@@ -61,9 +61,7 @@ def attention_section4_values(attn, weights, cfg, estimator="exact", seed=0, cap
     from the same pass, as mixing_time_capped_share and mixing_time_normalized_capped_share."""
     C = proxies.combine_heads(attn, weights)[..., None, :, :]  # combined once: (S, L, 1, T, T)
     if capped_shares:
-        walked = section4_walk_values(C, cfg)
-        return {"mixing_time": walked.pop("mixing_time"), "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
-                **walked}
+        return section4_columns(section4_walk_values(C, cfg), proxies.minimax_fidelity(C, horizon=cfg.horizon))
     mixing = (proxies.mixing_time(C, max_steps=cfg.max_steps) if estimator == "exact" else
               proxies.mixing_time_mc(C, num_simulations=cfg.num_simulations, max_steps=cfg.max_steps, seed=seed))
     return {"mixing_time": mixing, "fidelity": proxies.minimax_fidelity(C, horizon=cfg.horizon),
@@ -78,6 +76,13 @@ def section4_walk_values(C, cfg):
         proxies.mixing_and_capped_share(C, max_steps=cfg.max_steps, walk=walk) for walk in ("authors", "normalized"))
     return {"mixing_time": mixing, "mixing_time_normalized": normalized, "mixing_time_capped_share": capped,
             "mixing_time_normalized_capped_share": normalized_capped}
+
+
+def section4_columns(walked, fidelity):
+    """section4's values in the order of its columns (the toy models'): section4_walk_values' mixing time, the
+    fidelity, then the rest of them."""
+    return {"mixing_time": walked["mixing_time"], "fidelity": fidelity,
+            **{name: value for name, value in walked.items() if name != "mixing_time"}}
 
 
 def section4_summary(values, task, heads, estimator):
@@ -421,17 +426,15 @@ def _layer_study_values(attn, weights, cfg, studies, lengths, window):
     out = {}
     if {"section4", "prefix", "tables56", "synergy"} & set(studies):
         C = proxies.combine_heads(layer, w)[..., None, :, :]  # (S, 1, 1, T, T): combined once, for every value
-    if "section4" in studies:
-        out["section4"] = section4_walk_values(C, cfg)
+    walked = section4_walk_values(C, cfg) if "section4" in studies else {}
     if {"tables56", "synergy"} & set(studies):
-        values, diversity = head_set_values(layer, w, cfg, combined_mixing=out.get("section4", {}).get("mixing_time"),
+        values, diversity = head_set_values(layer, w, cfg, combined_mixing=walked.get("mixing_time"),
                                             combined=C[..., 0, :, :])
         out["head_sets"] = {"values": values, "diversity": diversity}  # tables56 and synergy
     if "section4" in studies:  # the combination's fidelity: the head sets' where they stepped it (the same value)
         fidelity = (values["fidelity"]["combined"] if "head_sets" in out else
                     proxies.minimax_fidelity(C, horizon=cfg.horizon))
-        out["section4"] = {"mixing_time": out["section4"].pop("mixing_time"), "fidelity": fidelity,  # toy order
-                           **out["section4"],
+        out["section4"] = {**section4_columns(walked, fidelity),
                            "fidelity_converged": 100 * proxies.converged_minimax_fidelity(C[:, 0, 0])[0][:, None]}
     if "theorem29" in studies:
         out["theorem29"] = theorem29_values(layer, w)
@@ -442,4 +445,5 @@ def _layer_study_values(attn, weights, cfg, studies, lengths, window):
         out["prefix"] = prefix_values(layer, w, [n for n in lengths if n <= attn.shape[-1]], cfg, whole, C)
     if "sink" in studies:
         out["sink"] = {name: value[:, None] for name, value in sink_values(attn, window).items()}  # (S, 1[, H])
-    return out
+    # in the order of samples.csv's columns, section4 first (filled after the head sets, whose fidelity it reads)
+    return {key: out[key] for key in ("section4", "head_sets", "theorem29", "prefix", "sink") if key in out}

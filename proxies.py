@@ -48,9 +48,14 @@ def model_head_weights(model):
     return np.stack([head_weights(layer.attn) for layer in model.layers])
 
 
-_CHECKED = set()  # the layers trusted_layer has checked, by _layer_key
-_LAYER = threading.local()  # .shape: (T, whether zero above its diagonal blocks, _band_ends) of the layer within
-# trusted_layer in this thread (study_values studies two layers at once, each in a thread of its own)
+_LAYER = threading.local()  # .trusted: (_layer_key, T, whether zero above its diagonal blocks, _band_ends) of the
+# layer within trusted_layer in this thread (study_values studies two layers at once, each in a thread of its own)
+
+
+def _trusted(T=None):
+    """The layer trusted in this thread (_LAYER.trusted), if any, and of T tokens where T is given; else None."""
+    layer = getattr(_LAYER, "trusted", None)
+    return layer if layer is not None and T in (None, layer[1]) else None
 
 
 def _layer_key(attn):
@@ -70,16 +75,14 @@ def trusted_layer(attn):
     blocks, and where their bands end, is read once from the attention, not from each. Yields the checked
     attention."""
     attn = check_layer(attn)
-    key, T, outer = _layer_key(attn), attn.shape[-1], getattr(_LAYER, "shape", None)
-    heads, _LAYER.shape = attn.reshape(-1, 1, T, T), None  # read from this layer's heads themselves
+    T, outer = attn.shape[-1], _trusted()
+    heads, _LAYER.trusted = attn.reshape(-1, 1, T, T), None  # read from this layer's heads themselves
     causal = T > STEP_BLOCK and zero_above_diagonal_blocks(heads[:, 0])
-    _CHECKED.add(key)
-    _LAYER.shape = (T, causal, _band_ends([heads]) if causal else None)
+    _LAYER.trusted = (_layer_key(attn), T, causal, _band_ends([heads]) if causal else None)
     try:
         yield attn
     finally:
-        _CHECKED.discard(key)
-        _LAYER.shape = outer
+        _LAYER.trusted = outer
 
 
 def check_layer(attn):
@@ -96,7 +99,8 @@ def check_layer(attn):
     if attn.ndim == 2:
         attn = attn[None]
     attn = attn.to(torch.float64)
-    if _CHECKED and _layer_key(attn) in _CHECKED:
+    layer = _trusted()
+    if layer is not None and _layer_key(attn) == layer[0]:
         return attn
     row_sums = attn.sum(-1)  # any NaN or inf shows in its row's sum
     if not torch.isfinite(row_sums).all():
@@ -164,9 +168,9 @@ def _over_chunks(fn, C, *aligned, item_dims=2):
 def zero_above_diagonal_blocks(M):
     """Whether every matrix of M (B, T, T) is zero above its diagonal blocks of STEP_BLOCK x STEP_BLOCK, as every
     causal one is: what CausalSteps and _walk_steps keep their column blocks on (the layer's, within trusted_layer)."""
-    layer = getattr(_LAYER, "shape", None)
-    if layer is not None and layer[0] == M.shape[-1]:
-        return layer[1]
+    layer = _trusted(M.shape[-1])
+    if layer is not None:
+        return layer[2]
     b = STEP_BLOCK
     return not any(bool(M[:, :j, j:j + b].any()) for j in range(b, M.shape[-1], b))
 
@@ -177,9 +181,9 @@ def _band_ends(parts):
     sink's query) reads every key, found from that row alone; fewer in a sliding-window layer, where query i reads
     keys i - W < j <= i only: its zeros below the band (a sixth of Gemma 3's at 1,024 tokens) are then neither copied
     nor read."""
-    T, ends, layer = parts[0].shape[-1], [], getattr(_LAYER, "shape", None)
-    if layer is not None and layer[0] == T and layer[2] is not None:
-        return layer[2]  # the layer's, within trusted_layer
+    T, ends, layer = parts[0].shape[-1], [], _trusted(parts[0].shape[-1])
+    if layer is not None and layer[3] is not None:
+        return layer[3]  # the layer's, within trusted_layer
     for j in range(0, T, STEP_BLOCK):
         if j + STEP_BLOCK >= T or any(bool(part[..., -1, j:j + STEP_BLOCK].any()) for part in parts):
             ends.append(T - j)
@@ -513,8 +517,7 @@ def head_set_fidelities(attn, head_weights=None, horizon=100, combined=None):
     H = attn.shape[-3]
     C = weighted_sum(w, attn) if combined is None else combined
     fidelity = 100 * to_numpy(_over_chunks(lambda m, c, v: _certified_fidelities(m, v, horizon, combined=c), attn,
-                                            C[..., None, :, :], w, item_dims=3))  # (..., H + 2):
-    # heads, combined, parallel
+                                            C[..., None, :, :], w, item_dims=3))  # heads, combined, parallel
     return {"heads": fidelity[..., :H], "combined": fidelity[..., H], "parallel": fidelity[..., H + 1]}
 
 
