@@ -152,8 +152,9 @@ DIVERSITY_ROWS = 128  # query rows compared a pass: rows i < i1 of a causal head
 def head_diversity(attn):
     """Mean pairwise total-variation distance between the heads' attention rows: (..., H, T, T) -> (...). The query
     rows a DIVERSITY_ROWS at a time, each pass over the keys its rows can see (a causal head is zero beyond them):
-    on a language model's 1,024 tokens, less than half the work of comparing whole rows; one pass where
-    T <= DIVERSITY_ROWS (the toy models' T = 100)."""
+    on a language model's 1,024 tokens, less than half the work of comparing whole rows, and each pair of heads
+    compared once (_mean_pair_distance); one pass where T <= DIVERSITY_ROWS (the toy models' T = 100), by cdist as
+    before (the same bits)."""
     attn = torch.as_tensor(attn, dtype=torch.float64)
     H, T = attn.shape[-3], attn.shape[-1]
     if H < 2:
@@ -163,9 +164,20 @@ def head_diversity(attn):
     for first in range(1, T, DIVERSITY_ROWS):  # row 0 is [1, 0, ...] in every causal head
         end = min(T, first + DIVERSITY_ROWS)
         keys = T if end == T or bool(attn[..., first:end, end:].any()) else end  # the whole row if not causal
+        if T > DIVERSITY_ROWS:
+            tv.append(_mean_pair_distance(attn[..., first:end, :keys], pairs))
+            continue
         rows = attn[..., first:end, :keys].movedim(-3, -2).reshape(-1, H, keys)  # one (H, H) L1 table a query
         tv.append((0.5 * torch.cdist(rows, rows, p=1)[:, pairs[0], pairs[1]].mean(-1)).reshape(attn.shape[:-3] + (-1,)))
     return torch.cat(tv, dim=-1).mean(-1).cpu().numpy()
+
+
+def _mean_pair_distance(rows, pairs):
+    """The mean over pairs (2, P) of heads of the total-variation distance between their rows (..., H, r, keys):
+    (..., r). Each pair once, not both ways and each head with itself as cdist's (H, H) table: a third of its time
+    on a language model's layer, equal within 1e-15."""
+    total = sum((rows[..., a, :, :] - rows[..., b, :, :]).abs_().sum(-1) for a, b in pairs.T.tolist())
+    return 0.5 * total / pairs.shape[1]
 
 
 def head_set_values(attn, weights, cfg, epsilon_mixing=False, combined_mixing=None, combined=None):
@@ -250,10 +262,10 @@ def correlations(table):
 
 
 # Theorem 2.9: the epsilon-mixing time of each layer's walk (walks.mixture_walk) against the bound 2N/p
-def _theorem29_p(per_head, weights):
-    """p = sum_h w_h p_h per sequence and layer, p_h from each head's walk (S, L, H, T, T): its worst node's
-    probability of stepping toward the sink (what the rigorous bound needs) and its mean node's (a heuristic)."""
-    move = walks.move_probabilities(per_head, validate=False)  # (S, L, H, T - 1)
+def _theorem29_p(move, weights):
+    """p = sum_h w_h p_h per sequence and layer, p_h from each head's move probabilities (S, L, H, T - 1)
+    (walks.move_probabilities of its walk): its worst node's probability of stepping toward the sink (what the
+    rigorous bound needs) and its mean node's (a heuristic)."""
     return proxies.head_average(move.min(-1), weights), proxies.head_average(move.mean(-1), weights)
 
 
@@ -262,11 +274,10 @@ def theorem29_values(attn, weights, epsilon=walks.EPSILON):
     head's worst node's and, as a heuristic, its mean node's probability of stepping toward the sink, weighted by
     the head weights), the bound 2N/p of both, the rigorous Hoeffding bound, whether N p > ln(2/epsilon) (where
     2N/p is rigorous), and the measured epsilon-mixing times of the layer's walk and of its fastest head."""
-    per_head = walks.head_walks(attn)  # (S, L, H, T, T)
-    p_worst, p_mean = _theorem29_p(per_head, weights)
+    measured = walks.layer_walk_mixing(attn, weights, epsilon)  # every walk of the layer, one pass
+    p_worst, p_mean = _theorem29_p(measured["move"], weights)
     N = attn.shape[-1] - 1
-    mixture = walks.epsilon_mixing_times(walks.mix_walks(per_head, weights), epsilon, validate=False)
-    heads = walks.fastest_epsilon_mixing_times(per_head, epsilon, validate=False)  # (S, L) each
+    mixture, heads = measured["mixture"], measured["fastest_head"]  # (S, L) each
     return {"p_worst": p_worst, "p_mean": p_mean, "bound": _bound(N, p_worst), "bound_mean_node": _bound(N, p_mean),
             "hoeffding_bound": walks.hoeffding_mixing_bound(N + 1, p_worst, epsilon),
             "rigorous": N * p_worst > np.log(2 / epsilon),
@@ -319,9 +330,9 @@ def prefix_values(attn, weights, lengths, cfg, whole=None, combined=None):
         if whole is not None and n == attn.shape[-1]:
             out[n] = whole
             continue
-        per_head = walks.head_walks(attn[..., :n, :n])
-        p_worst, _ = _theorem29_p(per_head, weights)
-        out[n] = {"mixing": walks.epsilon_mixing_time(walks.mix_walks(per_head, weights), validate=False),
+        measured = walks.layer_walk_mixing(attn[..., :n, :n], weights, starts=("average",), fastest_head=False)
+        p_worst, _ = _theorem29_p(measured["move"], weights)
+        out[n] = {"mixing": measured["mixture"]["average"],
                   "bound": _bound(n - 1, p_worst),
                   "mixing_time": proxies.mixing_time(C[..., :n, :n], max_steps=cfg.max_steps),
                   "fidelity": proxies.minimax_fidelity(C[..., :n, :n], horizon=cfg.horizon)}

@@ -185,7 +185,7 @@ def load_job(name, cache, device):
 
 PARTS = {"fidelity steps": [(proxies, "_certified_fidelities")], "mixing-time steps": [(proxies,
          "_capped_steps_by_stepping")], "walks built": [(proxies, "walk_transition"), (proxies, "_walk_steps"),
-                                                         (walks, "head_walks")],
+                                                         (walks, "head_walks"), (walks, "_layer_walks")],
          "epsilon-mixing steps": [(walks, "_first_mixed_steps")], "heads combined": [(proxies, "weighted_sum"),
          (walks, "weighted_sum")], "head diversity": [(evaluation, "head_diversity")]}
 

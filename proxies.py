@@ -193,7 +193,19 @@ def _band_ends(parts):
     return ends
 
 
-def _column_blocks(parts):
+TRANSPOSE_ROWS = 32  # a transposing copy goes this many source rows at a time (_copy_transposed)
+
+
+def _copy_transposed(destination, source):
+    """destination (..., b, e) <- source (..., e, b) transposed, TRANSPOSE_ROWS of source's rows at a time: each
+    tile's reads and writes stay in cache, about twice as fast as one transposing copy of the whole block (a
+    layer's column blocks at 1,024 tokens). The same values, copied. Returns destination."""
+    for i in range(0, source.shape[-2], TRANSPOSE_ROWS):
+        destination[..., i:i + TRANSPOSE_ROWS] = source[..., i:i + TRANSPOSE_ROWS, :].transpose(-1, -2)
+    return destination
+
+
+def column_blocks(parts):
     """CausalSteps' column blocks (block j: M[j:j+e, j:j+b]^T, contiguous, e from _band_ends) of the matrices of
     parts (N, k, T, T) joined along dim 1: (N * K, b, e) each, K the sum of the parts' k, each part copied once."""
     N, T, K = len(parts[0]), parts[0].shape[-1], sum(part.shape[1] for part in parts)
@@ -202,7 +214,7 @@ def _column_blocks(parts):
         block = parts[0].new_empty(N, K, min(STEP_BLOCK, T - j), end)
         first = 0
         for part in parts:
-            block[:, first:first + part.shape[1]] = part[..., j:j + end, j:j + STEP_BLOCK].transpose(-1, -2)
+            _copy_transposed(block[:, first:first + part.shape[1]], part[..., j:j + end, j:j + STEP_BLOCK])
             first += part.shape[1]
         blocks.append(block.flatten(0, 1))
     return blocks
@@ -222,7 +234,7 @@ class CausalSteps:
     def __init__(self, M=None, blocks=None):
         """M (B, T, T), or its blocks where the caller has them (__getitem__)."""
         if blocks is None and M.shape[-1] > STEP_BLOCK and zero_above_diagonal_blocks(M):
-            blocks = _column_blocks([M[:, None]])
+            blocks = column_blocks([M[:, None]])
         self.M, self.blocks = (M, None) if blocks is None else (None, blocks)  # what __call__ reads
 
     @classmethod
@@ -232,7 +244,7 @@ class CausalSteps:
         part."""
         T = parts[0].shape[-1]
         if T > STEP_BLOCK and all(zero_above_diagonal_blocks(part.reshape(-1, T, T)) for part in parts):
-            return cls(blocks=_column_blocks(parts))
+            return cls(blocks=column_blocks(parts))
         return cls(torch.cat(parts, dim=1).flatten(0, 1))
 
     def __call__(self, r):
@@ -248,6 +260,10 @@ class CausalSteps:
 
     def __len__(self):
         return len(self.M if self.blocks is None else self.blocks[0])
+
+    @property
+    def device(self):
+        return (self.M if self.blocks is None else self.blocks[0]).device
 
 
 def to_numpy(x):
@@ -349,7 +365,8 @@ def _walk_steps(C, walk):
     mass = _column_mass(C, walk)
     blocks, diagonal = [], torch.zeros_like(C[:, 0])
     for j, end in zip(range(0, T, b), _band_ends([C[:, None]])):
-        column = C[:, j:j + end, j:j + b].transpose(-1, -2).contiguous()  # (B, b, end): [c, k] = C[j + k, j + c]
+        column = C.new_empty(len(C), min(b, T - j), end)  # (B, b, end): [c, k] = C[j + k, j + c]
+        _copy_transposed(column, C[:, j:j + end, j:j + b])
         blocks.append(_authors_steps(column.cumsum_(dim=-1).clamp_(max=1.0), dim=-1, sink=end == T - j)
                       if walk == "authors" else column.div_(mass[:, j:j + b, None]))
         diagonal[:, j:j + min(b, end)] = blocks[-1].diagonal(dim1=-2, dim2=-1)  # 0 past a band's end

@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-from proxies import ROW_SUM_TOLERANCE, CausalSteps, check_layer, check_steps, check_weights, to_numpy, weighted_sum
+from proxies import (ROW_SUM_TOLERANCE, STEP_BLOCK, CausalSteps, check_layer, check_steps, check_weights, column_blocks,
+                     to_numpy, weighted_sum, zero_above_diagonal_blocks)
 
 # The epsilon-mixing time of Vitvitskyi et al. (ICML 2025), the quantity Theorem 2.9 bounds. A walk here is
 # column-stochastic: W[i, j] = the probability of stepping from node j to node i >= j, the sink tau = n - 1 absorbing.
@@ -57,12 +58,17 @@ def _check_walk(walk, validate=True):
     return walk.reshape(-1, *walk.shape[-2:]), walk.shape[:-2]
 
 
-def _column_normalised(matrix, what):
-    mass = matrix.sum(-2, keepdim=True)
+def _column_mass(matrix, what):
+    """sum_i M[i, j] (..., n) of matrices (..., n, n), or a ValueError where a column is zero."""
+    mass = matrix.sum(-2)
     if (mass <= 0).any():
         raise ValueError(f"{what} has a zero column: some node has nowhere to step (expected a self-loop or an edge "
                          f"out of every node)")
-    return matrix / mass
+    return mass
+
+
+def _column_normalised(matrix, what):
+    return matrix / _column_mass(matrix, what)[..., None, :]
 
 
 def head_walks(attn):
@@ -142,19 +148,24 @@ def _last_unmixed_by_squaring(W, row, t0, need, max_steps, starts):
     return t
 
 
-def _first_mixed_steps(W, need, max_steps, starts=STARTS, group=1):
+def _walk_batch(W):
+    """A batch of walks W (B, n, n) as _first_mixed_steps reads it: (their steps, the walks at some indices, n)."""
+    return CausalSteps(W), lambda index: W[index], W.shape[-1]
+
+
+def _first_mixed_steps(steps, walks_at, n, need, max_steps, starts=STARTS, group=1):
     """First t <= max_steps at which the sink's share exceeds `need`, for each of `starts` ("average": averaged over
-    starts, "worst": the worst start's), per walk of W (B, n, n): (B, len(starts)), inf where none. A walk is set
-    aside once it has mixed from all of them (with the worst start, when that one has). group > 1: the walks in
-    consecutive groups of that size, a group set aside once, from each start, one of its walks has mixed: each
-    group's least first step is exact, and its slower walks may be left at inf."""
-    B, n = W.shape[0], W.shape[-1]
-    row = torch.zeros(B, 1, n, dtype=W.dtype, device=W.device)
+    starts, "worst": the worst start's), per walk of a batch (_walk_batch: its CausalSteps, its walks (k, n, n) at k
+    indices, squared where slow): (B, len(starts)), inf where none. A walk is set aside once it has mixed from all of
+    them (with the worst start, when that one has). group > 1: the walks in consecutive groups of that size, a group
+    set aside once, from each start, one of its walks has mixed: each group's least first step is exact, and its
+    slower walks may be left at inf."""
+    B, device = len(steps), steps.device
+    row = torch.zeros(B, 1, n, dtype=torch.float64, device=device)
     row[..., -1] = 1.0  # t = 0: row tau of the identity
-    first = torch.full((B, len(starts)), math.inf, dtype=torch.float64, device=W.device)
-    active, t, found = torch.arange(B, device=W.device), 0, first.clone()  # found: first[active]
+    first = torch.full((B, len(starts)), math.inf, dtype=torch.float64, device=device)
+    active, t, found = torch.arange(B, device=device), 0, first.clone()  # found: first[active]
     linear = min(max(LINEAR_STEPS, n), max_steps)  # n steps cost about one n x n squaring: step at least that far
-    steps = CausalSteps(W)
     while len(active) and t < linear:
         for _ in range(min(max(4, t), 32, max_steps - t)):  # compacted after steps 4, 8, 16, 32, 64, 96, ...
             t += 1
@@ -166,10 +177,10 @@ def _first_mixed_steps(W, need, max_steps, starts=STARTS, group=1):
         first[active] = found
         walking = torch.isinf(found.reshape(-1, group, len(starts)).amin(1)).any(-1).repeat_interleave(group)
         if not walking.all():  # set the mixed walks aside (a copy of the rest: only when something changed)
-            active, row, W, steps, found = active[walking], row[walking], W[walking], steps[walking], found[walking]
+            active, row, steps, found = active[walking], row[walking], steps[walking], found[walking]
     for i in range(0, len(active) if t < max_steps else 0, SQUARING_CHUNK):
         part = slice(i, i + SQUARING_CHUNK)
-        last = _last_unmixed_by_squaring(W[part], row[part], t, need, max_steps, starts)
+        last = _last_unmixed_by_squaring(walks_at(active[part]), row[part], t, need, max_steps, starts)
         found = torch.where(last >= max_steps, math.inf, (last + 1).double())
         first[active[part]] = torch.where(torch.isinf(first[active[part]]), found, first[active[part]])
     return first
@@ -198,6 +209,14 @@ def fastest_epsilon_mixing_times(walks, epsilon=EPSILON, convention="published",
 
 def _epsilon_mixing(walk, epsilon, convention, max_steps, validate, starts, group=1):
     """epsilon_mixing_times, or with group > 1 the least over consecutive groups of that many walks."""
+    _check_mixing(epsilon, convention, max_steps, starts)
+    flat, batch_shape = _check_walk(walk, validate)
+    chunk = max(1, WALK_CHUNK // group) * group  # whole groups a chunk
+    return _mixing_times((_walk_batch(flat[i:i + chunk]) for i in range(0, len(flat), chunk)), batch_shape,
+                         epsilon, convention, max_steps, starts, group)
+
+
+def _check_mixing(epsilon, convention, max_steps, starts):
     if not 0 < epsilon < 1:
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
     if convention not in ("published", "first"):
@@ -205,11 +224,13 @@ def _epsilon_mixing(walk, epsilon, convention, max_steps, validate, starts, grou
     if not starts or any(start not in STARTS for start in starts):
         raise ValueError(f"starts must be among 'average' and 'worst', got {starts!r}")
     check_steps("max_steps", max_steps)
-    flat, batch_shape = _check_walk(walk, validate)
+
+
+def _mixing_times(batches, batch_shape, epsilon, convention, max_steps, starts, group=1):
+    """{start: (batch_shape) array} of the walk batches (_walk_batch), in order, as _epsilon_mixing returns them."""
     need = 1.0 - epsilon / 2  # distance 2 (1 - share) < epsilon  <=>  share > 1 - epsilon / 2
-    chunk = max(1, WALK_CHUNK // group) * group  # whole groups a chunk
-    first = torch.cat([_first_mixed_steps(flat[i:i + chunk], need, max_steps, tuple(starts), group)
-                       for i in range(0, len(flat), chunk)]) - float(convention == "published")
+    first = torch.cat([_first_mixed_steps(*batch, need, max_steps, tuple(starts), group) for batch in batches])
+    first = first - float(convention == "published")
     if group > 1:
         first, batch_shape = first.reshape(-1, group, len(starts)).amin(1), batch_shape[:-1]
     return {start: to_numpy(first[:, k].reshape(batch_shape)) for k, start in enumerate(starts)}
@@ -221,6 +242,51 @@ def epsilon_mixing_time(walk, epsilon=EPSILON, start="average", convention="publ
     if start not in STARTS:
         raise ValueError(f"start must be 'average' or 'worst', got {start!r}")
     return epsilon_mixing_times(walk, epsilon, convention, max_steps, validate, starts=(start,))[start]
+
+
+def layer_walk_mixing(attn, head_weights=None, epsilon=EPSILON, starts=STARTS, fastest_head=True):
+    """Theorem 2.9's measurements of a layer's attention (..., H, T, T) with head weights (uniform when None), in
+    one pass: {"move": each head's move_probabilities (..., H, T - 1), "mixture": epsilon_mixing_times of the layer's
+    walk (mixture_walk), and with fastest_head "fastest_head": fastest_epsilon_mixing_times of its heads' walks},
+    from `starts`, published convention. The values of those functions on head_walks and mix_walks; the walks
+    themselves are never held whole at a language model's length (_layer_walks)."""
+    A = check_layer(attn)
+    w = check_weights(head_weights, A).expand(*A.shape[:-2])
+    _check_mixing(epsilon, "published", MAX_WALK_STEPS, starts)
+    mass = _column_mass(A, "the attention")  # (..., H, T)
+    out = {"move": to_numpy(1.0 - (A.diagonal(dim1=-2, dim2=-1) / mass)[..., :-1])}  # as move_probabilities
+    batch, (H, T) = A.shape[:-3], A.shape[-3:-1]
+    A, mass, w = A.reshape(-1, H, T, T), mass.reshape(-1, H, T), w.reshape(-1, H)
+    chunk = max(1, WALK_CHUNK // H)  # items a chunk: about WALK_CHUNK walks
+    walked = [_layer_walks(A[i:i + chunk], mass[i:i + chunk], w[i:i + chunk]) for i in range(0, len(A), chunk)]
+    times = dict(epsilon=epsilon, convention="published", max_steps=MAX_WALK_STEPS, starts=starts)
+    out["mixture"] = _mixing_times((mixture for _, mixture in walked), batch, **times)
+    if fastest_head:
+        out["fastest_head"] = _mixing_times((heads for heads, _ in walked), (*batch, H), **times, group=H)
+    return out
+
+
+def _layer_walks(A, mass, w):
+    """(the heads' walks, the mixture's) of attention A (N, H, T, T) with column masses (N, H, T) and checked head
+    weights (N, H), as _walk_batch gives them. Where CausalSteps keeps column blocks (T > STEP_BLOCK, causal), each
+    head's walk is built straight into them from the attention's: block j of W_h is column c of A_h from row j down,
+    divided by its mass (the same division as head_walks, so the same bits), and the mixture's blocks are the heads'
+    weighted; a walk is made whole only where a slow one is squared. Else head_walks and mix_walks as they are."""
+    N, H, T = A.shape[0], A.shape[1], A.shape[-1]
+
+    def heads_at(index):
+        return A.reshape(-1, T, T)[index] / mass.reshape(-1, T)[index][:, None, :]
+
+    def mixtures_at(index):
+        return weighted_sum(w[index], A[index] / mass[index][..., None, :])
+    if T <= STEP_BLOCK or not zero_above_diagonal_blocks(A.reshape(-1, T, T)):
+        W = A / mass[..., None, :]
+        return _walk_batch(W.reshape(-1, T, T)), _walk_batch(weighted_sum(w, W))
+    blocks = column_blocks([A])  # (N H, b, e) each
+    for j, block in zip(range(0, T, STEP_BLOCK), blocks):
+        block.div_(mass.reshape(-1, T)[:, j:j + block.shape[1], None])
+    mixed = [(w[:, None, :] @ block.reshape(N, H, -1)).reshape(N, *block.shape[1:]) for block in blocks]
+    return (CausalSteps(blocks=blocks), heads_at, T), (CausalSteps(blocks=mixed), mixtures_at, T)
 
 
 def move_probabilities(walk, validate=True):

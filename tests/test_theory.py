@@ -108,6 +108,38 @@ def test_epsilon_mixing_time_equals_brute_force_and_both_search_paths_agree(monk
     assert np.isinf(expected).any() and np.isfinite(expected).any()
 
 
+def test_a_layer_s_walks_built_in_blocks_mix_as_the_whole_walks():
+    """layer_walk_mixing of a sliding-window layer at T = 300 (Gemma 3's local layers in small), inside and outside
+    trusted_layer, equals the epsilon-mixing times of the whole walks (mixture_walk, head_walks), bit for bit, and
+    its move probabilities move_probabilities'; one head nearly stays put, so its walk is squared, made whole from
+    the attention where its blocks are all the layer kept."""
+    rng = np.random.default_rng(3)
+    T, W = 300, 40
+    i, j = np.indices((T, T))
+    attn = np.where((i >= j) & (i - j < W), np.exp(rng.standard_normal((2, 3, T, T))), 0.0)
+    attn[:, 2] += 1e4 * np.eye(T)  # head 3 keeps almost all of each query on itself: its walk barely moves
+    attn = torch.from_numpy(attn / attn.sum(-1, keepdims=True))
+    weights = rng.random(3)
+    per_head = walks.head_walks(attn)
+    expected = {"mixture": walks.epsilon_mixing_times(walks.mix_walks(per_head, weights)),
+                "fastest_head": walks.fastest_epsilon_mixing_times(per_head[:, 2:]),  # the slow head alone: squared
+                "move": walks.move_probabilities(per_head)}
+    slow = walks.layer_walk_mixing(attn[:, 2:], weights[2:])  # its mixture: its own walk, squared too
+    alone = walks.epsilon_mixing_times(per_head[:, 2])
+    for s in walks.STARTS:
+        assert np.array_equal(slow["fastest_head"][s], expected["fastest_head"][s])
+        assert np.array_equal(slow["mixture"][s], alone[s])
+    assert np.all(np.isfinite(slow["mixture"]["worst"]) & (slow["mixture"]["worst"] > T))  # past the T steps taken
+    # one at a time
+    with proxies.trusted_layer(attn) as layer:
+        inside = walks.layer_walk_mixing(layer, weights)
+    for measured in (walks.layer_walk_mixing(attn, weights), inside):
+        assert np.array_equal(measured["move"], expected["move"])
+        assert all(np.array_equal(measured["mixture"][s], expected["mixture"][s]) for s in walks.STARTS)
+        fastest = walks.fastest_epsilon_mixing_times(per_head)
+        assert all(np.array_equal(measured["fastest_head"][s], fastest[s]) for s in walks.STARTS)
+
+
 def test_a_walk_that_never_moves_is_not_mixed():
     walk = walks.graph_walk(graphs.line_graph(5))
     walk[:, 2] = 0.0
