@@ -32,14 +32,16 @@ Per layer (1-indexed; one forward pass a sample, layers streamed, two studied at
     sink        Gu et al.'s sink: each head's mean attention to position 0, the share of heads above 0.3; the same
                 over the queries that see position 0 (a sliding-window layer's first `window` queries)
 Tables carry the layer's attention kind (layer_kind: full, or sliding W) and, for tests, Holm's p across layers.
---studies gradient: the model's own input sensitivity against rollout, each layer's reach and recency (lm_gradient.py).
---quantisation: the studies again after Q8_0, Q5_0 and Q4_0 round the weights once more (lm_quantisation.py).
+--studies gradient: the model's input sensitivity against rollout, reach and recency (lm_gradient.py); --quantisation:
+the studies again after Q8_0, Q5_0 and Q4_0 round the weights once more (lm_quantisation.py).
 
 Writes OUT/<model>/<input>/ (OUT: --out, default results/pretrained): run.json (the model's file name and SHA-256,
 BOS, input, T, samples, seed, versions; no path of this machine), tokens.csv, samples.csv (a row per sample and
 layer), {study}.csv, .md, .png, .pdf; over several models or inputs also OUT/summary.{csv,md}, OUT/models.{png,pdf}.
 """
-import argparse
+import os
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: big tensors on huge pages (docs/pretrained.md#speed)
+import argparse  # noqa: E402  (and the imports below)
 import dataclasses
 import json
 from pathlib import Path
@@ -66,8 +68,7 @@ def write_outputs(tables, per_sample, tokens, folder, label, facts):
     {study}.csv/.md and {study}.png/.pdf under folder."""
     write_text(folder / "run.json", json.dumps(facts, indent=2) + "\n")
     ids = pd.DataFrame({"sample": range(len(tokens)), "token_ids": [" ".join(map(str, t.tolist())) for t in tokens]})
-    write_atomic(folder / "tokens.csv", lambda tmp: ids.to_csv(tmp, index=False))
-    for stem, table in per_sample.items():
+    for stem, table in {"tokens": ids, **per_sample}.items():
         write_atomic(folder / f"{stem}.csv", lambda tmp: table.to_csv(tmp, index=False))
     for study, table in tables.items():
         save_table(table, folder / study, view=table.round(4))
@@ -156,10 +157,9 @@ def loaded(name, args, plan, device):
 def drawn(kind, *, args, plan, model, tokenizer, bos):
     """(tokens, the text file read or None) of one input on one model; ValueError in one line."""
     file = text_file(kind, args.text)
-    tokens = input_tokens(kind, samples=plan.samples, length=plan.length, seed=args.seed, bos=bos,
-                          tokenizer=tokenizer, vocabulary=ordinary_token_ids(tokenizer, model.config.vocab_size),
-                          text=file.read_text() if file else None)
-    return tokens, file
+    return input_tokens(kind, samples=plan.samples, length=plan.length, seed=args.seed, bos=bos,
+                        tokenizer=tokenizer, vocabulary=ordinary_token_ids(tokenizer, model.config.vocab_size),
+                        text=file.read_text() if file else None), file
 
 
 def run_input(kind, tokens, file, *, args, plan, source, model, layers, bos):

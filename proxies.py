@@ -48,8 +48,9 @@ def model_head_weights(model):
     return np.stack([head_weights(layer.attn) for layer in model.layers])
 
 
-_LAYER = threading.local()  # .trusted: (_layer_key, T, whether zero above its diagonal blocks, _band_ends) of the
-# layer within trusted_layer in this thread (study_values studies two layers at once, each in a thread of its own)
+_LAYER = threading.local()  # .trusted: (_layer_key, T, whether zero above its diagonal blocks, _band_ends, {} for its
+# heads' column blocks once built) of the layer within trusted_layer in this thread (study_values studies two layers
+# at once, each in a thread of its own)
 
 
 def _trusted(T=None):
@@ -72,13 +73,14 @@ def trusted_layer(attn):
     proxy. And every T x T matrix stepped in blocks (CausalSteps, _walk_steps) is taken to be zero where all the
     layer's heads are, as every matrix the studies derive from them is (their combination, their walks; the authors'
     walk but for its column to the sink, which no stepped row reads): whether they are zero above their diagonal
-    blocks, and where their bands end, is read once from the attention, not from each. Yields the checked
+    blocks, and where their bands end, is read once from the attention, not from each; the heads' own column blocks
+    are copied once (shared_blocks), for every study that steps them or builds their walks. Yields the checked
     attention."""
     attn = check_layer(attn)
     T, outer = attn.shape[-1], _trusted()
     heads, _LAYER.trusted = attn.reshape(-1, 1, T, T), None  # read from this layer's heads themselves
     causal = T > STEP_BLOCK and zero_above_diagonal_blocks(heads[:, 0])
-    _LAYER.trusted = (_layer_key(attn), T, causal, _band_ends([heads]) if causal else None)
+    _LAYER.trusted = (_layer_key(attn), T, causal, _band_ends([heads]) if causal else None, {})
     try:
         yield attn
     finally:
@@ -205,19 +207,44 @@ def _copy_transposed(destination, source):
     return destination
 
 
-def column_blocks(parts):
+def column_blocks(parts, shared=True):
     """CausalSteps' column blocks (block j: M[j:j+e, j:j+b]^T, contiguous, e from _band_ends) of the matrices of
-    parts (N, k, T, T) joined along dim 1: (N * K, b, e) each, K the sum of the parts' k, each part copied once."""
+    parts (N, k, T, T) joined along dim 1: (N * K, b, e) each, K the sum of the parts' k, each part copied once (from
+    its shared_blocks where it has them, a plain copy; with shared=False never)."""
     N, T, K = len(parts[0]), parts[0].shape[-1], sum(part.shape[1] for part in parts)
+    sources = [shared_blocks(part) if shared else None for part in parts]
     blocks = []
-    for j, end in zip(range(0, T, STEP_BLOCK), _band_ends(parts)):
+    for n, (j, end) in enumerate(zip(range(0, T, STEP_BLOCK), _band_ends(parts))):
         block = parts[0].new_empty(N, K, min(STEP_BLOCK, T - j), end)
         first = 0
-        for part in parts:
-            _copy_transposed(block[:, first:first + part.shape[1]], part[..., j:j + end, j:j + STEP_BLOCK])
-            first += part.shape[1]
+        for part, source in zip(parts, sources):
+            k = part.shape[1]
+            if source is not None:
+                block[:, first:first + k] = source[n].reshape(N, k, *source[n].shape[1:])
+            else:
+                _copy_transposed(block[:, first:first + k], part[..., j:j + end, j:j + STEP_BLOCK])
+            first += k
         blocks.append(block.flatten(0, 1))
     return blocks
+
+
+def shared_blocks(part):
+    """The column blocks (column_blocks) of part (N, k, T, T) where it is all of the heads of the layer trusted in
+    this thread, in their order (a contiguous view of it: _layer_key's, with the same rows): copied once a layer and
+    shared by every study that steps the heads or builds their walks, so they are only read, never written. Else
+    None."""
+    layer = _trusted(part.shape[-1])
+    if layer is None or not layer[2] or not part.is_contiguous() or _layer_key(part) != layer[0]:
+        return None
+    if "heads" not in layer[4]:
+        layer[4]["heads"] = column_blocks([part], shared=False)
+    return layer[4]["heads"]
+
+
+def read_only_blocks(part):
+    """column_blocks([part]) of part (N, k, T, T), not to be written: its shared_blocks where it has them."""
+    shared = shared_blocks(part)
+    return shared if shared is not None else column_blocks([part])
 
 
 class CausalSteps:
@@ -234,7 +261,7 @@ class CausalSteps:
     def __init__(self, M=None, blocks=None):
         """M (B, T, T), or its blocks where the caller has them (__getitem__)."""
         if blocks is None and M.shape[-1] > STEP_BLOCK and zero_above_diagonal_blocks(M):
-            blocks = column_blocks([M[:, None]])
+            blocks = read_only_blocks(M[:, None])  # CausalSteps never writes its blocks
         self.M, self.blocks = (M, None) if blocks is None else (None, blocks)  # what __call__ reads
 
     @classmethod
@@ -362,13 +389,17 @@ def _walk_steps(C, walk):
     if T <= b or not zero_above_diagonal_blocks(C):
         P = walk_transition(C, walk)
         return CausalSteps(P.transpose(-1, -2)), P.diagonal(dim1=-2, dim2=-1)
-    mass = _column_mass(C, walk)
+    mass, shared = _column_mass(C, walk), shared_blocks(C[:, None])  # the heads' own blocks, if C is the layer's
     blocks, diagonal = [], torch.zeros_like(C[:, 0])
-    for j, end in zip(range(0, T, b), _band_ends([C[:, None]])):
-        column = C.new_empty(len(C), min(b, T - j), end)  # (B, b, end): [c, k] = C[j + k, j + c]
-        _copy_transposed(column, C[:, j:j + end, j:j + b])
-        blocks.append(_authors_steps(column.cumsum_(dim=-1).clamp_(max=1.0), dim=-1, sink=end == T - j)
-                      if walk == "authors" else column.div_(mass[:, j:j + b, None]))
+    for n, (j, end) in enumerate(zip(range(0, T, b), _band_ends([C[:, None]]))):
+        # (B, b, end): [c, k] = C[j + k, j + c]; a copy of its own (written in place) if not shared
+        column = shared[n] if shared else _copy_transposed(C.new_empty(len(C), min(b, T - j), end),
+                                                            C[:, j:j + end, j:j + b])
+        if walk == "authors":
+            summed = column.cumsum(dim=-1) if shared else column.cumsum_(dim=-1)
+            blocks.append(_authors_steps(summed.clamp_(max=1.0), dim=-1, sink=end == T - j))
+        else:
+            blocks.append(column / mass[:, j:j + b, None] if shared else column.div_(mass[:, j:j + b, None]))
         diagonal[:, j:j + min(b, end)] = blocks[-1].diagonal(dim1=-2, dim2=-1)  # 0 past a band's end
     blocks[-1][:, -1] = 0.0  # the sink's row: absorbing
     blocks[-1][:, -1, -1] = 1.0

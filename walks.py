@@ -16,8 +16,8 @@ import math
 import numpy as np
 import torch
 
-from proxies import (ROW_SUM_TOLERANCE, STEP_BLOCK, CausalSteps, check_layer, check_steps, check_weights, column_blocks,
-                     to_numpy, weighted_sum, zero_above_diagonal_blocks)
+from proxies import (ROW_SUM_TOLERANCE, STEP_BLOCK, CausalSteps, check_layer, check_steps, check_weights,
+                     read_only_blocks, to_numpy, weighted_sum, zero_above_diagonal_blocks)
 
 # The epsilon-mixing time of Vitvitskyi et al. (ICML 2025), the quantity Theorem 2.9 bounds. A walk here is
 # column-stochastic: W[i, j] = the probability of stepping from node j to node i >= j, the sink tau = n - 1 absorbing.
@@ -269,9 +269,10 @@ def layer_walk_mixing(attn, head_weights=None, epsilon=EPSILON, starts=STARTS, f
 def _layer_walks(A, mass, w):
     """(the heads' walks, the mixture's) of attention A (N, H, T, T) with column masses (N, H, T) and checked head
     weights (N, H), as _walk_batch gives them. Where CausalSteps keeps column blocks (T > STEP_BLOCK, causal), each
-    head's walk is built straight into them from the attention's: block j of W_h is column c of A_h from row j down,
-    divided by its mass (the same division as head_walks, so the same bits), and the mixture's blocks are the heads'
-    weighted; a walk is made whole only where a slow one is squared. Else head_walks and mix_walks as they are."""
+    head's walk is built straight into them from the attention's (proxies.read_only_blocks: within trusted_layer,
+    the ones every study of the layer shares): block j of W_h is column c of A_h from row j down, divided by its
+    mass (the same division as head_walks, so the same bits), and the mixture's blocks are the heads' weighted; a
+    walk is made whole only where a slow one is squared. Else head_walks and mix_walks as they are."""
     N, H, T = A.shape[0], A.shape[1], A.shape[-1]
 
     def heads_at(index):
@@ -282,9 +283,8 @@ def _layer_walks(A, mass, w):
     if T <= STEP_BLOCK or not zero_above_diagonal_blocks(A.reshape(-1, T, T)):
         W = A / mass[..., None, :]
         return _walk_batch(W.reshape(-1, T, T)), _walk_batch(weighted_sum(w, W))
-    blocks = column_blocks([A])  # (N H, b, e) each
-    for j, block in zip(range(0, T, STEP_BLOCK), blocks):
-        block.div_(mass.reshape(-1, T)[:, j:j + block.shape[1], None])
+    blocks = [block / mass.reshape(-1, T)[:, j:j + block.shape[1], None]  # (N H, b, e) each
+              for j, block in zip(range(0, T, STEP_BLOCK), read_only_blocks(A))]
     mixed = [(w[:, None, :] @ block.reshape(N, H, -1)).reshape(N, *block.shape[1:]) for block in blocks]
     return (CausalSteps(blocks=blocks), heads_at, T), (CausalSteps(blocks=mixed), mixtures_at, T)
 

@@ -351,7 +351,8 @@ def test_sliding_window_heads_are_stepped_on_their_band_alone():
 def test_a_trusted_layer_is_read_once_and_its_derived_matrices_step_on_its_band():
     """Within trusted_layer a sliding-window layer (T = 300) is checked once: the proxies of it, of a view of all of
     it with the same rows and of its combination equal those outside, bit for bit (its band read from the
-    attention, not from each matrix); an in-place change moves the tensor's version, so it is read again and
+    attention, not from each matrix; its heads' column blocks copied once, shared by every view of all of them in
+    their order and by no other); an in-place change moves the tensor's version, so it is read again and
     refused; a bad layer is refused on entry, as check_layer refuses it."""
     rng = np.random.default_rng(9)
     T, W = 300, 40
@@ -367,6 +368,11 @@ def test_a_trusted_layer_is_read_once_and_its_derived_matrices_step_on_its_band(
                   proxies.expected_walk_steps(layer[:, :, None], max_steps=50, survival=True),
                   proxies.converged_minimax_fidelity(proxies.combine_heads(layer, weights))[0])
         assert proxies._band_ends([layer[:1, :1]]) == [128 + W - 1, 128 + W - 1, T - 256]
+        shared = proxies.shared_blocks(layer)  # the heads' blocks, copied once for every study of the layer
+        assert shared is proxies.shared_blocks(layer.reshape(-1, 1, T, T)) and len(shared) == 3
+        assert all(torch.equal(s, b) for s, b in zip(shared, proxies.column_blocks([layer], shared=False)))
+        assert proxies.shared_blocks(layer.transpose(0, 1)) is None  # the heads in another order: not theirs
+        assert proxies.shared_blocks(layer[:1]) is None  # some of them
         layer[1, 2, 250, 0] = -0.5  # in place: read again
         with pytest.raises(ValueError, match="negative entries"):
             proxies.mixing_time(layer)
