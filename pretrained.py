@@ -40,7 +40,7 @@ BOS, input, T, samples, seed, versions; no path of this machine), tokens.csv, sa
 layer), {study}.csv, .md, .png, .pdf; over several models or inputs also OUT/summary.{csv,md}, OUT/models.{png,pdf}.
 """
 import os
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: big tensors on huge pages (docs/pretrained.md#speed)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: big tensors on huge pages (docs/pretrained.md)
 import argparse  # noqa: E402  (and the imports below)
 import dataclasses
 import json
