@@ -389,17 +389,12 @@ def _walk_steps(C, walk):
     if T <= b or not zero_above_diagonal_blocks(C):
         P = walk_transition(C, walk)
         return CausalSteps(P.transpose(-1, -2)), P.diagonal(dim1=-2, dim2=-1)
-    mass, shared = _column_mass(C, walk), shared_blocks(C[:, None])  # the heads' own blocks, if C is the layer's
-    blocks, diagonal = [], torch.zeros_like(C[:, 0])
-    for n, (j, end) in enumerate(zip(range(0, T, b), _band_ends([C[:, None]]))):
-        # (B, b, end): [c, k] = C[j + k, j + c]; a copy of its own (written in place) if not shared
-        column = shared[n] if shared else _copy_transposed(C.new_empty(len(C), min(b, T - j), end),
-                                                            C[:, j:j + end, j:j + b])
-        if walk == "authors":
-            summed = column.cumsum(dim=-1) if shared else column.cumsum_(dim=-1)
-            blocks.append(_authors_steps(summed.clamp_(max=1.0), dim=-1, sink=end == T - j))
-        else:
-            blocks.append(column / mass[:, j:j + b, None] if shared else column.div_(mass[:, j:j + b, None]))
+    mass, blocks, diagonal = _column_mass(C, walk), [], torch.zeros_like(C[:, 0])
+    # C's column blocks (B, b, end): [c, k] = C[j + k, j + c]; the layer's shared ones where C is its heads
+    for j, column in zip(range(0, T, b), read_only_blocks(C[:, None])):
+        end = column.shape[-1]
+        blocks.append(_authors_steps(column.cumsum(dim=-1).clamp_(max=1.0), dim=-1, sink=end == T - j)
+                      if walk == "authors" else column / mass[:, j:j + b, None])
         diagonal[:, j:j + min(b, end)] = blocks[-1].diagonal(dim1=-2, dim2=-1)  # 0 past a band's end
     blocks[-1][:, -1] = 0.0  # the sink's row: absorbing
     blocks[-1][:, -1, -1] = 1.0

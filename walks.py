@@ -228,9 +228,14 @@ def _check_mixing(epsilon, convention, max_steps, starts):
 
 def _mixing_times(batches, batch_shape, epsilon, convention, max_steps, starts, group=1):
     """{start: (batch_shape) array} of the walk batches (_walk_batch), in order, as _epsilon_mixing returns them."""
-    need = 1.0 - epsilon / 2  # distance 2 (1 - share) < epsilon  <=>  share > 1 - epsilon / 2
-    first = torch.cat([_first_mixed_steps(*batch, need, max_steps, tuple(starts), group) for batch in batches])
-    first = first - float(convention == "published")
+    first = [_first_mixed_steps(*batch, 1.0 - epsilon / 2, max_steps, tuple(starts), group) for batch in batches]
+    return _times_of(first, batch_shape, convention, starts, group)
+
+
+def _times_of(first, batch_shape, convention, starts, group=1):
+    """_mixing_times from the first mixed steps of its batches, in order (a share > 1 - epsilon / 2: a distance
+    2 (1 - share) < epsilon)."""
+    first = torch.cat(first) - float(convention == "published")
     if group > 1:
         first, batch_shape = first.reshape(-1, group, len(starts)).amin(1), batch_shape[:-1]
     return {start: to_numpy(first[:, k].reshape(batch_shape)) for k, start in enumerate(starts)}
@@ -257,12 +262,15 @@ def layer_walk_mixing(attn, head_weights=None, epsilon=EPSILON, starts=STARTS, f
     out = {"move": to_numpy(1.0 - (A.diagonal(dim1=-2, dim2=-1) / mass)[..., :-1])}  # as move_probabilities
     batch, (H, T) = A.shape[:-3], A.shape[-3:-1]
     A, mass, w = A.reshape(-1, H, T, T), mass.reshape(-1, H, T), w.reshape(-1, H)
-    chunk = max(1, WALK_CHUNK // H)  # items a chunk: about WALK_CHUNK walks
-    walked = [_layer_walks(A[i:i + chunk], mass[i:i + chunk], w[i:i + chunk]) for i in range(0, len(A), chunk)]
-    times = dict(epsilon=epsilon, convention="published", max_steps=MAX_WALK_STEPS, starts=starts)
-    out["mixture"] = _mixing_times((mixture for _, mixture in walked), batch, **times)
+    first, need, chunk = {"mixture": [], "fastest_head": []}, 1.0 - epsilon / 2, max(1, WALK_CHUNK // H)
+    for i in range(0, len(A), chunk):  # about WALK_CHUNK walks a chunk, built and stepped before the next
+        heads, mixture = _layer_walks(A[i:i + chunk], mass[i:i + chunk], w[i:i + chunk])
+        first["mixture"].append(_first_mixed_steps(*mixture, need, MAX_WALK_STEPS, tuple(starts)))
+        if fastest_head:
+            first["fastest_head"].append(_first_mixed_steps(*heads, need, MAX_WALK_STEPS, tuple(starts), H))
+    out["mixture"] = _times_of(first["mixture"], batch, "published", starts)
     if fastest_head:
-        out["fastest_head"] = _mixing_times((heads for heads, _ in walked), (*batch, H), **times, group=H)
+        out["fastest_head"] = _times_of(first["fastest_head"], (*batch, H), "published", starts, group=H)
     return out
 
 
@@ -274,15 +282,15 @@ def _layer_walks(A, mass, w):
     mass (the same division as head_walks, so the same bits), and the mixture's blocks are the heads' weighted; a
     walk is made whole only where a slow one is squared. Else head_walks and mix_walks as they are."""
     N, H, T = A.shape[0], A.shape[1], A.shape[-1]
+    if T <= STEP_BLOCK or not zero_above_diagonal_blocks(A.reshape(-1, T, T)):
+        W = A / mass[..., None, :]
+        return _walk_batch(W.reshape(-1, T, T)), _walk_batch(weighted_sum(w, W))
 
-    def heads_at(index):
+    def heads_at(index):  # whole walks, only for the slow ones squared
         return A.reshape(-1, T, T)[index] / mass.reshape(-1, T)[index][:, None, :]
 
     def mixtures_at(index):
         return weighted_sum(w[index], A[index] / mass[index][..., None, :])
-    if T <= STEP_BLOCK or not zero_above_diagonal_blocks(A.reshape(-1, T, T)):
-        W = A / mass[..., None, :]
-        return _walk_batch(W.reshape(-1, T, T)), _walk_batch(weighted_sum(w, W))
     blocks = [block / mass.reshape(-1, T)[:, j:j + block.shape[1], None]  # (N H, b, e) each
               for j, block in zip(range(0, T, STEP_BLOCK), read_only_blocks(A))]
     mixed = [(w[:, None, :] @ block.reshape(N, H, -1)).reshape(N, *block.shape[1:]) for block in blocks]
