@@ -93,10 +93,12 @@ def plot_prefix(t, label):
                                        gridspec_kw={"width_ratios": [1.2 * grid.shape[1] + 3.5, 3.5]})
     finite = grid.to_numpy()[np.isfinite(grid.to_numpy())]
     norm = matplotlib.colors.LogNorm(max(finite.min(), 1), max(finite.max(), 2)) if finite.size else None
-    image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
-    ax.set_xticks(range(grid.shape[1]), labels=[str(n) for n in grid.columns])
+    # cells as vector quads, not an image resampled at the figure's resolution (a PNG at 300 dpi, the PDF's raster)
+    image = ax.pcolormesh(np.ma.masked_invalid(grid.to_numpy()), cmap="viridis", norm=norm)
+    ax.set(xlim=(0, grid.shape[1]), ylim=(grid.shape[0], 0))
+    ax.set_xticks(np.arange(grid.shape[1]) + 0.5, labels=[str(n) for n in grid.columns])
     marked = _full_among_sliding(per_layer.reset_index())
-    ax.set_yticks(range(grid.shape[0]), fontsize=6, labels=[
+    ax.set_yticks(np.arange(grid.shape[0]) + 0.5, fontsize=6, labels=[
         f"{layer} ({per_layer.growth[layer]}){' full' if layer in marked else ''}" for layer in grid.index])
     ax.set(title=f"{label}: ε-mixing time on the first n tokens", xlabel="n (tokens)", ylabel="layer (growth)")
     bar = fig.colorbar(image, ax=ax, label="steps (log scale; blank: not mixed)")

@@ -25,7 +25,10 @@ off, and since A[0, 0] = 1 in every causal head, a walk started at position 0 ne
 """
 import math
 import threading
+import warnings
 from contextlib import contextmanager
+from functools import cache
+from typing import List
 
 import numpy as np
 import torch
@@ -277,8 +280,7 @@ class CausalSteps:
     def __call__(self, r):
         if self.blocks is None:
             return r @ self.M
-        return torch.cat([(block @ r[..., j * STEP_BLOCK:j * STEP_BLOCK + block.shape[-1]].transpose(-1, -2))
-                          .transpose(-1, -2) for j, block in enumerate(self.blocks)], dim=-1)
+        return _scripted_blocked_product()(self.blocks, r, STEP_BLOCK)
 
     def __getitem__(self, keep):
         if self.blocks is None:
@@ -291,6 +293,29 @@ class CausalSteps:
     @property
     def device(self):
         return (self.M if self.blocks is None else self.blocks[0]).device
+
+
+def blocked_product(blocks: List[torch.Tensor], r: torch.Tensor, width: int) -> torch.Tensor:
+    """r M (B, k, T) from M's column blocks (CausalSteps; block j begins at row and column j * width)."""
+    parts: List[torch.Tensor] = []
+    for j, block in enumerate(blocks):
+        start = j * width
+        parts.append(torch.matmul(block, r[..., start:start + block.shape[-1]].transpose(-1, -2)).transpose(-1, -2))
+    return torch.cat(parts, dim=-1)
+
+
+@cache
+def _scripted_blocked_product():
+    """blocked_product compiled by TorchScript where this torch has it (deprecated: torch 2.13 warns, silenced
+    here): its three ops a block then run in C++ without Python's GIL between them, so the two layers that
+    lm_analysis.study_values studies at once on two threads no longer hand the GIL to each other at every op of
+    every step (docs/pretrained.md). The same ops on the same tensors: the same values. Else blocked_product."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return torch.jit.script(blocked_product)
+        except (AttributeError, RuntimeError):  # a torch without TorchScript
+            return blocked_product
 
 
 def to_numpy(x):

@@ -308,6 +308,19 @@ def test_causal_steps_are_row_times_matrix_in_blocks_and_keep_subsets():
     assert proxies.CausalSteps(torch.from_numpy(short)).blocks is None
 
 
+def test_the_steps_compiled_by_torchscript_are_the_python_steps_bit_for_bit():
+    """This torch compiles the blocked product (CausalSteps' steps run without the GIL between their ops), and the
+    compiled steps give the Python function's bits: one row and several, one matrix and several, a band."""
+    compiled = proxies._scripted_blocked_product()
+    assert isinstance(compiled, torch.jit.ScriptFunction)
+    rng = np.random.default_rng(3)
+    T, b = 2 * proxies.STEP_BLOCK + 41, proxies.STEP_BLOCK
+    for B, k in ((1, 1), (4, 1), (3, 2)):
+        blocks = [torch.from_numpy(rng.random((B, min(b, T - j), min(b + 50, T - j)))) for j in range(0, T, b)]
+        r = torch.from_numpy(rng.random((B, k, T)))
+        assert torch.equal(compiled(blocks, r, b), proxies.blocked_product(blocks, r, b)), (B, k)
+
+
 def _dense_survival(P, M):
     """Independent of proxies: numpy's M steps s <- Q s of a walk's transitions P among its non-sink nodes, from
     every start: (sum of the survivals before each step, the survival after M)."""
