@@ -145,18 +145,12 @@ REAL_REPEATS = 5  # timings of each command and forward pass: a shared machine's
 
 def real_model_job(name, length, device, repeats=REAL_REPEATS):
     """(forward seconds, the pretrained.py command's seconds, its peak GiB) of one prose sample of a packaged model:
-    its forward pass with output_attentions (the model loaded first, not timed), then `python pretrained.py --model
-    NAME --input prose --length LENGTH --samples 1` as a child process, every study, timed whole (its peak memory:
-    the children's). Each the least of `repeats` timings: a 2-core machine's noise only ever adds."""
-    model, tokens = prose_sample(name, length, device)
-    forward = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=tokens.to(device), output_attentions=True, use_cache=False, logits_to_keep=1)
-        synchronize(device)
-        forward.append(time.perf_counter() - began)
-    del model
+    `python pretrained.py --model NAME --input prose --length LENGTH --samples 1` as a child process, every study,
+    timed whole (its peak memory: the children's), then the forward pass with output_attentions (the model loaded
+    first, not timed). Each the least of `repeats` timings: a 2-core machine's noise only ever adds. The commands run
+    before this process loads the model: Linux counts in a child's peak the memory image it leaves at exec, with its
+    parent's high-water mark (a child running `true` after its parent touched 1.5 GiB peaks at 1.5 GiB), and that
+    mark was this process's forward pass with every layer's attention when the forward pass came first."""
     command = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as out:
@@ -165,7 +159,16 @@ def real_model_job(name, length, device, repeats=REAL_REPEATS):
                             str(length), "--samples", "1", "--device", str(device), "--out", out], check=True,
                            capture_output=True, cwd=Path(__file__).resolve().parent)
             command.append(time.perf_counter() - began)
-    return min(forward), min(command), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+    model, tokens = prose_sample(name, length, device)
+    forward = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=tokens.to(device), output_attentions=True, use_cache=False, logits_to_keep=1)
+        synchronize(device)
+        forward.append(time.perf_counter() - began)
+    return min(forward), min(command), peak
 
 
 def load_job(name, cache, device):
