@@ -307,7 +307,7 @@ def blocked_product(blocks: List[torch.Tensor], r: torch.Tensor, width: int) -> 
 @cache
 def _scripted_blocked_product():
     """blocked_product compiled by TorchScript where this torch has it (deprecated: torch 2.13 warns, silenced
-    here): its three ops a block then run in C++ without Python's GIL between them, so the two layers that
+    here): its ops (four a block) then run in C++ without Python's GIL between them, so the two layers that
     lm_analysis.study_values studies at once on two threads no longer hand the GIL to each other at every op of
     every step (docs/pretrained.md). The same ops on the same tensors: the same values. Else blocked_product."""
     with warnings.catch_warnings():
