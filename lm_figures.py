@@ -107,10 +107,11 @@ def plot_prefix(t, label):
     rows = np.arange(grid.shape[0])
     exponent.errorbar(per_layer.beta, rows, xerr=[per_layer.beta - per_layer.beta_low,
                                                   per_layer.beta_high - per_layer.beta], fmt="o", ms=3, capsize=2)
-    for x, text in ((0, "log-like"), (1, "linear")):
+    for x in (0, 1):
         exponent.axvline(x, color="grey", lw=0.8, ls=":")
-        exponent.text(x, -0.9, text, ha="center", va="bottom", fontsize=7, color="grey")
-    exponent.set(ylim=(grid.shape[0] - 0.5, -1.2), yticks=rows, yticklabels=[],
+    # named above the panel, whose rows stay those of the heat map beside it
+    exponent.secondary_xaxis("top").set_xticks([0, 1], labels=["log-like", "linear"], fontsize=7, color="grey")
+    exponent.set(ylim=(grid.shape[0] - 0.5, -0.5), yticks=rows, yticklabels=[],
                  title="growth exponent (bootstrap 95%)", xlabel="beta: T_mix ~ n^beta")
     return fig, ()
 
